@@ -1,0 +1,14 @@
+"""fusedloss: fused loss kernels for PyTorch training (Triton, CUDA, C++ CPU).
+
+    from fusedloss import PVALoss
+    loss_fn = PVALoss(use_last_frame_loss=True)
+    total, terms = loss_fn(pred, target, cond_frame)
+"""
+
+from . import backends, functional
+from .backends import BackendUnavailableError
+from .modules import PVALoss
+
+__version__ = "0.1.0"
+
+__all__ = ["PVALoss", "functional", "backends", "BackendUnavailableError", "__version__"]

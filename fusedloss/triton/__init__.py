@@ -1,0 +1,60 @@
+"""Triton kernels, one module per loss family, and how they become torch operators.
+
+On a GPU each family's launchers are ``torch.library.triton_op``s calling ``wrap_triton``'d
+kernels, so ``torch.compile`` sees the kernels and traces the loss with no graph break. Under the
+Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) kernels cannot be traced, so the same
+launchers become opaque ``custom_op``s with an explicit fake implementation instead.
+"""
+
+import torch
+
+from ..backends import triton_interpreter
+
+
+def triton_operator(name: str, fake):
+    """Decorator turning a launcher into the operator ``name`` (see the module docstring)."""
+
+    def decorate(launcher):
+        if triton_interpreter():
+            op = torch.library.custom_op(name, launcher, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, launcher, mutates_args=())
+
+    return decorate
+
+
+_SM_COUNT: dict = {}
+
+
+def program_budget(device: torch.device) -> int:
+    """How many programs a reduction kernel launches at most: a few per SM (few when interpreting)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+_COUNTERS: dict = {}
+
+
+def zeroed_counter(like: torch.Tensor) -> torch.Tensor:
+    """An int32 [1] counter that is 0 when a kernel starts; the kernel resets it to 0 when done.
+
+    Kernels whose last program reduces the partial results of all programs count arrivals in it.
+    For real CUDA tensors one counter per (device, stream) is reused, since the kernel leaves it
+    at 0, which saves a fill kernel per call; while tracing (fake tensors) and on the CPU a fresh
+    zero tensor is made.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if like.is_cuda and not is_fake(like) and not torch.compiler.is_compiling():
+        key = (like.device, torch.cuda.current_stream(like.device).cuda_stream)
+        counter = _COUNTERS.get(key)
+        if counter is None:
+            counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=like.device)
+        return counter
+    return torch.zeros(1, dtype=torch.int32, device=like.device)
+
