@@ -184,7 +184,8 @@ template <typename scalar_t>
 void forward_cpu(const Rows<scalar_t>& r, const Options& o, const double* table, int64_t P,
                  const double* dim_ws, Tensor& terms, Tensor& total) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t D = r.D, chunk = batch_chunk(r.B), nchunks = (r.B + chunk - 1) / chunk;
+  const int64_t D = r.D, chunk = batch_chunk(r.B);
+  const int64_t nchunks = std::max<int64_t>(1, (r.B + chunk - 1) / chunk);  // one (empty) for B = 0
   std::vector<acc_t> partial(nchunks * kNumStats * D, acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {

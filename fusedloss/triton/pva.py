@@ -367,7 +367,7 @@ def pva_backward(
     grad_pred = pred.new_empty((B, L, D)) if need_pred else empty
     grad_target = pred.new_empty((B, L, D)) if need_target else empty.clone()
     grad_cond = pred.new_empty((B, D)) if need_cond else empty.clone()
-    if need_pred or need_target or need_cond:
+    if (need_pred or need_target or need_cond) and pred.numel() > 0:
         block_t, block_d = _tile(pred.device)
         cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
         wrap_triton(pva_backward_kernel)[(B * triton.cdiv(L, block_t), triton.cdiv(D, block_d))](
