@@ -84,6 +84,14 @@ at::ScalarType acc_type_of(at::ScalarType t) {
 // CPU kernels
 // ----------------------------------------------------------------------------------------------
 
+// The per-batch-element loops carry an AVX2+FMA clone, picked at load time on CPUs that have it,
+// so a portable build still runs 8-wide.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FL_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define FL_CPU_CLONES
+#endif
+
 template <typename scalar_t>
 struct Rows {
   const scalar_t* pred;
@@ -111,74 +119,138 @@ Rows<scalar_t> make_rows(const Tensor& pred, const Tensor& target, const std::op
   return r;
 }
 
-// e_row[d] = pred[b, t, d] - target[b, t, d] in acc_t (the one read of the row); with REG also
-// absp[d] += |pred[b, t, d]|.
-template <typename scalar_t, typename acc_t>
-void load_error_row(const Rows<scalar_t>& r, int64_t b, int64_t t, acc_t* e_row, acc_t* absp) {
-  const scalar_t* p = r.pred + b * r.pb + t * r.pt;
-  const scalar_t* q = r.target + b * r.qb + t * r.qt;
-  if (r.pd == 1 && r.qd == 1) {  // contiguous rows: a loop the compiler vectorises
-    if (absp) {
-      for (int64_t d = 0; d < r.D; ++d) {
-        const acc_t pv = static_cast<acc_t>(p[d]);
-        e_row[d] = pv - static_cast<acc_t>(q[d]);
-        absp[d] += std::abs(pv);
-      }
-    } else {
-      for (int64_t d = 0; d < r.D; ++d) e_row[d] = static_cast<acc_t>(p[d]) - static_cast<acc_t>(q[d]);
-    }
-  } else {
-    for (int64_t d = 0; d < r.D; ++d) {
-      const acc_t pv = static_cast<acc_t>(p[d * r.pd]);
-      e_row[d] = pv - static_cast<acc_t>(q[d * r.qd]);
-      if (absp) absp[d] += std::abs(pv);
-    }
+// A row of D values as acc_t: the input itself when it already is (contiguous acc_t), else
+// converted into buf (the one read of that row).
+template <typename acc_t, typename scalar_t>
+inline const acc_t* acc_row(const scalar_t* x, int64_t stride, int64_t D, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) return x;
+  }
+  for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(x[d * stride]);
+  return buf;
+}
+
+// Scratch rows of D values of one thread: rings over time (slot t % size) and buffers.
+enum ScratchRow : int {
+  kErrorRing = 0,      // e = pred - target, 3 slots
+  kPredRing = 3,       // pred (backward, for R), 3 slots
+  kVelocityRing = 6,   // gv (backward), 2 slots
+  kAccelRing = 8,      // ga (backward), 3 slots
+  kPredBuf = 11,       // conversion buffers
+  kTargetBuf = 12,
+  kGradRow = 13,       // d/de of one row (backward)
+  kLastFrameRow = 14,  // cL err'(pred[0] - cond) (backward)
+  kNumScratchRows = 15
+};
+
+template <typename acc_t>
+struct Scratch {
+  explicit Scratch(int64_t D) : D(D), data(kNumScratchRows * D) {}
+  acc_t* row(int i) { return data.data() + i * D; }
+  acc_t* ring(ScratchRow first, int64_t t, int slots) { return row(first + static_cast<int>(t % slots)); }
+  int64_t D;
+  std::vector<acc_t> data;
+};
+
+// Row loops. Each takes __restrict__ pointers (its rows never overlap) so the compiler
+// vectorises it; they are inlined into the cloned per-batch-element functions below.
+#define FL_R __restrict__
+
+// e0 = p - q and the column sums of P, and of V and A once rows t-1 (e1), t-2 (e2) exist.
+template <typename acc_t, bool kL1, int kOrder>
+inline void accumulate_row(int64_t D, const acc_t* FL_R p, const acc_t* FL_R q, acc_t* FL_R e0,
+                           const acc_t* FL_R e1, const acc_t* FL_R e2, acc_t* FL_R SP, acc_t* FL_R SV,
+                           acc_t* FL_R SA) {
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t x = p[d] - q[d];
+    e0[d] = x;
+    SP[d] += err(x, kL1);
+    if constexpr (kOrder >= 1) SV[d] += err(x - e1[d], kL1);
+    if constexpr (kOrder >= 2) SA[d] += err(x - acc_t(2) * e1[d] + e2[d], kL1);
   }
 }
 
-// Column sums S[stat][d] over batch rows [b0, b1) (S zeroed by the caller).
-template <typename scalar_t, typename acc_t, bool kL1>
-void column_sums(const Rows<scalar_t>& r, const Options& o, int64_t b0, int64_t b1, acc_t* S) {
+template <typename acc_t>
+inline void add_abs(int64_t D, const acc_t* FL_R x, acc_t* FL_R sum) {
+  for (int64_t d = 0; d < D; ++d) sum[d] += std::abs(x[d]);
+}
+
+template <typename acc_t>
+inline void difference(int64_t D, const acc_t* FL_R p, const acc_t* FL_R q, acc_t* FL_R out) {
+  for (int64_t d = 0; d < D; ++d) out[d] = p[d] - q[d];
+}
+
+// gv = err'(e1 - e0), ga = err'(e2 - 2 e1 + e0) (scaled by 0 past their last row), and
+// g = d/de[t] = cP err'(e0) + cV (gv[t-1] - gv) + cA (ga[t-2] - 2 ga[t-1] + ga).
+template <typename acc_t, bool kL1>
+inline void gradient_row(int64_t D, const acc_t* FL_R e0, const acc_t* FL_R e1, const acc_t* FL_R e2,
+                         acc_t* FL_R gv, const acc_t* FL_R gv_m1, acc_t* FL_R ga, const acc_t* FL_R ga_m1,
+                         const acc_t* FL_R ga_m2, const acc_t* FL_R cP, const acc_t* FL_R cV,
+                         const acc_t* FL_R cA, acc_t* FL_R g, acc_t v_on, acc_t a_on) {
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t v = v_on * err_grad(e1[d] - e0[d], kL1);
+    const acc_t a = a_on * err_grad(e2[d] - acc_t(2) * e1[d] + e0[d], kL1);
+    gv[d] = v;
+    ga[d] = a;
+    g[d] = cP[d] * err_grad(e0[d], kL1) + cV[d] * (gv_m1[d] - v) + cA[d] * (ga_m2[d] - acc_t(2) * ga_m1[d] + a);
+  }
+}
+
+template <typename acc_t>
+inline void add_scaled_sign(int64_t D, const acc_t* FL_R x, const acc_t* FL_R scale, acc_t* FL_R g) {
+  for (int64_t d = 0; d < D; ++d) g[d] += scale[d] * sign(x[d]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_row(int64_t D, const acc_t* FL_R x, acc_t factor, scalar_t* FL_R out) {
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(factor * x[d]);
+}
+
+// Column sums S[stat][d] of batch element b, added to S.
+template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
+FL_CPU_CLONES void column_sums(const Rows<scalar_t>& r, bool last_frame, int64_t b, acc_t* S, Scratch<acc_t>& w) {
   const int64_t D = r.D;
   acc_t* SP = S + kP * D;
   acc_t* SV = S + kV * D;
   acc_t* SA = S + kA * D;
-  acc_t* SL = S + kL * D;
-  acc_t* SR = o.reg ? S + kR * D : nullptr;
-  std::vector<acc_t> ring(3 * D);  // e at rows t, t-1, t-2
-  for (int64_t b = b0; b < b1; ++b) {
-    if (o.last_frame) {
-      const scalar_t* p = r.pred + b * r.pb;
-      const scalar_t* c = r.cond + b * r.cb;
-      for (int64_t d = 0; d < D; ++d)
-        SL[d] += err(static_cast<acc_t>(p[d * r.pd]) - static_cast<acc_t>(c[d * r.cd]), kL1);
-    }
-    for (int64_t t = 0; t < r.L; ++t) {
-      acc_t* e0 = ring.data() + (t % 3) * D;
-      const acc_t* e1 = ring.data() + ((t + 2) % 3) * D;  // row t-1
-      const acc_t* e2 = ring.data() + ((t + 1) % 3) * D;  // row t-2
-      load_error_row<scalar_t, acc_t>(r, b, t, e0, SR);
-      if (t >= 2) {
-        for (int64_t d = 0; d < D; ++d) {
-          const acc_t x = e0[d], v = x - e1[d];
-          SP[d] += err(x, kL1);
-          SV[d] += err(v, kL1);
-          SA[d] += err(v - (e1[d] - e2[d]), kL1);
-        }
-      } else if (t == 1) {
-        for (int64_t d = 0; d < D; ++d) {
-          SP[d] += err(e0[d], kL1);
-          SV[d] += err(e0[d] - e1[d], kL1);
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) SP[d] += err(e0[d], kL1);
-      }
-    }
+  acc_t* SR = S + kR * D;
+  acc_t* p_buf = w.row(kPredBuf);
+  acc_t* q_buf = w.row(kTargetBuf);
+  if (last_frame) {
+    const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.pb, r.pd, D, p_buf);
+    const acc_t* c = acc_row<acc_t>(r.cond + b * r.cb, r.cd, D, q_buf);
+    acc_t* SL = S + kL * D;
+    for (int64_t d = 0; d < D; ++d) SL[d] += err(p0[d] - c[d], kL1);
+  }
+  for (int64_t t = 0; t < r.L; ++t) {
+    acc_t* e0 = w.ring(kErrorRing, t, 3);
+    const acc_t* e1 = w.ring(kErrorRing, t + 2, 3);  // row t-1
+    const acc_t* e2 = w.ring(kErrorRing, t + 1, 3);  // row t-2
+    const acc_t* p = acc_row<acc_t>(r.pred + b * r.pb + t * r.pt, r.pd, D, p_buf);
+    const acc_t* q = acc_row<acc_t>(r.target + b * r.qb + t * r.qt, r.qd, D, q_buf);
+    if (kReg) add_abs(D, p, SR);
+    if (t >= 2) accumulate_row<acc_t, kL1, 2>(D, p, q, e0, e1, e2, SP, SV, SA);
+    else if (t == 1) accumulate_row<acc_t, kL1, 1>(D, p, q, e0, e1, e2, SP, SV, SA);
+    else accumulate_row<acc_t, kL1, 0>(D, p, q, e0, e1, e2, SP, SV, SA);
   }
 }
 
 // Fixed batch chunks (independent of the thread count) keep the sums deterministic.
 int64_t batch_chunk(int64_t B) { return std::max<int64_t>(1, (B + 63) / 64); }
+
+template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
+void column_sums_chunks(const Rows<scalar_t>& r, const Options& o, int64_t chunk, int64_t nchunks,
+                        std::vector<acc_t>& partial) {
+  const int64_t D = r.D;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    Scratch<acc_t> scratch(D);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* S = partial.data() + c * kNumStats * D;
+      for (int64_t b = c * chunk; b < std::min(r.B, (c + 1) * chunk); ++b)
+        column_sums<scalar_t, acc_t, kL1, kReg>(r, o.last_frame, b, S, scratch);
+    }
+  });
+}
 
 template <typename scalar_t>
 void forward_cpu(const Rows<scalar_t>& r, const Options& o, const double* table, int64_t P,
@@ -187,14 +259,13 @@ void forward_cpu(const Rows<scalar_t>& r, const Options& o, const double* table,
   const int64_t D = r.D, chunk = batch_chunk(r.B);
   const int64_t nchunks = std::max<int64_t>(1, (r.B + chunk - 1) / chunk);  // one (empty) for B = 0
   std::vector<acc_t> partial(nchunks * kNumStats * D, acc_t(0));
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t* S = partial.data() + c * kNumStats * D;
-      const int64_t b0 = c * chunk, b1 = std::min(r.B, b0 + chunk);
-      if (o.l1) column_sums<scalar_t, acc_t, true>(r, o, b0, b1, S);
-      else column_sums<scalar_t, acc_t, false>(r, o, b0, b1, S);
-    }
-  });
+  if (o.l1) {
+    if (o.reg) column_sums_chunks<scalar_t, acc_t, true, true>(r, o, chunk, nchunks, partial);
+    else column_sums_chunks<scalar_t, acc_t, true, false>(r, o, chunk, nchunks, partial);
+  } else {
+    if (o.reg) column_sums_chunks<scalar_t, acc_t, false, true>(r, o, chunk, nchunks, partial);
+    else column_sums_chunks<scalar_t, acc_t, false, false>(r, o, chunk, nchunks, partial);
+  }
   for (int64_t c = 1; c < nchunks; ++c)
     for (int64_t i = 0; i < kNumStats * D; ++i) partial[i] += partial[c * kNumStats * D + i];
   const acc_t* S = partial.data();
@@ -243,68 +314,64 @@ std::vector<acc_t> column_coefficients(const Options& o, const double* table, in
   return coef;
 }
 
-// Gradients for batch rows [b0, b1). With gv[t] = err'(e[t+1] - e[t]) and
+// Gradients of batch element b. With gv[t] = err'(e[t+1] - e[t]) and
 // ga[t] = err'(e[t+2] - 2 e[t+1] + e[t]) (0 outside their row ranges):
 //   d/de[t]     = cP err'(e[t]) + cV (gv[t-1] - gv[t]) + cA (ga[t-2] - 2 ga[t-1] + ga[t])
 //   d/dpred[t]  = d/de[t] + cR sign(pred[t]) + [t == 0] cL err'(pred[0] - cond)
 //   d/dtarget   = -d/de,    d/dcond = -cL err'(pred[0] - cond)
-template <typename scalar_t, typename acc_t, bool kL1>
-void gradient_rows(const Rows<scalar_t>& r, const Options& o, const acc_t* coef, int64_t b0,
-                   int64_t b1, scalar_t* grad_pred, scalar_t* grad_target, scalar_t* grad_cond) {
+// Rows of e (and pred, for R) are loaded two steps ahead into rings.
+template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
+FL_CPU_CLONES void gradient_rows(const Rows<scalar_t>& r, bool last_frame, const acc_t* coef, int64_t b,
+                                 scalar_t* grad_pred, scalar_t* grad_target, scalar_t* grad_cond,
+                                 Scratch<acc_t>& w) {
   const int64_t D = r.D, L = r.L;
   const acc_t* cP = coef + kP * D;
   const acc_t* cV = coef + kV * D;
   const acc_t* cA = coef + kA * D;
   const acc_t* cL = coef + kL * D;
   const acc_t* cR = coef + kR * D;
-  std::vector<acc_t> e_ring(3 * D), gv_ring(2 * D), ga_ring(3 * D), last_row(D);
-  for (int64_t b = b0; b < b1; ++b) {
-    load_error_row<scalar_t, acc_t>(r, b, 0, e_ring.data(), nullptr);
-    if (L > 1) load_error_row<scalar_t, acc_t>(r, b, 1, e_ring.data() + D, nullptr);
-    std::fill(gv_ring.begin() + D, gv_ring.end(), acc_t(0));      // gv[-1]
-    std::fill(ga_ring.begin() + D, ga_ring.end(), acc_t(0));      // ga[-2], ga[-1]
-    for (int64_t t = 0; t < L; ++t) {
-      if (t + 2 < L) load_error_row<scalar_t, acc_t>(r, b, t + 2, e_ring.data() + ((t + 2) % 3) * D, nullptr);
-      const acc_t* e0 = e_ring.data() + (t % 3) * D;
-      const acc_t* e1 = e_ring.data() + ((t + 1) % 3) * D;
-      const acc_t* e2 = e_ring.data() + ((t + 2) % 3) * D;
-      acc_t* gv = gv_ring.data() + (t % 2) * D;
-      const acc_t* gv_m1 = gv_ring.data() + ((t + 1) % 2) * D;
-      acc_t* ga = ga_ring.data() + (t % 3) * D;
-      const acc_t* ga_m1 = ga_ring.data() + ((t + 2) % 3) * D;
-      const acc_t* ga_m2 = ga_ring.data() + ((t + 1) % 3) * D;
-      const bool has_v = t + 1 < L, has_a = t + 2 < L;
-      for (int64_t d = 0; d < D; ++d) {
-        gv[d] = has_v ? err_grad(e1[d] - e0[d], kL1) : acc_t(0);
-        ga[d] = has_a ? err_grad(e2[d] - acc_t(2) * e1[d] + e0[d], kL1) : acc_t(0);
-      }
-      // The last-frame term touches row 0 only: its gradient joins d/dpred before the one rounding.
-      const acc_t* g_last = nullptr;
-      if (t == 0 && o.last_frame) {
-        const scalar_t* p0 = r.pred + b * r.pb;
-        const scalar_t* c = r.cond + b * r.cb;
-        for (int64_t d = 0; d < D; ++d)
-          last_row[d] = cL[d] * err_grad(static_cast<acc_t>(p0[d * r.pd]) - static_cast<acc_t>(c[d * r.cd]), kL1);
-        if (grad_cond)
-          for (int64_t d = 0; d < D; ++d) grad_cond[b * D + d] = static_cast<scalar_t>(-last_row[d]);
-        g_last = last_row.data();
-      }
-      scalar_t* gp = grad_pred ? grad_pred + (b * L + t) * D : nullptr;
-      scalar_t* gq = grad_target ? grad_target + (b * L + t) * D : nullptr;
-      const scalar_t* p = r.pred + b * r.pb + t * r.pt;
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t ge = cP[d] * err_grad(e0[d], kL1) + cV[d] * (gv_m1[d] - gv[d]) +
-                         cA[d] * (ga_m2[d] - acc_t(2) * ga_m1[d] + ga[d]);
-        if (gq) gq[d] = static_cast<scalar_t>(-ge);
-        if (gp) {
-          acc_t g = ge;
-          if (o.reg) g += cR[d] * sign(static_cast<acc_t>(p[d * r.pd]));
-          if (g_last) g += g_last[d];
-          gp[d] = static_cast<scalar_t>(g);
-        }
-      }
+  auto load = [&](int64_t t) {  // e (and pred) of row t into their ring slots
+    acc_t* pr = w.ring(kPredRing, t, 3);
+    const acc_t* p = acc_row<acc_t>(r.pred + b * r.pb + t * r.pt, r.pd, D, pr);
+    const acc_t* q = acc_row<acc_t>(r.target + b * r.qb + t * r.qt, r.qd, D, w.row(kTargetBuf));
+    difference(D, p, q, w.ring(kErrorRing, t, 3));
+    if (kReg && p != pr) std::copy(p, p + D, pr);
+  };
+  load(0);
+  if (L > 1) load(1);
+  std::fill(w.row(kVelocityRing), w.row(kVelocityRing + 2), acc_t(0));  // gv[-1]
+  std::fill(w.row(kAccelRing), w.row(kAccelRing + 3), acc_t(0));        // ga[-2], ga[-1]
+  acc_t* g = w.row(kGradRow);
+  for (int64_t t = 0; t < L; ++t) {
+    if (t + 2 < L) load(t + 2);
+    gradient_row<acc_t, kL1>(D, w.ring(kErrorRing, t, 3), w.ring(kErrorRing, t + 1, 3),
+                             w.ring(kErrorRing, t + 2, 3), w.ring(kVelocityRing, t, 2),
+                             w.ring(kVelocityRing, t + 1, 2), w.ring(kAccelRing, t, 3),
+                             w.ring(kAccelRing, t + 2, 3), w.ring(kAccelRing, t + 1, 3), cP, cV, cA, g,
+                             t + 1 < L ? acc_t(1) : acc_t(0), t + 2 < L ? acc_t(1) : acc_t(0));
+    if (grad_target) store_row(D, g, acc_t(-1), grad_target + (b * L + t) * D);
+    if (!grad_pred && !grad_cond) continue;
+    if (kReg) add_scaled_sign(D, w.ring(kPredRing, t, 3), cR, g);
+    if (t == 0 && last_frame) {  // the last-frame term joins d/dpred before the one rounding
+      const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.pb, r.pd, D, w.row(kPredBuf));
+      const acc_t* c = acc_row<acc_t>(r.cond + b * r.cb, r.cd, D, w.row(kTargetBuf));
+      acc_t* gl = w.row(kLastFrameRow);
+      for (int64_t d = 0; d < D; ++d) gl[d] = cL[d] * err_grad(p0[d] - c[d], kL1);
+      for (int64_t d = 0; d < D; ++d) g[d] += gl[d];
+      if (grad_cond) store_row(D, gl, acc_t(-1), grad_cond + b * D);
     }
+    if (grad_pred) store_row(D, g, acc_t(1), grad_pred + (b * L + t) * D);
   }
+}
+
+template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
+void gradient_all(const Rows<scalar_t>& r, bool last_frame, const acc_t* coef, scalar_t* gp, scalar_t* gq,
+                  scalar_t* gc) {
+  at::parallel_for(0, r.B, 1, [&](int64_t b0, int64_t b1) {
+    Scratch<acc_t> scratch(r.D);
+    for (int64_t b = b0; b < b1; ++b)
+      gradient_rows<scalar_t, acc_t, kL1, kReg>(r, last_frame, coef, b, gp, gq, gc, scratch);
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -357,10 +424,13 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
     scalar_t* gp = output_mask[0] ? grad_pred.data_ptr<scalar_t>() : nullptr;
     scalar_t* gq = output_mask[1] ? grad_target.data_ptr<scalar_t>() : nullptr;
     scalar_t* gc = need_cond ? grad_cond.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      if (o.l1) gradient_rows<scalar_t, acc_t, true>(rows, o, coef.data(), b0, b1, gp, gq, gc);
-      else gradient_rows<scalar_t, acc_t, false>(rows, o, coef.data(), b0, b1, gp, gq, gc);
-    });
+    if (o.l1) {
+      if (o.reg) gradient_all<scalar_t, acc_t, true, true>(rows, o.last_frame, coef.data(), gp, gq, gc);
+      else gradient_all<scalar_t, acc_t, true, false>(rows, o.last_frame, coef.data(), gp, gq, gc);
+    } else {
+      if (o.reg) gradient_all<scalar_t, acc_t, false, true>(rows, o.last_frame, coef.data(), gp, gq, gc);
+      else gradient_all<scalar_t, acc_t, false, false>(rows, o.last_frame, coef.data(), gp, gq, gc);
+    }
   });
   return {grad_pred, grad_target, grad_cond};
 }

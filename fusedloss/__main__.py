@@ -1,0 +1,125 @@
+"""Command line: ``python -m fusedloss {demo,bench}`` (also installed as ``fusedloss``).
+
+demo   every available backend checked against the reference on Ditto's problem, then the
+       speed table of this machine (short).
+bench  the full benchmark: every backend, eager and torch.compile, forward / backward / full,
+       written as markdown and JSON to bench/results/<device>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _devices(choice: str) -> list[torch.device]:
+    if choice == "auto":
+        return [torch.device("cuda")] if torch.cuda.is_available() else [torch.device("cpu")]
+    return [torch.device(choice)]
+
+
+def check_backends(device: torch.device, batch: int) -> bool:
+    """Every fused backend on ``device`` against the reference: terms, total and gradients."""
+    from . import backends
+    from .functional import pva_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(batch, 80, 265, generator=g).to(device)
+    target = torch.randn(batch, 80, 265, generator=g).to(device)
+    cond = torch.randn(batch, 265, generator=g).to(device)
+    dim_ws = torch.linspace(0.5, 1.5, 265, dtype=torch.float64, device=device)
+    kw = dict(use_last_frame_loss=True, use_reg_loss=True, dim_ws=dim_ws)
+
+    def run(backend):
+        p = pred.clone().requires_grad_()
+        total, terms = pva_loss(p, target, cond, backend=backend, **kw)
+        (2.0 * total).backward()
+        return total, terms, p.grad
+
+    ref_total, ref_terms, ref_grad = run("reference")
+    ok = True
+    for backend in backends.available(device.type):
+        if backend == "reference":
+            continue
+        total, terms, grad = run(backend)
+        term_err = max(float((terms[k] - ref_terms[k]).abs() / ref_terms[k].abs().clamp_min(1e-12)) for k in terms)
+        grad_err = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
+        passed = term_err < 1e-4 and grad_err < 1e-4
+        ok &= passed
+        print(f"  {device.type:4s} {backend:7s} total {float(total):.6f} (reference {float(ref_total):.6f}), "
+              f"max rel. error: terms {term_err:.1e}, d/dpred {grad_err:.1e}  {'OK' if passed else 'MISMATCH'}")
+    return ok
+
+
+def demo(args) -> int:
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"  # Triton runs, slowly, through its interpreter
+    from . import backends, benchmark
+    from .benchmark import pva as pva_bench
+
+    print("fusedloss demo: the fused PVA loss (Ditto, [B, 80, 265], every term on)\n")
+    print(backends.describe(), "\n")
+    ok = True
+    for device in _devices(args.device):
+        print(f"Checking every backend against the reference on {device}:")
+        ok &= check_backends(device, batch=8 if device.type == "cuda" else 2)
+    print()
+    for device in _devices(args.device):
+        batches = (8, 64, 512, pva_bench.LARGE_BATCH["cuda"]) if device.type == "cuda" else (64,)
+        start = time.time()
+        results, bandwidth = benchmark.run_cases(pva_bench.cases(device, batches), device, phases=("full",),
+                                                 log=lambda line: None)
+        print(f"Speed on {benchmark.device_name(device)} (forward+backward, float32, "
+              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {time.time() - start:.0f} s):")
+        print(benchmark.markdown(results, device, bandwidth, torch.float32, "python -m fusedloss demo"))
+        print(benchmark.summary(results))
+    print("\nall backends match the reference" if ok else "\nSOME BACKENDS DO NOT MATCH THE REFERENCE")
+    return 0 if ok else 1
+
+
+def bench(args) -> int:
+    from . import benchmark
+    from .benchmark import pva as pva_bench
+
+    dtype = getattr(torch, args.dtype)
+    families = {"pva": pva_bench.cases}
+    for device in _devices(args.device):
+        batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
+        cases = [c for f in args.family.split(",") for c in families[f](device, batches)]
+        results, bandwidth = benchmark.run_cases(cases, device, dtype=dtype, modes=tuple(args.modes.split(",")),
+                                                 phases=tuple(args.phases.split(",")))
+        command = "python -m fusedloss bench " + " ".join(sys.argv[2:])
+        if args.out:
+            path = benchmark.write(results, device, bandwidth, dtype, Path(args.out), command)
+            print(f"wrote {path} and {path.with_suffix('.json')}")
+        print(benchmark.summary(results))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fusedloss", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="check every backend against the reference, then a short speed table")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=demo)
+    p = sub.add_parser("bench", help="the full benchmark, written to bench/results/")
+    p.add_argument("--family", default="pva")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the family's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--phases", default="forward,backward,full")
+    p.add_argument("--out", default="bench/results", help="folder for <device>.md/.json ('' to skip)")
+    p.set_defaults(func=bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
