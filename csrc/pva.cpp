@@ -80,6 +80,31 @@ at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The forward outputs: terms [P * K] and total [], of the arithmetic type.
+std::tuple<Tensor, Tensor> empty_terms(const Tensor& pred, int64_t num_parts, const Options& o) {
+  const auto options = pred.options().dtype(acc_type_of(pred.scalar_type()));
+  return {at::empty({num_parts * terms_per_part(o)}, options), at::empty({}, options)};
+}
+
+void check_grad_terms(const Tensor& grad_terms, const Tensor& pred, int64_t num_parts, const Options& o) {
+  TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == num_parts * terms_per_part(o) &&
+                  grad_terms.scalar_type() == acc_type_of(pred.scalar_type()) &&
+                  grad_terms.device() == pred.device(),
+              "pva: grad_terms must be a [P*K] tensor of the terms' dtype");
+}
+
+// The backward outputs (pred's dtype, contiguous): an empty tensor for each one not wanted.
+struct Gradients {
+  Tensor pred, target, cond;
+};
+Gradients empty_gradients(const Tensor& pred, std::array<bool, 3> output_mask, const Options& o) {
+  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
+  const auto none = [&] { return at::empty({0}, pred.options()); };
+  return {output_mask[0] ? at::empty({B, L, D}, pred.options()) : none(),
+          output_mask[1] ? at::empty({B, L, D}, pred.options()) : none(),
+          output_mask[2] && o.last_frame ? at::empty({B, D}, pred.options()) : none()};
+}
+
 // ----------------------------------------------------------------------------------------------
 // CPU kernels
 // ----------------------------------------------------------------------------------------------
@@ -386,9 +411,7 @@ std::tuple<Tensor, Tensor> pva_forward_cpu(const Tensor& pred, const Tensor& tar
   check_inputs(pred, target, cond_frame, part_table, dim_ws, o);
   check_spans_cpu(part_table, pred.size(2));
   const int64_t P = part_table.size(0);
-  const auto acc = acc_type_of(pred.scalar_type());
-  Tensor terms = at::empty({P * terms_per_part(o)}, pred.options().dtype(acc));
-  Tensor total = at::empty({}, pred.options().dtype(acc));
+  auto [terms, total] = empty_terms(pred, P, o);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pva_forward_cpu", [&] {
     const auto rows = make_rows<scalar_t>(pred, target, cond_frame, o.last_frame);
     forward_cpu<scalar_t>(rows, o, part_table.const_data_ptr<double>(), P,
@@ -406,24 +429,18 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
   check_inputs(pred, target, cond_frame, part_table, dim_ws, o);
   check_spans_cpu(part_table, pred.size(2));
   const int64_t P = part_table.size(0), B = pred.size(0), L = pred.size(1), D = pred.size(2);
-  const auto acc = acc_type_of(pred.scalar_type());
-  TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == P * terms_per_part(o) &&
-                  grad_terms.scalar_type() == acc && grad_terms.device() == pred.device(),
-              "pva: grad_terms must be a [P*K] tensor of the terms' dtype");
-  const bool need_cond = output_mask[2] && o.last_frame;
-  Tensor grad_pred = output_mask[0] ? at::empty({B, L, D}, pred.options()) : at::empty({0}, pred.options());
-  Tensor grad_target = output_mask[1] ? at::empty({B, L, D}, pred.options()) : at::empty({0}, pred.options());
-  Tensor grad_cond = need_cond ? at::empty({B, D}, pred.options()) : at::empty({0}, pred.options());
-  if (!output_mask[0] && !output_mask[1] && !need_cond) return {grad_pred, grad_target, grad_cond};
+  check_grad_terms(grad_terms, pred, P, o);
+  Gradients grads = empty_gradients(pred, output_mask, o);
+  if (grads.pred.numel() + grads.target.numel() + grads.cond.numel() == 0) return {grads.pred, grads.target, grads.cond};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pva_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto rows = make_rows<scalar_t>(pred, target, cond_frame, o.last_frame);
     const std::vector<acc_t> coef = column_coefficients<acc_t>(
         o, part_table.const_data_ptr<double>(), P, dim_ws ? dim_ws->const_data_ptr<double>() : nullptr,
         grad_terms.const_data_ptr<acc_t>(), grad_terms.stride(0), B, L, D);
-    scalar_t* gp = output_mask[0] ? grad_pred.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gq = output_mask[1] ? grad_target.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gc = need_cond ? grad_cond.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp = grads.pred.numel() ? grads.pred.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gq = grads.target.numel() ? grads.target.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gc = grads.cond.numel() ? grads.cond.data_ptr<scalar_t>() : nullptr;
     if (o.l1) {
       if (o.reg) gradient_all<scalar_t, acc_t, true, true>(rows, o.last_frame, coef.data(), gp, gq, gc);
       else gradient_all<scalar_t, acc_t, true, false>(rows, o.last_frame, coef.data(), gp, gq, gc);
@@ -432,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
       else gradient_all<scalar_t, acc_t, false, false>(rows, o.last_frame, coef.data(), gp, gq, gc);
     }
   });
-  return {grad_pred, grad_target, grad_cond};
+  return {grads.pred, grads.target, grads.cond};
 }
 
 #ifdef WITH_CUDA
@@ -472,10 +489,8 @@ std::tuple<Tensor, Tensor> pva_forward_cuda(const Tensor& pred, const Tensor& ta
   const Options o = parse_options(loss_type, use_last_frame, use_reg);
   check_inputs(pred, target, cond_frame, part_table, dim_ws, o);
   const c10::cuda::CUDAGuard guard(pred.device());
-  const auto acc = acc_type_of(pred.scalar_type());
   CudaInputs in = cuda_inputs(pred, target, cond_frame, part_table, dim_ws, o);
-  Tensor terms = at::empty({in.num_parts * terms_per_part(o)}, pred.options().dtype(acc));
-  Tensor total = at::empty({}, pred.options().dtype(acc));
+  auto [terms, total] = empty_terms(pred, in.num_parts, o);
   Tensor workspace = at::empty({static_cast<int64_t>(forward_workspace_bytes(in))}, pred.options().dtype(at::kByte));
   const cudaError_t status = forward_cuda(in, terms.data_ptr(), total.data_ptr(), workspace.data_ptr(),
                                           c10::cuda::getCurrentCUDAStream().stream());
@@ -491,25 +506,18 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cuda(
   const Options o = parse_options(loss_type, use_last_frame, use_reg);
   check_inputs(pred, target, cond_frame, part_table, dim_ws, o);
   const c10::cuda::CUDAGuard guard(pred.device());
-  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
-  TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == part_table.size(0) * terms_per_part(o) &&
-                  grad_terms.scalar_type() == acc_type_of(pred.scalar_type()) &&
-                  grad_terms.device() == pred.device(),
-              "pva: grad_terms must be a [P*K] tensor of the terms' dtype");
-  const bool need_cond = output_mask[2] && o.last_frame;
-  Tensor grad_pred = output_mask[0] ? at::empty({B, L, D}, pred.options()) : at::empty({0}, pred.options());
-  Tensor grad_target = output_mask[1] ? at::empty({B, L, D}, pred.options()) : at::empty({0}, pred.options());
-  Tensor grad_cond = need_cond ? at::empty({B, D}, pred.options()) : at::empty({0}, pred.options());
-  if (output_mask[0] || output_mask[1] || need_cond) {
+  check_grad_terms(grad_terms, pred, part_table.size(0), o);
+  Gradients grads = empty_gradients(pred, output_mask, o);
+  if (grads.pred.numel() + grads.target.numel() + grads.cond.numel() > 0) {
     CudaInputs in = cuda_inputs(pred, target, cond_frame, part_table, dim_ws, o);
     CudaGradients out{grad_terms.const_data_ptr(), grad_terms.stride(0),
-                      output_mask[0] ? grad_pred.data_ptr() : nullptr,
-                      output_mask[1] ? grad_target.data_ptr() : nullptr,
-                      need_cond ? grad_cond.data_ptr() : nullptr};
+                      grads.pred.numel() ? grads.pred.data_ptr() : nullptr,
+                      grads.target.numel() ? grads.target.data_ptr() : nullptr,
+                      grads.cond.numel() ? grads.cond.data_ptr() : nullptr};
     const cudaError_t status = backward_cuda(in, out, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status == cudaSuccess, "pva_backward (CUDA) failed: ", cudaGetErrorString(status));
   }
-  return {grad_pred, grad_target, grad_cond};
+  return {grads.pred, grads.target, grads.cond};
 }
 #endif  // WITH_CUDA
 

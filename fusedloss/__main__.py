@@ -82,6 +82,13 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
+def command_line() -> str:
+    """How this process was started, for the results file."""
+    if sys.argv[0].endswith("__main__.py"):
+        return " ".join(["python -m fusedloss", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def bench(args) -> int:
     from . import benchmark
     from .benchmark import pva as pva_bench
@@ -93,7 +100,7 @@ def bench(args) -> int:
         cases = [c for f in args.family.split(",") for c in families[f](device, batches)]
         results, bandwidth = benchmark.run_cases(cases, device, dtype=dtype, modes=tuple(args.modes.split(",")),
                                                  phases=tuple(args.phases.split(",")))
-        command = "python -m fusedloss bench " + " ".join(sys.argv[2:])
+        command = command_line()
         if args.out:
             path = benchmark.write(results, device, bandwidth, dtype, Path(args.out), command)
             print(f"wrote {path} and {path.with_suffix('.json')}")

@@ -87,3 +87,15 @@ def test_cmake_build_registers_working_operators(tmp_path):
                             env={**os.environ, "FUSEDLOSS_OPS_LIBRARY": str(library)}, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout) < 1e-12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles and runs the kernels for real")
+def test_triton_kernels_compile_for_sm90_without_a_gpu():
+    """The launchers' real arguments, specialised as Triton's JIT does (ints equal to 1 become
+    constexprs), compile to sm_90 code: GPU-only compile errors show up here."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_sm90_compile.py")], capture_output=True,
+                            text=True, timeout=900, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    assert "OK:" in result.stdout

@@ -61,7 +61,13 @@ class Result:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def file_stem(device: torch.device) -> str:
@@ -106,7 +112,7 @@ def copy_bandwidth(device: torch.device, mib: int = 512) -> float:
     n = mib * 2**20 // 4
     src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), device)
+    seconds = median_seconds(lambda: dst.copy_(src), device, min_run_time=0.2)
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -120,6 +126,8 @@ def phase_functions(case: Case, backend: str, mode: str, device: torch.device, d
 
     if mode == "compile":
         torch._dynamo.reset()
+        # The backward phase replays a retained graph, which donated backward buffers forbid.
+        torch._functorch.config.donated_buffer = False
         compute = torch.compile(compute, fullgraph=True, dynamic=False)
     leaf = first.detach().requires_grad_()
 
@@ -157,9 +165,11 @@ def run_cases(
     modes: tuple[str, ...] = ("eager", "compile"),
     phases: tuple[str, ...] = PHASES,
     reference_compile: bool = True,
+    min_run_time: float = 0.5,
+    copy_mib: int = 512,
     log: Callable[[str], None] = print,
 ) -> tuple[list[Result], float]:
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device, copy_mib)
     log(f"# {device_name(device)}: measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     results: list[Result] = []
     for case in cases:
@@ -174,7 +184,7 @@ def run_cases(
                 log(f"  {case.name} {backend}/{mode}: out of memory, skipped")
                 continue
             for phase in phases:
-                seconds = median_seconds(fns[phase], device)
+                seconds = median_seconds(fns[phase], device, min_run_time)
                 peak = peak_extra_mib(fns[phase], device)
                 moved = case.elements[phase] * dtype.itemsize
                 results.append(Result(case.family, case.name, backend, mode, phase, seconds * 1e3, peak,
@@ -203,13 +213,18 @@ def markdown(results: list[Result], device: torch.device, bandwidth: float, dtyp
     lines = [
         f"# fusedloss benchmark: {device_name(device)}",
         "",
-        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), {dtype}, "
-        f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else
         f"- torch {torch.__version__} (CUDA {torch.version.cuda}), {dtype}",
         f"- measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)",
         "- GB/s = bytes a fused pass must move / median time; x eager / x compile = speed-up over the "
         "reference run eagerly / under torch.compile, measured in the same run",
         f"- command: `{command}`",
+    ]
+    if device.type == "cpu":
+        lines.append(
+            "- CPU backward times at large B include the page faults of the freshly allocated gradient "
+            "(glibc maps allocations above 32 MB anew each time); `THP_MEM_ALLOC_ENABLE=1` (huge pages) reduces them"
+        )
+    lines += [
         "",
         "| case | backend | mode | phase | median ms | x eager | x compile | GB/s | % copy BW | peak MiB |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",

@@ -160,21 +160,30 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward_fake(pred, target, cond_frame, part_table, dim_ws, loss_type, use_last_frame, use_reg):
-    num_terms = part_table.shape[0] * terms_per_part(use_last_frame, use_reg)
+def empty_terms(pred, num_parts: int, use_last_frame: bool, use_reg: bool):
+    """The forward outputs: terms [P * K] and total [], of the arithmetic dtype."""
     acc = acc_dtype(pred.dtype)
+    num_terms = num_parts * terms_per_part(use_last_frame, use_reg)
     return pred.new_empty((num_terms,), dtype=acc), pred.new_empty((), dtype=acc)
+
+
+def empty_gradients(pred, output_mask, use_last_frame: bool):
+    """The backward outputs (pred's dtype, contiguous), an empty tensor for each one not wanted."""
+    B, L, D = pred.shape
+    return (
+        pred.new_empty((B, L, D) if output_mask[0] else (0,)),
+        pred.new_empty((B, L, D) if output_mask[1] else (0,)),
+        pred.new_empty((B, D) if output_mask[2] and use_last_frame else (0,)),
+    )
+
+
+def forward_fake(pred, target, cond_frame, part_table, dim_ws, loss_type, use_last_frame, use_reg):
+    return empty_terms(pred, part_table.shape[0], use_last_frame, use_reg)
 
 
 def backward_fake(grad_terms, pred, target, cond_frame, part_table, dim_ws, loss_type, use_last_frame,
                   use_reg, output_mask):
-    B, L, D = pred.shape
-    empty = pred.new_empty((0,))
-    return (
-        pred.new_empty((B, L, D)) if output_mask[0] else empty,
-        pred.new_empty((B, L, D)) if output_mask[1] else empty.clone(),
-        pred.new_empty((B, D)) if output_mask[2] and use_last_frame else empty.clone(),
-    )
+    return empty_gradients(pred, output_mask, use_last_frame)
 
 
 # Positions of pred, target and cond_frame among the operator's inputs: the ones with gradients.

@@ -107,8 +107,8 @@ def pva_forward_kernel(
     col_ok = cols < D
     rows = tl.arange(0, BLOCK_T)
     chunks = tl.cdiv(L, BLOCK_T)
-    B64 = B.to(tl.int64)
-    L64 = L.to(tl.int64)
+    B64 = tl.cast(B, tl.int64)  # (tl.cast: B may be specialised to a constexpr 1)
+    L64 = tl.cast(L, tl.int64)
 
     acc_p = tl.zeros([BLOCK_T, BLOCK_D], ACC)
     acc_v = tl.zeros([BLOCK_T, BLOCK_D], ACC)
@@ -218,8 +218,8 @@ def pva_backward_kernel(
     t0 = (item % chunks) * BLOCK_T
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    B64 = B.to(tl.int64)
-    L64 = L.to(tl.int64)
+    B64 = tl.cast(B, tl.int64)  # (tl.cast: B may be specialised to a constexpr 1)
+    L64 = tl.cast(L, tl.int64)
 
     # Per-column coefficients: d(loss)/d(statistic of one element of column d).
     c_p = tl.zeros([BLOCK_D], ACC)
@@ -330,8 +330,7 @@ def pva_forward(
     items = B * triton.cdiv(L, block_t)
     row_groups = max(1, min(items, program_budget(pred.device) // col_blocks))
     partials = torch.empty((col_blocks * row_groups, P * K), dtype=acc, device=pred.device)
-    terms = torch.empty((P * K,), dtype=acc, device=pred.device)
-    total = torch.empty((), dtype=acc, device=pred.device)
+    terms, total = glue.empty_terms(pred, P, use_last_frame, use_reg)
     cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
     wrap_triton(pva_forward_kernel)[(col_blocks, row_groups)](
         pred, target, cond, part_table, dim_ws if dim_ws is not None else part_table,
@@ -363,10 +362,7 @@ def pva_backward(
     B, L, D = pred.shape
     need_pred, need_target = bool(output_mask[0]), bool(output_mask[1])
     need_cond = bool(output_mask[2]) and use_last_frame
-    empty = pred.new_empty((0,))
-    grad_pred = pred.new_empty((B, L, D)) if need_pred else empty
-    grad_target = pred.new_empty((B, L, D)) if need_target else empty.clone()
-    grad_cond = pred.new_empty((B, D)) if need_cond else empty.clone()
+    grad_pred, grad_target, grad_cond = glue.empty_gradients(pred, output_mask, use_last_frame)
     if (need_pred or need_target or need_cond) and pred.numel() > 0:
         block_t, block_d = _tile(pred.device)
         cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)

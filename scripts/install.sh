@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs fusedloss from this checkout (editable, C++/CUDA extension built against the installed
+# torch) with its test dependencies, into the current python3. Never replaces an installed torch:
+# only a machine without one gets the CPU build of torch 2.13.0 (and the Triton tested with it).
+# Does nothing when this checkout is already installed with its extension built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+installed() {
+  (cd / && "$PY" - "$PWD" <<'PY'
+import os, sys
+import fusedloss, fusedloss._C, pytest, pytest_benchmark, hypothesis  # noqa: F401
+sys.exit(0 if os.path.samefile(os.path.dirname(fusedloss.__file__), os.path.join(sys.argv[1], "fusedloss")) else 1)
+PY
+  ) >/dev/null 2>&1
+}
+
+if installed; then
+  exit 0
+fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "install: no torch here; installing the CPU build torch==2.13.0 with triton==3.8.0" >&2
+  "$PY" -m pip install --quiet "torch==2.13.0" "triton==3.8.0"
+fi
+echo "install: building fusedloss against torch $("$PY" -c 'import torch; print(torch.__version__)') (about a minute)" >&2
+# With every dependency already present (e.g. an offline GPU machine) pip needs no index;
+# if it still cannot resolve them, install the package alone.
+"$PY" -m pip install --quiet --no-build-isolation -e ".[test]" \
+  || "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
