@@ -47,11 +47,11 @@ def check_backends(device: torch.device, batch: int) -> bool:
         if backend == "reference":
             continue
         total, terms, grad = run(backend)
-        term_err = max(float((terms[k] - ref_terms[k]).abs() / ref_terms[k].abs().clamp_min(1e-12)) for k in terms)
+        term_err = max((terms[k] - ref_terms[k]).abs().item() / max(ref_terms[k].abs().item(), 1e-12) for k in terms)
         grad_err = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
         passed = term_err < 1e-4 and grad_err < 1e-4
         ok &= passed
-        print(f"  {device.type:4s} {backend:7s} total {float(total):.6f} (reference {float(ref_total):.6f}), "
+        print(f"  {device.type:4s} {backend:7s} total {total.item():.6f} (reference {ref_total.item():.6f}), "
               f"max rel. error: terms {term_err:.1e}, d/dpred {grad_err:.1e}  {'OK' if passed else 'MISMATCH'}")
     return ok
 

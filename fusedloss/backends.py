@@ -97,12 +97,11 @@ def _prepare(backend: str) -> None:
         from .triton import pva  # noqa: F401  (registers the Triton operators)
 
 
-@torch.compiler.assume_constant_result
 def resolve(backend: str, device_type: str) -> str:
     """The concrete backend to use for ``backend`` on tensors of ``device_type``.
 
     Under ``torch.compile`` this runs once at trace time (it may build the C++ extension or import
-    Triton) and its answer is a constant of the graph.
+    Triton) and its answer is a constant of the graph (see ``_mark_constant_result``).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
@@ -117,6 +116,17 @@ def resolve(backend: str, device_type: str) -> str:
         raise BackendUnavailableError(f"fusedloss backend {backend!r} is not available: {reason}")
     _prepare(backend)
     return backend
+
+
+def _mark_constant_result(fn):
+    """What ``@torch.compiler.assume_constant_result`` does, without importing torch._dynamo (a
+    second of import time, which also imports Triton before a user can set TRITON_INTERPRET).
+    tests/test_backends.py checks that torch still marks functions this way."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+resolve = _mark_constant_result(resolve)
 
 
 def available(device_type: str) -> list[str]:

@@ -122,3 +122,24 @@ def test_package_without_built_extension_builds_it_on_first_use(tmp_path):
     assert where.startswith(str(copy))
     assert a == b and abs(float(a) - float(r)) < 1e-5 * abs(float(r))
     assert result.stderr.count("compiling it now with ninja") == 1
+
+
+def test_import_is_light():
+    """`import fusedloss` imports neither Triton nor torch._dynamo: TRITON_INTERPRET can still be set
+    after it, and importing costs no compiler start-up."""
+    result = run_python(
+        """
+        import sys, fusedloss
+        print(sorted(m for m in ("triton", "torch._dynamo", "torch._inductor") if m in sys.modules))
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_resolve_is_marked_as_torch_marks_constant_results():
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked.__dict__ == backends.resolve.__dict__ == {"_dynamo_marked_constant": True}
