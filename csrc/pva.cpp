@@ -40,7 +40,8 @@ Options parse_options(std::string_view loss_type, bool use_last_frame, bool use_
 // Boundary checks; fusedloss.functional validates user input with friendlier messages first.
 void check_inputs(const Tensor& pred, const Tensor& target, const std::optional<Tensor>& cond,
                   const Tensor& table, const std::optional<Tensor>& dim_ws, const Options& o) {
-  TORCH_CHECK(pred.dim() == 3, "pva: pred must be [B, L, D], got ", pred.sizes());
+  TORCH_CHECK(pred.dim() == 3 && pred.size(1) >= 1 && pred.size(2) >= 1,
+              "pva: pred must be [B, L, D] with L, D >= 1, got ", pred.sizes());
   TORCH_CHECK(target.sizes() == pred.sizes(), "pva: target must match pred ", pred.sizes(),
               ", got ", target.sizes());
   TORCH_CHECK(at::isFloatingType(pred.scalar_type()), "pva: pred must be floating point");
@@ -65,7 +66,9 @@ void check_inputs(const Tensor& pred, const Tensor& target, const std::optional<
   }
 }
 
-// The part spans must lie inside [0, D]; only checkable here for a table in host memory.
+// The part spans must lie inside [0, D]; only checkable here for a table in host memory. (The CUDA
+// kernels mask columns with d < D, so a bad device table cannot touch memory out of bounds; the
+// Python layer validates the spans before building the table.)
 void check_spans_cpu(const Tensor& table, int64_t D) {
   const double* rows = table.data_ptr<double>();
   for (int64_t p = 0; p < table.size(0); ++p) {

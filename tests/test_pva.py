@@ -249,3 +249,19 @@ def test_random_problems_match_reference(data):
         dim_ws=data.draw(st.booleans()) or None,
         seed=data.draw(st.integers(0, 1000)),
     )
+
+
+def test_triton_many_programs_per_column_block(monkeypatch):
+    """Several row groups per column block (as on a GPU): the strided tile loops of both kernels
+    and a final reduction over many programs' partials."""
+    runnable = [p.values[0] for p in FUSED if not p.marks and p.values[0][0] == "triton"]
+    if not runnable:
+        pytest.skip("the Triton backend is not available here")
+    import fusedloss.triton.pva as triton_pva
+
+    backend, device = runnable[0]
+    if device == "cpu":  # the interpreter's default budget gives one row group at D = 265
+        monkeypatch.setattr(triton_pva, "program_budget", lambda device, per_sm=4: 16 * per_sm)
+    block_t, block_d, col_blocks, row_groups = triton_pva._grid(torch.empty(3, 80, 265, device=device), per_sm=4)
+    assert col_blocks > 1 and row_groups > 1
+    compare(backend, device, torch.float64, 3, 80, 265, dim_ws=True, use_last_frame_loss=True, use_reg_loss=True)

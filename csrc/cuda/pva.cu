@@ -26,6 +26,8 @@ constexpr int kCols = 32;   // columns per block: one warp
 constexpr int kLanes = 8;   // warps per block
 constexpr int kChunk = 16;  // time rows per work item
 constexpr int kThreads = kCols * kLanes;
+static_assert(kCols == 32, "a block row is one warp: warp_sum and the shuffles assume it");
+static_assert(kLanes >= kNumStats, "the column reduction gives one warp row per statistic");
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -266,11 +268,15 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
   }
 }
 
-int sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
-    return 108;
+int sm_count() {  // of the current device, looked up once per device
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 132;
+  if (device < kMaxDevices && cached[device] > 0) return cached[device];
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
+  if (device < kMaxDevices) cached[device] = sms;
   return sms;
 }
 
@@ -311,7 +317,9 @@ cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void*
 
 template <typename scalar_t>
 cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
-  pva_backward_kernel<scalar_t><<<grid_for(in, int64_t(1) << 40), dim3(kCols, kLanes), 0, stream>>>(in, out);
+  // A persistent grid (8 blocks per SM): each block builds its columns' coefficients once, then
+  // walks many items.
+  pva_backward_kernel<scalar_t><<<grid_for(in, 8 * int64_t(sm_count())), dim3(kCols, kLanes), 0, stream>>>(in, out);
   return cudaGetLastError();
 }
 

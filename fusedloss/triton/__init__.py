@@ -27,14 +27,14 @@ def triton_operator(name: str, fake):
 _SM_COUNT: dict = {}
 
 
-def program_budget(device: torch.device) -> int:
-    """How many programs a reduction kernel launches at most: a few per SM (few when interpreting)."""
+def program_budget(device: torch.device, per_sm: int = 4) -> int:
+    """How many programs a persistent kernel launches at most: per_sm per SM (4 when interpreting)."""
     if device.type != "cuda":
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNT[index]
+    return per_sm * _SM_COUNT[index]
 
 
 _COUNTERS: dict = {}
@@ -45,12 +45,14 @@ def zeroed_counter(like: torch.Tensor) -> torch.Tensor:
 
     Kernels whose last program reduces the partial results of all programs count arrivals in it.
     For real CUDA tensors one counter per (device, stream) is reused, since the kernel leaves it
-    at 0, which saves a fill kernel per call; while tracing (fake tensors) and on the CPU a fresh
-    zero tensor is made.
+    at 0, which saves a fill kernel per call. A fresh zero tensor is made instead while tracing
+    (fake tensors), while a CUDA graph is being captured (graphs replay on streams of their own),
+    and on the CPU.
     """
     from torch._subclasses.fake_tensor import is_fake
 
-    if like.is_cuda and not is_fake(like) and not torch.compiler.is_compiling():
+    if (like.is_cuda and not is_fake(like) and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing()):
         key = (like.device, torch.cuda.current_stream(like.device).cuda_stream)
         counter = _COUNTERS.get(key)
         if counter is None:

@@ -11,9 +11,9 @@ forward:  programs (column block, row group) read [BLOCK_T, BLOCK_D] tiles of pr
           (rows t, t+1, t+2 for the differences; the shifted rows come from cache), accumulate
           the column sums, fold them into partial terms per program, and the last program to
           finish reduces the partials of all programs in a fixed order: terms [T], total [].
-backward: one program per tile builds the per-column coefficients c_X[d] (sum over the parts
-          holding d of grad_term * scale / count_X * colw_X[d]) and writes
-          d/dpred, d/dtarget (and d/dcond_frame) of the tile.
+backward: programs (column block, row group) build the per-column coefficients c_X[d] once (sum
+          over the parts holding d of grad_term * scale / count_X * colw_X[d]), then write
+          d/dpred, d/dtarget (and d/dcond_frame) of their tiles (rows t-2 .. t+2 from cache).
 """
 
 from typing import Optional
@@ -105,6 +105,7 @@ def pva_forward_kernel(
     num_programs = tl.num_programs(0) * n_r
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
+    cols64 = cols.to(tl.int64)  # column offsets times a (possibly huge) stride
     rows = tl.arange(0, BLOCK_T)
     chunks = tl.cdiv(L, BLOCK_T)
     B64 = tl.cast(B, tl.int64)  # (tl.cast: B may be specialised to a constexpr 1)
@@ -119,8 +120,8 @@ def pva_forward_kernel(
         b = (item // chunks).to(tl.int64)
         t0 = (item % chunks) * BLOCK_T
         t = (t0 + rows).to(tl.int64)
-        p_base = pred_ptr + b * sp_b + cols[None, :] * sp_d
-        q_base = target_ptr + b * sq_b + cols[None, :] * sq_d
+        p_base = pred_ptr + b * sp_b + cols64[None, :] * sp_d
+        q_base = target_ptr + b * sq_b + cols64[None, :] * sq_d
         m0 = (t < L64)[:, None] & col_ok[None, :]
         m1 = (t + 1 < L64)[:, None] & col_ok[None, :]
         m2 = (t + 2 < L64)[:, None] & col_ok[None, :]
@@ -137,8 +138,8 @@ def pva_forward_kernel(
             acc_r += tl.abs(p0)
         if LAST:
             if t0 == 0:
-                first = tl.load(pred_ptr + b * sp_b + cols * sp_d, mask=col_ok, other=0.0).to(ACC)
-                cond = tl.load(cond_ptr + b * sc_b + cols * sc_d, mask=col_ok, other=0.0).to(ACC)
+                first = tl.load(pred_ptr + b * sp_b + cols64 * sp_d, mask=col_ok, other=0.0).to(ACC)
+                cond = tl.load(cond_ptr + b * sc_b + cols64 * sc_d, mask=col_ok, other=0.0).to(ACC)
                 acc_l += _err(first - cond, L1)
 
     # Column sums of this program, weighted per column, folded into its partial terms.
@@ -211,17 +212,17 @@ def pva_backward_kernel(
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    item = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_d = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    n_r = tl.num_programs(1)
     chunks = tl.cdiv(L, BLOCK_T)
-    b = (item // chunks).to(tl.int64)
-    t0 = (item % chunks) * BLOCK_T
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
+    cols64 = cols.to(tl.int64)
     B64 = tl.cast(B, tl.int64)  # (tl.cast: B may be specialised to a constexpr 1)
     L64 = tl.cast(L, tl.int64)
 
-    # Per-column coefficients: d(loss)/d(statistic of one element of column d).
+    # Per-column coefficients, once per program: d(loss)/d(statistic of one element of column d).
     c_p = tl.zeros([BLOCK_D], ACC)
     c_v = tl.zeros([BLOCK_D], ACC)
     c_a = tl.zeros([BLOCK_D], ACC)
@@ -245,59 +246,74 @@ def pva_backward_kernel(
         c_a = c_a * colw
         c_l = c_l * colw
 
-    # e at rows t-2 .. t+2 (0 outside [0, L)); the shifted tiles come from cache.
-    t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-    p_base = pred_ptr + b * sp_b + cols[None, :] * sp_d
-    q_base = target_ptr + b * sq_b + cols[None, :] * sq_d
-    ok = (t < L64)[:, None] & col_ok[None, :]
-    okm1 = (t >= 1)[:, None] & ok
-    okm2 = (t >= 2)[:, None] & ok
-    okp1 = (t + 1 < L64)[:, None] & col_ok[None, :]
-    okp2 = (t + 2 < L64)[:, None] & col_ok[None, :]
-    p0 = tl.load(p_base + t[:, None] * sp_t, mask=ok, other=0.0).to(ACC)
-    e0 = p0 - tl.load(q_base + t[:, None] * sq_t, mask=ok, other=0.0).to(ACC)
-    em1 = (tl.load(p_base + (t - 1)[:, None] * sp_t, mask=okm1, other=0.0).to(ACC)
-           - tl.load(q_base + (t - 1)[:, None] * sq_t, mask=okm1, other=0.0).to(ACC))
-    em2 = (tl.load(p_base + (t - 2)[:, None] * sp_t, mask=okm2, other=0.0).to(ACC)
-           - tl.load(q_base + (t - 2)[:, None] * sq_t, mask=okm2, other=0.0).to(ACC))
-    ep1 = (tl.load(p_base + (t + 1)[:, None] * sp_t, mask=okp1, other=0.0).to(ACC)
-           - tl.load(q_base + (t + 1)[:, None] * sq_t, mask=okp1, other=0.0).to(ACC))
-    ep2 = (tl.load(p_base + (t + 2)[:, None] * sp_t, mask=okp2, other=0.0).to(ACC)
-           - tl.load(q_base + (t + 2)[:, None] * sq_t, mask=okp2, other=0.0).to(ACC))
-    # gv[s] = err'(e[s+1] - e[s]) for s in [0, L-1); ga[s] = err'(e[s+2] - 2 e[s+1] + e[s]) for s in [0, L-2).
-    gv_0 = tl.where(okp1 & ok, _err_grad(ep1 - e0, L1), 0.0)
-    gv_m1 = tl.where(okm1, _err_grad(e0 - em1, L1), 0.0)
-    ga_0 = tl.where(okp2 & ok, _err_grad(ep2 - 2.0 * ep1 + e0, L1), 0.0)
-    ga_m1 = tl.where(okm1 & okp1, _err_grad(ep1 - 2.0 * e0 + em1, L1), 0.0)
-    ga_m2 = tl.where(okm2, _err_grad(e0 - 2.0 * em1 + em2, L1), 0.0)
-    grad_e = (c_p[None, :] * tl.where(ok, _err_grad(e0, L1), 0.0)
-              + c_v[None, :] * (gv_m1 - gv_0)
-              + c_a[None, :] * (ga_m2 - 2.0 * ga_m1 + ga_0))
+    # Tiles (batch element, BLOCK_T rows) of this program's column block.
+    for item in range(pid_r, B * chunks, n_r):
+        b = (item // chunks).to(tl.int64)
+        t0 = (item % chunks) * BLOCK_T
+        # e at rows t-2 .. t+2 (0 outside [0, L)); the shifted tiles come from cache.
+        t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        p_base = pred_ptr + b * sp_b + cols64[None, :] * sp_d
+        q_base = target_ptr + b * sq_b + cols64[None, :] * sq_d
+        ok = (t < L64)[:, None] & col_ok[None, :]
+        okm1 = (t >= 1)[:, None] & ok
+        okm2 = (t >= 2)[:, None] & ok
+        okp1 = (t + 1 < L64)[:, None] & col_ok[None, :]
+        okp2 = (t + 2 < L64)[:, None] & col_ok[None, :]
+        p0 = tl.load(p_base + t[:, None] * sp_t, mask=ok, other=0.0).to(ACC)
+        e0 = p0 - tl.load(q_base + t[:, None] * sq_t, mask=ok, other=0.0).to(ACC)
+        em1 = (tl.load(p_base + (t - 1)[:, None] * sp_t, mask=okm1, other=0.0).to(ACC)
+               - tl.load(q_base + (t - 1)[:, None] * sq_t, mask=okm1, other=0.0).to(ACC))
+        em2 = (tl.load(p_base + (t - 2)[:, None] * sp_t, mask=okm2, other=0.0).to(ACC)
+               - tl.load(q_base + (t - 2)[:, None] * sq_t, mask=okm2, other=0.0).to(ACC))
+        ep1 = (tl.load(p_base + (t + 1)[:, None] * sp_t, mask=okp1, other=0.0).to(ACC)
+               - tl.load(q_base + (t + 1)[:, None] * sq_t, mask=okp1, other=0.0).to(ACC))
+        ep2 = (tl.load(p_base + (t + 2)[:, None] * sp_t, mask=okp2, other=0.0).to(ACC)
+               - tl.load(q_base + (t + 2)[:, None] * sq_t, mask=okp2, other=0.0).to(ACC))
+        # gv[s] = err'(e[s+1] - e[s]) for s in [0, L-1); ga[s] = err'(e[s+2] - 2 e[s+1] + e[s]) for s in [0, L-2).
+        gv_0 = tl.where(okp1 & ok, _err_grad(ep1 - e0, L1), 0.0)
+        gv_m1 = tl.where(okm1, _err_grad(e0 - em1, L1), 0.0)
+        ga_0 = tl.where(okp2 & ok, _err_grad(ep2 - 2.0 * ep1 + e0, L1), 0.0)
+        ga_m1 = tl.where(okm1 & okp1, _err_grad(ep1 - 2.0 * e0 + em1, L1), 0.0)
+        ga_m2 = tl.where(okm2, _err_grad(e0 - 2.0 * em1 + em2, L1), 0.0)
+        grad_e = (c_p[None, :] * tl.where(ok, _err_grad(e0, L1), 0.0)
+                  + c_v[None, :] * (gv_m1 - gv_0)
+                  + c_a[None, :] * (ga_m2 - 2.0 * ga_m1 + ga_0))
 
-    out = (b * L64 + t)[:, None] * D + cols[None, :]
-    if NEED_TARGET:
-        tl.store(grad_target_ptr + out, (-grad_e).to(grad_target_ptr.dtype.element_ty), mask=ok)
-    if NEED_PRED:
-        grad_p = grad_e
-        if REG:
-            sign = (p0 > 0).to(ACC) - (p0 < 0).to(ACC)
-            grad_p += c_r[None, :] * sign
-        if LAST:
-            cond = tl.load(cond_ptr + b * sc_b + cols * sc_d, mask=col_ok, other=0.0).to(ACC)
-            g_last = c_l[None, :] * _err_grad(p0 - cond[None, :], L1)
-            grad_p += tl.where((t == 0)[:, None] & ok, g_last, 0.0)
-        tl.store(grad_pred_ptr + out, grad_p.to(grad_pred_ptr.dtype.element_ty), mask=ok)
-    if NEED_COND:
-        if t0 == 0:
-            first = tl.load(pred_ptr + b * sp_b + cols * sp_d, mask=col_ok, other=0.0).to(ACC)
-            cond = tl.load(cond_ptr + b * sc_b + cols * sc_d, mask=col_ok, other=0.0).to(ACC)
-            g_cond = -(c_l * _err_grad(first - cond, L1))
-            tl.store(grad_cond_ptr + b * D + cols, g_cond.to(grad_cond_ptr.dtype.element_ty), mask=col_ok)
+        out = (b * L64 + t)[:, None] * D + cols[None, :]
+        if NEED_TARGET:
+            tl.store(grad_target_ptr + out, (-grad_e).to(grad_target_ptr.dtype.element_ty), mask=ok)
+        if NEED_PRED:
+            grad_p = grad_e
+            if REG:
+                sign = (p0 > 0).to(ACC) - (p0 < 0).to(ACC)
+                grad_p += c_r[None, :] * sign
+            if LAST:
+                cond = tl.load(cond_ptr + b * sc_b + cols64 * sc_d, mask=col_ok, other=0.0).to(ACC)
+                g_last = c_l[None, :] * _err_grad(p0 - cond[None, :], L1)
+                grad_p += tl.where((t == 0)[:, None] & ok, g_last, 0.0)
+            tl.store(grad_pred_ptr + out, grad_p.to(grad_pred_ptr.dtype.element_ty), mask=ok)
+        if NEED_COND:
+            if t0 == 0:
+                first = tl.load(pred_ptr + b * sp_b + cols64 * sp_d, mask=col_ok, other=0.0).to(ACC)
+                cond = tl.load(cond_ptr + b * sc_b + cols64 * sc_d, mask=col_ok, other=0.0).to(ACC)
+                g_cond = -(c_l * _err_grad(first - cond, L1))
+                tl.store(grad_cond_ptr + b * D + cols, g_cond.to(grad_cond_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _tile(device: torch.device) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_D): GPU tiles, or small ones for the interpreter (fast, many programs)."""
     return (16, 64) if device.type == "cuda" else (8, 32)
+
+
+def _grid(pred: torch.Tensor, per_sm: int) -> tuple[int, int, int, int]:
+    """Tile and a persistent grid of (column blocks, row groups): about per_sm programs per SM,
+    each walking (batch element, time chunk) tiles of its column block."""
+    B, L, D = pred.shape
+    block_t, block_d = _tile(pred.device)
+    col_blocks = triton.cdiv(D, block_d)
+    tiles = B * triton.cdiv(L, block_t)
+    row_groups = max(1, min(tiles, program_budget(pred.device, per_sm) // col_blocks))
+    return block_t, block_d, col_blocks, row_groups
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -325,10 +341,7 @@ def pva_forward(
     P = part_table.shape[0]
     K = glue.terms_per_part(use_last_frame, use_reg)
     acc = glue.acc_dtype(pred.dtype)
-    block_t, block_d = _tile(pred.device)
-    col_blocks = triton.cdiv(D, block_d)
-    items = B * triton.cdiv(L, block_t)
-    row_groups = max(1, min(items, program_budget(pred.device) // col_blocks))
+    block_t, block_d, col_blocks, row_groups = _grid(pred, per_sm=4)
     partials = torch.empty((col_blocks * row_groups, P * K), dtype=acc, device=pred.device)
     terms, total = glue.empty_terms(pred, P, use_last_frame, use_reg)
     cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
@@ -340,8 +353,7 @@ def pva_forward(
         target.stride(0), target.stride(1), target.stride(2), sc_b, sc_d,
         K=K, L1=loss_type == "l1", LAST=use_last_frame, REG=use_reg, HAS_DIMW=dim_ws is not None,
         ACC=_tl_acc(pred.dtype),
-        BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_TERMS=min(64, triton.next_power_of_2(P * K)), BLOCK_PROGS=32,
+        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_TERMS=32, BLOCK_PROGS=128,
     )
     return terms, total
 
@@ -364,9 +376,9 @@ def pva_backward(
     need_cond = bool(output_mask[2]) and use_last_frame
     grad_pred, grad_target, grad_cond = glue.empty_gradients(pred, output_mask, use_last_frame)
     if (need_pred or need_target or need_cond) and pred.numel() > 0:
-        block_t, block_d = _tile(pred.device)
+        block_t, block_d, col_blocks, row_groups = _grid(pred, per_sm=8)
         cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
-        wrap_triton(pva_backward_kernel)[(B * triton.cdiv(L, block_t), triton.cdiv(D, block_d))](
+        wrap_triton(pva_backward_kernel)[(col_blocks, row_groups)](
             grad_terms, grad_terms.stride(0),
             pred, target, cond, part_table, dim_ws if dim_ws is not None else part_table,
             # outputs that are not wanted get pred as a placeholder pointer, never written
