@@ -89,11 +89,14 @@ std::tuple<Tensor, Tensor> empty_terms(const Tensor& pred, int64_t num_parts, co
   return {at::empty({num_parts * terms_per_part(o)}, options), at::empty({}, options)};
 }
 
-void check_grad_terms(const Tensor& grad_terms, const Tensor& pred, int64_t num_parts, const Options& o) {
+void check_grads(const Tensor& grad_terms, const Tensor& grad_total, const Tensor& pred, int64_t num_parts,
+                 const Options& o) {
+  const auto acc = acc_type_of(pred.scalar_type());
   TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == num_parts * terms_per_part(o) &&
-                  grad_terms.scalar_type() == acc_type_of(pred.scalar_type()) &&
-                  grad_terms.device() == pred.device(),
+                  grad_terms.scalar_type() == acc && grad_terms.device() == pred.device(),
               "pva: grad_terms must be a [P*K] tensor of the terms' dtype");
+  TORCH_CHECK(grad_total.dim() == 0 && grad_total.scalar_type() == acc && grad_total.device() == pred.device(),
+              "pva: grad_total must be a 0-dim tensor of the terms' dtype");
 }
 
 // The backward outputs (pred's dtype, contiguous): an empty tensor for each one not wanted.
@@ -319,12 +322,13 @@ void forward_cpu(const Rows<scalar_t>& r, const Options& o, const double* table,
   *total.data_ptr<acc_t>() = sum;
 }
 
-// coef[stat][d] = sum over parts containing d of g(part, stat) * factor (* dim_ws[d] unless R):
+// coef[stat][d] = sum over parts containing d of g(part, stat) * factor (* dim_ws[d] unless R), with
+// g = d(loss)/d(term) = grad_terms + grad_total:
 // the gradient of the loss with respect to one element's statistic.
 template <typename acc_t>
 std::vector<acc_t> column_coefficients(const Options& o, const double* table, int64_t P,
                                        const double* dim_ws, const acc_t* grad_terms,
-                                       int64_t g_stride, int64_t B, int64_t L, int64_t D) {
+                                       int64_t g_stride, acc_t grad_total, int64_t B, int64_t L, int64_t D) {
   std::vector<acc_t> coef(kNumStats * D, acc_t(0));
   const int K = terms_per_part(o);
   for (int64_t p = 0; p < P; ++p) {
@@ -333,7 +337,8 @@ std::vector<acc_t> column_coefficients(const Options& o, const double* table, in
     part_span(row, D, &s, &e);
     for (int k = 0; k < K; ++k) {
       const int stat = term_stat(k, o);
-      const acc_t c = grad_terms[(p * K + k) * g_stride] * term_factor<acc_t>(row, stat, B, L, e - s);
+      const acc_t g = grad_terms[(p * K + k) * g_stride] + grad_total;  // total = sum of the terms
+      const acc_t c = g * term_factor<acc_t>(row, stat, B, L, e - s);
       const bool dim_weighted = dim_ws != nullptr && stat != kR;
       for (int64_t d = s; d < e; ++d)
         coef[stat * D + d] += dim_weighted ? c * static_cast<acc_t>(dim_ws[d]) : c;
@@ -424,7 +429,7 @@ std::tuple<Tensor, Tensor> pva_forward_cpu(const Tensor& pred, const Tensor& tar
 }
 
 std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
-    const Tensor& grad_terms, const Tensor& pred, const Tensor& target,
+    const Tensor& grad_terms, const Tensor& grad_total, const Tensor& pred, const Tensor& target,
     const std::optional<Tensor>& cond_frame, const Tensor& part_table,
     const std::optional<Tensor>& dim_ws, std::string_view loss_type, bool use_last_frame,
     bool use_reg, std::array<bool, 3> output_mask) {
@@ -432,7 +437,7 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
   check_inputs(pred, target, cond_frame, part_table, dim_ws, o);
   check_spans_cpu(part_table, pred.size(2));
   const int64_t P = part_table.size(0), B = pred.size(0), L = pred.size(1), D = pred.size(2);
-  check_grad_terms(grad_terms, pred, P, o);
+  check_grads(grad_terms, grad_total, pred, P, o);
   Gradients grads = empty_gradients(pred, output_mask, o);
   if (grads.pred.numel() + grads.target.numel() + grads.cond.numel() == 0) return {grads.pred, grads.target, grads.cond};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "pva_backward_cpu", [&] {
@@ -440,7 +445,7 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
     const auto rows = make_rows<scalar_t>(pred, target, cond_frame, o.last_frame);
     const std::vector<acc_t> coef = column_coefficients<acc_t>(
         o, part_table.const_data_ptr<double>(), P, dim_ws ? dim_ws->const_data_ptr<double>() : nullptr,
-        grad_terms.const_data_ptr<acc_t>(), grad_terms.stride(0), B, L, D);
+        grad_terms.const_data_ptr<acc_t>(), grad_terms.stride(0), *grad_total.const_data_ptr<acc_t>(), B, L, D);
     scalar_t* gp = grads.pred.numel() ? grads.pred.data_ptr<scalar_t>() : nullptr;
     scalar_t* gq = grads.target.numel() ? grads.target.data_ptr<scalar_t>() : nullptr;
     scalar_t* gc = grads.cond.numel() ? grads.cond.data_ptr<scalar_t>() : nullptr;
@@ -502,18 +507,18 @@ std::tuple<Tensor, Tensor> pva_forward_cuda(const Tensor& pred, const Tensor& ta
 }
 
 std::tuple<Tensor, Tensor, Tensor> pva_backward_cuda(
-    const Tensor& grad_terms, const Tensor& pred, const Tensor& target,
+    const Tensor& grad_terms, const Tensor& grad_total, const Tensor& pred, const Tensor& target,
     const std::optional<Tensor>& cond_frame, const Tensor& part_table,
     const std::optional<Tensor>& dim_ws, std::string_view loss_type, bool use_last_frame,
     bool use_reg, std::array<bool, 3> output_mask) {
   const Options o = parse_options(loss_type, use_last_frame, use_reg);
   check_inputs(pred, target, cond_frame, part_table, dim_ws, o);
   const c10::cuda::CUDAGuard guard(pred.device());
-  check_grad_terms(grad_terms, pred, part_table.size(0), o);
+  check_grads(grad_terms, grad_total, pred, part_table.size(0), o);
   Gradients grads = empty_gradients(pred, output_mask, o);
   if (grads.pred.numel() + grads.target.numel() + grads.cond.numel() > 0) {
     CudaInputs in = cuda_inputs(pred, target, cond_frame, part_table, dim_ws, o);
-    CudaGradients out{grad_terms.const_data_ptr(), grad_terms.stride(0),
+    CudaGradients out{grad_terms.const_data_ptr(), grad_terms.stride(0), grad_total.const_data_ptr(),
                       grads.pred.numel() ? grads.pred.data_ptr() : nullptr,
                       grads.target.numel() ? grads.target.data_ptr() : nullptr,
                       grads.cond.numel() ? grads.cond.data_ptr() : nullptr};
@@ -531,7 +536,7 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cuda(
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def("pva_forward(Tensor pred, Tensor target, Tensor? cond_frame, Tensor part_table, "
         "Tensor? dim_ws, str loss_type, bool use_last_frame, bool use_reg) -> (Tensor, Tensor)");
-  m.def("pva_backward(Tensor grad_terms, Tensor pred, Tensor target, Tensor? cond_frame, "
+  m.def("pva_backward(Tensor grad_terms, Tensor grad_total, Tensor pred, Tensor target, Tensor? cond_frame, "
         "Tensor part_table, Tensor? dim_ws, str loss_type, bool use_last_frame, bool use_reg, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -5,11 +5,15 @@ before triton is imported: that happens here, first.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh compile cache per session: inductor's on-disk cache keys a compiled backward by the
+# forward graph, so a changed autograd formula of an operator could otherwise replay a stale one.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fusedloss-inductor-"))
 
 import pytest  # noqa: E402
 

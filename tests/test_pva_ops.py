@@ -38,9 +38,9 @@ def test_opcheck(fused, dtype, last, reg, dim_ws):
     args = (pred, target, cond) + args[3:]
     torch.library.opcheck(forward, args)
     terms, _ = forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-    grad_terms = torch.randn_like(terms)
-    torch.library.opcheck(backward, (grad_terms,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-                          + ([True, True, last],))
+    grad_terms, grad_total = torch.randn_like(terms), torch.randn((), dtype=terms.dtype, device=terms.device)
+    torch.library.opcheck(backward, (grad_terms, grad_total)
+                          + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) + ([True, True, last],))
 
 
 def test_gradcheck_cpp_cpu():

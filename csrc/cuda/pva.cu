@@ -205,6 +205,7 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
     if (d < in.D) {
       const acc_t colw = in.dim_ws != nullptr ? acc_t(in.dim_ws[d]) : acc_t(1);
       const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
+      const acc_t g_total = *static_cast<const acc_t*>(out.grad_total);  // total = sum of the terms
       const int K = terms_per_part(o);
       for (int64_t p = 0; p < in.num_parts; ++p) {
         const double* row = in.table + p * kTableCols;
@@ -213,7 +214,8 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
         if (d < s0 || d >= e0) continue;
         for (int k = 0; k < K; ++k) {
           const int stat = term_stat(k, o);
-          const acc_t f = g[(p * K + k) * out.grad_terms_stride] * term_factor<acc_t>(row, stat, in.B, in.L, e0 - s0);
+          const acc_t f = (g[(p * K + k) * out.grad_terms_stride] + g_total) *
+                          term_factor<acc_t>(row, stat, in.B, in.L, e0 - s0);
           c[stat] += stat == kR ? f : f * colw;
         }
       }

@@ -33,7 +33,8 @@ struct CudaInputs {
 
 struct CudaGradients {
   const void* grad_terms;      // [num_parts * K] of the arithmetic type
-  int64_t grad_terms_stride;   // 0 when every term has the same gradient (d total)
+  int64_t grad_terms_stride;   // 0 when it is a broadcast scalar
+  const void* grad_total;      // [] of the arithmetic type; d(loss)/d(term) = grad_terms + grad_total
   void* grad_pred;             // [B, L, D] contiguous, or null when not wanted
   void* grad_target;           // [B, L, D] contiguous, or null
   void* grad_cond;             // [B, D] contiguous, or null

@@ -181,8 +181,8 @@ def forward_fake(pred, target, cond_frame, part_table, dim_ws, loss_type, use_la
     return empty_terms(pred, part_table.shape[0], use_last_frame, use_reg)
 
 
-def backward_fake(grad_terms, pred, target, cond_frame, part_table, dim_ws, loss_type, use_last_frame,
-                  use_reg, output_mask):
+def backward_fake(grad_terms, grad_total, pred, target, cond_frame, part_table, dim_ws, loss_type,
+                  use_last_frame, use_reg, output_mask):
     return empty_gradients(pred, output_mask, use_last_frame)
 
 

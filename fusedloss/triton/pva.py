@@ -197,7 +197,8 @@ def pva_forward_kernel(
 
 @triton.jit
 def pva_backward_kernel(
-    grad_terms_ptr, g_stride,  # [T] ACC, any stride (0: one gradient for all terms)
+    grad_terms_ptr, g_stride,  # [T] ACC, any stride (0: a broadcast scalar)
+    grad_total_ptr,            # [] ACC; d(loss)/d(term) = grad_terms + grad_total
     pred_ptr, target_ptr,      # [B, L, D], strides (sp_*, sq_*)
     cond_ptr,                  # [B, D], strides (sc_*); read only with LAST
     table_ptr,                 # [P, 4] float64 part table
@@ -228,17 +229,18 @@ def pva_backward_kernel(
     c_a = tl.zeros([BLOCK_D], ACC)
     c_l = tl.zeros([BLOCK_D], ACC)
     c_r = tl.zeros([BLOCK_D], ACC)
+    g_total = tl.load(grad_total_ptr).to(ACC)  # total = sum of the terms
     for p in range(num_parts):
         start, end, weight, reg_weight = _part(table_ptr, p, D)
         inside = (cols >= start) & (cols < end)
         g = grad_terms_ptr + (p * K) * g_stride
-        c_p += tl.where(inside, tl.load(g).to(ACC) * _term_factor(STAT_P, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
-        c_v += tl.where(inside, tl.load(g + g_stride).to(ACC) * _term_factor(STAT_V, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
-        c_a += tl.where(inside, tl.load(g + 2 * g_stride).to(ACC) * _term_factor(STAT_A, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+        c_p += tl.where(inside, (tl.load(g).to(ACC) + g_total) * _term_factor(STAT_P, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+        c_v += tl.where(inside, (tl.load(g + g_stride).to(ACC) + g_total) * _term_factor(STAT_V, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+        c_a += tl.where(inside, (tl.load(g + 2 * g_stride).to(ACC) + g_total) * _term_factor(STAT_A, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
         if LAST:
-            c_l += tl.where(inside, tl.load(g + 3 * g_stride).to(ACC) * _term_factor(STAT_L, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+            c_l += tl.where(inside, (tl.load(g + 3 * g_stride).to(ACC) + g_total) * _term_factor(STAT_L, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
         if REG:
-            c_r += tl.where(inside, tl.load(g + (K - 1) * g_stride).to(ACC) * _term_factor(STAT_R, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+            c_r += tl.where(inside, (tl.load(g + (K - 1) * g_stride).to(ACC) + g_total) * _term_factor(STAT_R, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
     if HAS_DIMW:
         colw = tl.load(dimw_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         c_p = c_p * colw
@@ -361,6 +363,7 @@ def pva_forward(
 @triton_operator("fusedloss_triton::pva_backward", glue.backward_fake)
 def pva_backward(
     grad_terms: torch.Tensor,
+    grad_total: torch.Tensor,
     pred: torch.Tensor,
     target: torch.Tensor,
     cond_frame: Optional[torch.Tensor],
@@ -379,7 +382,7 @@ def pva_backward(
         block_t, block_d, col_blocks, row_groups = _grid(pred, per_sm=8)
         cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
         wrap_triton(pva_backward_kernel)[(col_blocks, row_groups)](
-            grad_terms, grad_terms.stride(0),
+            grad_terms, grad_terms.stride(0), grad_total,
             pred, target, cond, part_table, dim_ws if dim_ws is not None else part_table,
             # outputs that are not wanted get pred as a placeholder pointer, never written
             grad_pred if need_pred else pred, grad_target if need_target else pred,
