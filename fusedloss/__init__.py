@@ -7,8 +7,8 @@
 
 from . import backends, functional
 from .backends import BackendUnavailableError
-from .modules import PVALoss
+from .modules import BlendshapeLoss, PVALoss
 
 __version__ = "0.1.0"
 
-__all__ = ["PVALoss", "functional", "backends", "BackendUnavailableError", "__version__"]
+__all__ = ["PVALoss", "BlendshapeLoss", "functional", "backends", "BackendUnavailableError", "__version__"]

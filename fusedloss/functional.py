@@ -10,11 +10,12 @@ from collections.abc import Mapping
 
 import torch
 
-from . import backends
+from . import _checks, backends
+from .ops import blendshape as blendshape_ops
 from .ops import pva as pva_ops
-from .reference import pva_loss_reference
+from .reference import blendshape_loss_reference, pva_loss_reference
 
-__all__ = ["pva_loss"]
+__all__ = ["pva_loss", "blendshape_loss"]
 
 
 def pva_loss(
@@ -83,3 +84,97 @@ def pva_loss_from_config(
         config.loss_type, config.use_last_frame, config.use_reg,
     )
     return total, dict(zip(config.term_names(), terms.unbind(0)))
+
+
+def blendshape_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    raw_pred: torch.Tensor | None = None,
+    prev_pred: torch.Tensor | None = None,
+    mse_weight: float = 1.0,
+    l1_weight: float = 0.1,
+    perceptual_weight: float = 0.5,
+    temporal_weight: float = 0.0,
+    landmark_weight: float = 0.0,
+    smoothing_weight: float = 0.0,
+    consistency_weight: float = 0.0,
+    threshold: float = 0.1,
+    perceptual_groups=None,
+    landmark_matrix: torch.Tensor | None = None,
+    backend: str = "auto",
+    return_components: bool = False,
+):
+    """MSE + L1 + perceptual (+ temporal, landmark, smoothing, consistency) loss of KoeMorph (SPEC §2).
+
+    Args:
+        pred, target: ``[B, K]`` or ``[B, T, K]`` blendshape weights (K = 52 for ARKit).
+        raw_pred: the model's output before its temporal smoothing (smoothing term), or None.
+        prev_pred: the previous prediction (consistency term; no gradient flows to it), or None.
+        *_weight: weight of each term in the total; a term is computed only when its weight is
+            non-zero and its inputs are given (temporal needs ``[B, T, K]``).
+        threshold: activity threshold of the default perceptual form.
+        perceptual_groups: ``[(indices, weight), ...]``: the group form of the perceptual term
+            (seed 001's mouth and expression groups), replacing the default form.
+        landmark_matrix: ``[J, K]`` blendshape-to-landmark matrix (landmark term; no gradient).
+        backend: which implementation runs it.
+        return_components: also return the dict of computed terms (unweighted) and "total".
+
+    Returns:
+        ``total``, or ``(total, terms)`` with ``return_components=True``: differentiable 0-dim
+        tensors, float32 for 16-bit inputs, no host synchronisation.
+    """
+    config = blendshape_ops.BlendshapeConfig.build(
+        mse_weight, l1_weight, perceptual_weight, temporal_weight, landmark_weight, smoothing_weight,
+        consistency_weight, threshold, perceptual_groups,
+    )
+    return_components = _checks.flag("return_components", return_components)
+    terms = blendshape_loss_from_config(pred, target, raw_pred, prev_pred, config,
+                                        landmark_matrix=landmark_matrix, backend=backend)
+    return (terms["total"], terms) if return_components else terms["total"]
+
+
+def blendshape_loss_from_config(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    raw_pred: torch.Tensor | None,
+    prev_pred: torch.Tensor | None,
+    config: blendshape_ops.BlendshapeConfig,
+    *,
+    nonzero: tuple[bool, ...] | None = None,
+    settings: torch.Tensor | None = None,
+    group_coef: torch.Tensor | None = None,
+    landmark_matrix: torch.Tensor | None = None,
+    landmark_gram: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The terms (and "total") for a validated configuration. ``BlendshapeLoss`` passes its device
+    buffers (settings, group_coef, landmark_gram) and which weights are non-zero, so that changing
+    a weight's value touches only the settings buffer."""
+    nonzero = nonzero if nonzero is not None else tuple(w != 0 for w in config.weights)
+    blendshape_ops.check_inputs(config, pred, target, raw_pred, prev_pred, landmark_matrix, nonzero)
+    name = backends.resolve(backend, pred.device.type)
+    if name == "reference" or pred.shape[0] == 0:
+        return blendshape_loss_reference(pred, target, raw_pred, prev_pred, config, landmark_matrix)
+    computed = blendshape_ops.computed_terms(nonzero, pred.dim(), raw_pred is not None, prev_pred is not None)
+    # Tiny tables: asynchronous copies (from pageable memory, staged at once) never sync.
+    settings = (settings if settings is not None else config.settings()).to(pred.device, non_blocking=True)
+    if "perceptual" in computed and config.groups is not None:
+        group_coef = (group_coef if group_coef is not None else config.group_coef()).to(pred.device, non_blocking=True)
+    else:
+        group_coef = None
+    landmark_rows = 0
+    if "landmark" in computed:
+        landmark_rows = landmark_matrix.shape[0]
+        if landmark_gram is None:
+            landmark_gram = blendshape_ops.landmark_gram(landmark_matrix)
+    else:
+        landmark_gram = None
+    terms, total, _ = blendshape_ops.forward_op(name)(
+        pred, target,
+        raw_pred if "smoothing" in computed else None,
+        prev_pred.detach() if "consistency" in computed else None,
+        settings, group_coef, landmark_gram, landmark_rows, blendshape_ops.term_mask(computed),
+    )
+    out = dict(zip(computed, terms.unbind(0)))
+    out["total"] = total
+    return out

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from . import backends, functional
+from . import _checks, backends, functional
+from .ops.blendshape import TERMS, BlendshapeConfig, landmark_gram
 from .ops.pva import PVAConfig
 
-__all__ = ["PVALoss"]
+__all__ = ["PVALoss", "BlendshapeLoss"]
 
 
 def _check_backend(backend: str) -> str:
     if not isinstance(backend, str) or backend not in backends.BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in backends.BACKENDS)}; got {backend!r}")
     return backend
+
+
+def _buffers_on(module: nn.Module, names: tuple[str, ...], device: torch.device) -> list[torch.Tensor | None]:
+    """The module's buffers on ``device``. A module left on another device moves them there for
+    good on its first (eager) call, with asynchronous copies."""
+    out = []
+    for name in names:
+        buffer = getattr(module, name)
+        if buffer is not None and buffer.device != device:
+            buffer = buffer.to(device, non_blocking=True)
+            if not torch.compiler.is_compiling():
+                setattr(module, name, buffer)
+        out.append(buffer)
+    return out
 
 
 class PVALoss(nn.Module):
@@ -67,21 +83,12 @@ class PVALoss(nn.Module):
             self.part_table[i, 3] = regs[i]
         self.config = PVAConfig(**{**self.config.__dict__, "weights": tuple(weights), "reg_weights": tuple(regs)})
 
-    def _buffers_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        table, dim_ws = self.part_table, self.dim_ws
-        if table.device != device:
-            table = table.to(device, non_blocking=True)
-            dim_ws = None if dim_ws is None else dim_ws.to(device, non_blocking=True)
-            if not torch.compiler.is_compiling():
-                self.part_table, self.dim_ws = table, dim_ws  # once, not on every call
-        return table, dim_ws
-
     def forward(
         self, pred: torch.Tensor, target: torch.Tensor, cond_frame: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not isinstance(pred, torch.Tensor):
             raise TypeError(f"pred must be a torch.Tensor [B, L, D], got {type(pred).__name__}")
-        table, dim_ws = self._buffers_on(pred.device)
+        table, dim_ws = _buffers_on(self, ("part_table", "dim_ws"), pred.device)
         return functional.pva_loss_from_config(
             pred, target, cond_frame, self.config, part_table=table, dim_ws=dim_ws, backend=self.backend
         )
@@ -92,3 +99,100 @@ class PVALoss(nn.Module):
             f"parts={list(c.names)}, loss_type={c.loss_type!r}, use_last_frame_loss={c.use_last_frame}, "
             f"use_reg_loss={c.use_reg}, backend={self.backend!r}"
         )
+
+
+class BlendshapeLoss(nn.Module):
+    """KoeMorph's MSE + L1 + perceptual loss with the optional temporal, landmark, smoothing and
+    consistency terms (SPEC §2), fused.
+
+    ``forward(pred, target, raw_pred=None, prev_pred=None, return_components=False)`` returns
+    ``total``, or ``(total, terms)`` with the computed terms (unweighted) and "total". Arguments
+    as ``fusedloss.functional.blendshape_loss``.
+
+    The weights and the threshold are attributes (``loss_fn.temporal_weight = 0.3``): assigning one
+    updates a small settings buffer in place, so seed 001's stride and epoch schedules never
+    rebuild or recompile anything (a weight going to or from 0 adds or drops its term). The
+    buffers follow ``.to(device)``; a module left on the CPU moves them on its first call.
+    """
+
+    _SETTINGS = tuple(f"{t}_weight" for t in TERMS) + ("threshold",)
+
+    def __init__(
+        self,
+        mse_weight: float = 1.0,
+        l1_weight: float = 0.1,
+        perceptual_weight: float = 0.5,
+        temporal_weight: float = 0.0,
+        landmark_weight: float = 0.0,
+        smoothing_weight: float = 0.0,
+        consistency_weight: float = 0.0,
+        threshold: float = 0.1,
+        perceptual_groups=None,
+        landmark_matrix: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        config = BlendshapeConfig.build(mse_weight, l1_weight, perceptual_weight, temporal_weight, landmark_weight,
+                                        smoothing_weight, consistency_weight, threshold, perceptual_groups)
+        self.backend = _check_backend(backend)
+        if landmark_matrix is not None:
+            landmark_matrix = _checks.tensor("landmark_matrix", torch.as_tensor(landmark_matrix), rank=2,
+                                             shape_doc="[J, K]").detach()
+        elif config.weight("landmark") != 0:
+            raise ValueError("landmark_matrix [J, K] is required when landmark_weight is non-zero")
+        self.register_buffer("settings", config.settings(), persistent=False)
+        self.register_buffer("group_coef", config.group_coef(), persistent=False)
+        self.register_buffer("landmark_matrix", landmark_matrix, persistent=False)
+        self.register_buffer("landmark_gram", None if landmark_matrix is None else landmark_gram(landmark_matrix),
+                             persistent=False)
+        self._config = config
+        self._nonzero = tuple(w != 0 for w in config.weights)
+
+    def __getattr__(self, name):
+        if name in BlendshapeLoss._SETTINGS:
+            config = self.__dict__["_config"]
+            return config.threshold if name == "threshold" else config.weight(name[: -len("_weight")])
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in BlendshapeLoss._SETTINGS and "_config" in self.__dict__:
+            self._set(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _set(self, name: str, value) -> None:
+        """Change a weight or the threshold in place: the settings buffer, not a new tensor."""
+        value = _checks.real(name, value)
+        config = self._config
+        if name == "threshold":
+            config = dataclasses.replace(config, threshold=value)
+        else:
+            index = TERMS.index(name[: -len("_weight")])
+            if index == TERMS.index("landmark") and value != 0 and self.landmark_matrix is None:
+                raise ValueError("landmark_weight needs the landmark_matrix given at construction")
+            weights = list(config.weights)
+            weights[index] = value
+            config = dataclasses.replace(config, weights=tuple(weights))
+            nonzero = tuple(w != 0 for w in config.weights)
+            if nonzero != self._nonzero:
+                self.__dict__["_nonzero"] = nonzero
+        self.settings[BlendshapeLoss._SETTINGS.index(name)] = value
+        self.__dict__["_config"] = config
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, raw_pred: torch.Tensor | None = None,
+                prev_pred: torch.Tensor | None = None, return_components: bool = False):
+        if not isinstance(pred, torch.Tensor):
+            raise TypeError(f"pred must be a torch.Tensor [B, K] or [B, T, K], got {type(pred).__name__}")
+        settings, group_coef, matrix, gram = _buffers_on(
+            self, ("settings", "group_coef", "landmark_matrix", "landmark_gram"), pred.device)
+        terms = functional.blendshape_loss_from_config(
+            pred, target, raw_pred, prev_pred, self._config, nonzero=self._nonzero, settings=settings,
+            group_coef=group_coef, landmark_matrix=matrix, landmark_gram=gram, backend=self.backend,
+        )
+        return (terms["total"], terms) if _checks.flag("return_components", return_components) else terms["total"]
+
+    def extra_repr(self) -> str:
+        c = self._config
+        weights = ", ".join(f"{t}_weight={w}" for t, w in zip(TERMS, c.weights) if w)
+        groups = f", perceptual_groups={len(c.groups)} groups" if c.groups else ""
+        return f"{weights}, threshold={c.threshold}{groups}, backend={self.backend!r}"

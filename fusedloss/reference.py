@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops.blendshape import BlendshapeConfig
 from .ops.pva import PVAConfig
 
 
@@ -59,3 +60,49 @@ def pva_loss_reference(
             terms[f"{name}_R"] = reg_w * _mean(p.abs())
     total = sum(terms.values())
     return total, terms
+
+
+def blendshape_loss_reference(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    raw_pred: torch.Tensor | None,
+    prev_pred: torch.Tensor | None,
+    config: BlendshapeConfig,
+    landmark_matrix: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """SPEC §2: MSE + L1 + perceptual (+ temporal, landmark, smoothing, consistency), KoeMorph.
+
+    Returns the computed terms, unweighted, and ``"total"`` (their weighted sum). A term is computed
+    when its weight is non-zero and its inputs are given (temporal needs [B, T, K] input).
+    """
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    p, t = pred.to(acc), target.to(acc)
+    w = dict(zip(("mse", "l1", "perceptual", "temporal", "landmark", "smoothing", "consistency"), config.weights))
+    terms: dict[str, torch.Tensor] = {}
+    if w["mse"]:
+        terms["mse"] = _mean((p - t) ** 2)
+    if w["l1"]:
+        terms["l1"] = _mean((p - t).abs())
+    if w["perceptual"]:
+        if config.groups is not None:
+            terms["perceptual"] = sum(
+                weight * _mean((p[..., list(idx)] - t[..., list(idx)]) ** 2) for idx, weight in config.groups
+            )
+        else:
+            # Compared in the inputs' dtype, as PyTorch compares a tensor with a Python float.
+            active = _mean(((pred > config.threshold).to(acc) - (target > config.threshold).to(acc)) ** 2)
+            importance = t.sum(dim=0) / max(t.shape[0], 1)  # target.mean(dim=0); 0 for an empty batch
+            weighted = _mean((p * importance - t * importance) ** 2)
+            terms["perceptual"] = active + weighted
+    if w["temporal"] and p.dim() == 3:
+        terms["temporal"] = _mean(((p[:, 1:] - p[:, :-1]) - (t[:, 1:] - t[:, :-1])) ** 2)
+    if w["landmark"]:
+        m = landmark_matrix.detach().to(acc)
+        terms["landmark"] = _mean(((p - t) @ m.T) ** 2)
+    if w["smoothing"] and raw_pred is not None:
+        terms["smoothing"] = _mean((p - raw_pred.to(acc)).abs())
+    if w["consistency"] and prev_pred is not None:
+        terms["consistency"] = _mean((p - prev_pred.detach().to(acc)) ** 2)
+    total = sum((w[name] * value for name, value in terms.items()), (p * 0).sum())
+    terms["total"] = total
+    return terms
