@@ -94,7 +94,9 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
 def _prepare(backend: str) -> None:
     """Import what a backend's operators need before they are called (and traced)."""
     if backend == "triton":
-        from .triton import pva  # noqa: F401  (registers the Triton operators)
+        from .ops import import_triton_ops
+
+        import_triton_ops()
 
 
 def resolve(backend: str, device_type: str) -> str:

@@ -1,0 +1,483 @@
+"""Blendshape loss in Triton: one forward launch for every computed term, one backward launch.
+
+Math (csrc/blendshape_math.h): inputs viewed as [B, T, K] (T = 1 for [B, K]); e = pred - target;
+the forward accumulates the sums of e^2, |e|, the threshold mismatches, group_coef[k] e^2,
+(e[t+1] - e[t])^2, e^T G e (G = M^T M), |pred - raw_pred|, (pred - prev_pred)^2, and for the
+default perceptual form the column sums over b of target and e^2 (importance weights
+w = target.mean(0), weighted = sum_c w^2 colS2 / N). Each term is its sum over its count.
+
+forward:  programs (time block, batch group) read [BLOCK_B, BLOCK_T, KP] tiles (all K columns, so a
+          row's e^T G e is in one program); each writes its partial sums, and its column sums when
+          several batch groups share a column. The last program to arrive (atomic ticket) reduces
+          them in a fixed order into the terms, the weighted total and the column statistics.
+backward: the same programs compute the gradient coefficients once, then write d/dpred, d/dtarget
+          (with the path through the importance weights) and d/draw_pred of their tiles.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..ops import blendshape as glue
+from . import program_budget, triton_operator, zeroed_counter
+
+# Sums (csrc/blendshape_math.h order), then the weighted column sum.
+S_SQ = tl.constexpr(0)
+S_ABS = tl.constexpr(1)
+S_ACTIVE = tl.constexpr(2)
+S_GROUP = tl.constexpr(3)
+S_TEMPORAL = tl.constexpr(4)
+S_LANDMARK = tl.constexpr(5)
+S_SMOOTH = tl.constexpr(6)
+S_CONSISTENCY = tl.constexpr(7)
+S_WEIGHTED = tl.constexpr(8)
+NUM_SUMS = 9
+SUMS_PAD = 16
+# Column sums of the batch groups are combined by the last program: keep them small.
+COLUMN_PARTIALS_MAX = 1 << 17
+
+
+@triton.jit
+def _gram_times(pred_ptr, target_ptr, gram_ptr, base_p, base_q, sk_p, sk_q, mask_rows, ks, K,
+                BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr):
+    """(G e)[k] for every row of the tile: sum over j of e[:, :, j] * G[j, k]."""
+    out = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    for j in range(K):
+        ej = (tl.load(pred_ptr + base_p + j * sk_p, mask=mask_rows, other=0.0).to(ACC)
+              - tl.load(target_ptr + base_q + j * sk_q, mask=mask_rows, other=0.0).to(ACC))
+        gj = tl.load(gram_ptr + j * K + ks, mask=ks < K, other=0.0).to(ACC)
+        out += ej[:, :, None] * gj[None, None, :]
+    return out
+
+
+@triton.jit
+def _threshold(settings_ptr, INPUT: tl.constexpr, ACC: tl.constexpr):
+    """The threshold rounded to the inputs' dtype (double -> float -> dtype, as PyTorch does)."""
+    thr = tl.load(settings_ptr + 7)
+    if ACC == tl.float64:
+        return thr
+    else:
+        return thr.to(tl.float32).to(INPUT).to(tl.float32)
+
+
+@triton.jit
+def _offsets(b, t, ks, sb, st, sk):
+    return (b.to(tl.int64)[:, None, None] * sb + t.to(tl.int64)[None, :, None] * st
+            + ks.to(tl.int64)[None, None, :] * sk)
+
+
+@triton.jit
+def blendshape_forward_kernel(
+    pred_ptr, target_ptr, raw_ptr, prev_ptr,   # [B, T, K] each, strides (s?b, s?t, s?k)
+    settings_ptr,          # [8] float64: weights (mse, l1, perceptual, temporal, landmark, smoothing, consistency), threshold
+    group_ptr, G_LEN,      # [G_LEN] float64 group coefficients (GROUPS)
+    gram_ptr,              # [K, K] float64 M^T M (landmark)
+    partials_ptr,          # [num_programs, SUMS_PAD] ACC scratch
+    colpart_ptr,           # [batch groups, 2, T*K] ACC scratch (COLS and several batch groups)
+    counter_ptr,           # [1] int32, 0 on entry and on exit
+    terms_ptr, total_ptr,  # [number of terms], [] ACC
+    cols_ptr,              # [2, T*K] ACC: importance weights, column sums of e^2 (COLS)
+    B, T, K, J,
+    spb, spt, spk, sqb, sqt, sqk, srb, srt, srk, svb, svt, svk,
+    I_MSE: tl.constexpr, I_L1: tl.constexpr, I_PERC: tl.constexpr, I_TEMP: tl.constexpr,
+    I_LAND: tl.constexpr, I_SMOOTH: tl.constexpr, I_CONS: tl.constexpr,  # output index or -1
+    GROUPS: tl.constexpr, COLS: tl.constexpr, SINGLE_GROUP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr, BLOCK_PROGS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    n_t = tl.num_programs(0)
+    n_b = tl.num_programs(1)
+    INPUT: tl.constexpr = pred_ptr.dtype.element_ty
+    thr = _threshold(settings_ptr, INPUT, ACC)
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, KP)
+    t_ok = ts < T
+    k_ok = ks < K
+    if GROUPS:
+        gcoef = tl.load(group_ptr + ks, mask=ks < G_LEN, other=0.0).to(ACC)
+
+    a_sq = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    a_abs = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    a_act = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    a_grp = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    a_tmp = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    a_lm = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    a_sm = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    a_cs = tl.zeros([BLOCK_B, BLOCK_T, KP], ACC)
+    col_t = tl.zeros([BLOCK_T, KP], ACC)
+    col_s2 = tl.zeros([BLOCK_T, KP], ACC)
+    for b0 in range(pid_b * BLOCK_B, B, n_b * BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        mask = (bs < B)[:, None, None] & t_ok[None, :, None] & k_ok[None, None, :]
+        p = tl.load(pred_ptr + _offsets(bs, ts, ks, spb, spt, spk), mask=mask, other=0.0).to(ACC)
+        q = tl.load(target_ptr + _offsets(bs, ts, ks, sqb, sqt, sqk), mask=mask, other=0.0).to(ACC)
+        e = p - q
+        a_sq += e * e
+        a_abs += tl.abs(e)
+        a_act += ((p > thr) != (q > thr)).to(ACC)
+        if I_PERC >= 0:
+            if GROUPS:
+                a_grp += gcoef[None, None, :] * e * e
+            else:
+                col_t += tl.sum(q, axis=0)
+                col_s2 += tl.sum(e * e, axis=0)
+        if I_TEMP >= 0:
+            next_mask = (bs < B)[:, None, None] & (ts + 1 < T)[None, :, None] & k_ok[None, None, :]
+            e1 = (tl.load(pred_ptr + _offsets(bs, ts + 1, ks, spb, spt, spk), mask=next_mask, other=0.0).to(ACC)
+                  - tl.load(target_ptr + _offsets(bs, ts + 1, ks, sqb, sqt, sqk), mask=next_mask, other=0.0).to(ACC))
+            a_tmp += tl.where(next_mask, (e1 - e) * (e1 - e), 0.0)
+        if I_LAND >= 0:
+            rows = (bs < B)[:, None] & t_ok[None, :]
+            base_p = bs.to(tl.int64)[:, None] * spb + ts.to(tl.int64)[None, :] * spt
+            base_q = bs.to(tl.int64)[:, None] * sqb + ts.to(tl.int64)[None, :] * sqt
+            ge = _gram_times(pred_ptr, target_ptr, gram_ptr, base_p, base_q, spk, sqk, rows, ks, K,
+                             BLOCK_B, BLOCK_T, KP, ACC)
+            a_lm += e * ge
+        if I_SMOOTH >= 0:
+            raw = tl.load(raw_ptr + _offsets(bs, ts, ks, srb, srt, srk), mask=mask, other=0.0).to(ACC)
+            a_sm += tl.abs(p - raw)
+        if I_CONS >= 0:
+            prev = tl.load(prev_ptr + _offsets(bs, ts, ks, svb, svt, svk), mask=mask, other=0.0).to(ACC)
+            a_cs += (p - prev) * (p - prev)
+
+    program = pid_b * n_t + pid_t
+    out = partials_ptr + program.to(tl.int64) * 16
+    tl.store(out + S_SQ, tl.sum(a_sq))
+    tl.store(out + S_ABS, tl.sum(a_abs))
+    tl.store(out + S_ACTIVE, tl.sum(a_act))
+    tl.store(out + S_GROUP, tl.sum(a_grp))
+    tl.store(out + S_TEMPORAL, tl.sum(a_tmp))
+    tl.store(out + S_LANDMARK, tl.sum(a_lm))
+    tl.store(out + S_SMOOTH, tl.sum(a_sm))
+    tl.store(out + S_CONSISTENCY, tl.sum(a_cs))
+    C = T * K
+    cols = ts[:, None] * K + ks[None, :]
+    col_ok = t_ok[:, None] & k_ok[None, :]
+    weighted = 0.0
+    if COLS:
+        if SINGLE_GROUP:  # this program holds whole columns: finish them here
+            w = col_t / B
+            tl.store(cols_ptr + cols, w, mask=col_ok)
+            tl.store(cols_ptr + C + cols, col_s2, mask=col_ok)
+            weighted = tl.sum(tl.sum(w * w * col_s2, axis=1), axis=0)
+        else:
+            part = colpart_ptr + pid_b.to(tl.int64) * 2 * C
+            tl.store(part + cols, col_t, mask=col_ok)
+            tl.store(part + C + cols, col_s2, mask=col_ok)
+    tl.store(out + S_WEIGHTED, weighted)
+
+    # The last program to arrive reduces every program's partials, in program order.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1)
+    if ticket == n_t * n_b - 1:
+        sums = tl.zeros([16], ACC)
+        for g0 in range(0, n_t * n_b, BLOCK_PROGS):
+            g = g0 + tl.arange(0, BLOCK_PROGS)
+            tile = tl.load(partials_ptr + g.to(tl.int64)[:, None] * 16 + tl.arange(0, 16)[None, :],
+                           mask=(g < n_t * n_b)[:, None], other=0.0, cache_modifier=".cg")
+            sums += tl.sum(tile, axis=0)
+        which = tl.arange(0, 16)
+        s_sq = tl.sum(tl.where(which == S_SQ, sums, 0.0))
+        s_abs = tl.sum(tl.where(which == S_ABS, sums, 0.0))
+        s_act = tl.sum(tl.where(which == S_ACTIVE, sums, 0.0))
+        s_grp = tl.sum(tl.where(which == S_GROUP, sums, 0.0))
+        s_tmp = tl.sum(tl.where(which == S_TEMPORAL, sums, 0.0))
+        s_lm = tl.sum(tl.where(which == S_LANDMARK, sums, 0.0))
+        s_sm = tl.sum(tl.where(which == S_SMOOTH, sums, 0.0))
+        s_cs = tl.sum(tl.where(which == S_CONSISTENCY, sums, 0.0))
+        s_w = tl.sum(tl.where(which == S_WEIGHTED, sums, 0.0))
+        if COLS:
+            if not SINGLE_GROUP:
+                acc_w = tl.zeros([BLOCK_COLS], ACC)
+                for c0 in range(0, C, BLOCK_COLS):
+                    c = c0 + tl.arange(0, BLOCK_COLS)
+                    c_ok = c < C
+                    colt = tl.zeros([BLOCK_COLS], ACC)
+                    cols2 = tl.zeros([BLOCK_COLS], ACC)
+                    for g in range(0, n_b):
+                        part = colpart_ptr + g * 2 * C
+                        colt += tl.load(part + c, mask=c_ok, other=0.0, cache_modifier=".cg")
+                        cols2 += tl.load(part + C + c, mask=c_ok, other=0.0, cache_modifier=".cg")
+                    w = colt / B
+                    tl.store(cols_ptr + c, w, mask=c_ok)
+                    tl.store(cols_ptr + C + c, cols2, mask=c_ok)
+                    acc_w += w * w * cols2
+                s_w = tl.sum(acc_w)
+        B64 = tl.cast(B, tl.int64)  # (tl.cast: B may be specialised to a constexpr 1)
+        T64 = tl.cast(T, tl.int64)
+        n = (B64 * T64 * K).to(ACC)
+        total = 0.0
+        if I_MSE >= 0:
+            v = s_sq / n
+            tl.store(terms_ptr + I_MSE, v)
+            total += tl.load(settings_ptr + 0).to(ACC) * v
+        if I_L1 >= 0:
+            v = s_abs / n
+            tl.store(terms_ptr + I_L1, v)
+            total += tl.load(settings_ptr + 1).to(ACC) * v
+        if I_PERC >= 0:
+            if GROUPS:
+                v = s_grp / (B64 * T64).to(ACC)
+            else:
+                v = (s_act + s_w) / n
+            tl.store(terms_ptr + I_PERC, v)
+            total += tl.load(settings_ptr + 2).to(ACC) * v
+        if I_TEMP >= 0:
+            count = B64 * (T64 - 1) * K
+            v = tl.where(count > 0, s_tmp / tl.maximum(count, 1).to(ACC), 0.0)
+            tl.store(terms_ptr + I_TEMP, v)
+            total += tl.load(settings_ptr + 3).to(ACC) * v
+        if I_LAND >= 0:
+            v = s_lm / (B64 * T64 * J).to(ACC)
+            tl.store(terms_ptr + I_LAND, v)
+            total += tl.load(settings_ptr + 4).to(ACC) * v
+        if I_SMOOTH >= 0:
+            v = s_sm / n
+            tl.store(terms_ptr + I_SMOOTH, v)
+            total += tl.load(settings_ptr + 5).to(ACC) * v
+        if I_CONS >= 0:
+            v = s_cs / n
+            tl.store(terms_ptr + I_CONS, v)
+            total += tl.load(settings_ptr + 6).to(ACC) * v
+        tl.store(total_ptr, total)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, TERM: tl.constexpr, INDEX: tl.constexpr, count,
+                 ACC: tl.constexpr):
+    """(grad_terms[INDEX] + weight * grad_total) / count: d(loss)/d(sum of the term)."""
+    g = tl.load(grad_terms_ptr + INDEX * g_stride).to(ACC) + tl.load(settings_ptr + TERM).to(ACC) * g_total
+    return tl.where(count > 0, g / tl.maximum(count, 1).to(ACC), 0.0)
+
+
+@triton.jit
+def blendshape_backward_kernel(
+    grad_terms_ptr, g_stride, grad_total_ptr,  # [number of terms] ACC any stride, [] ACC
+    cols_ptr,              # [2, T*K] ACC forward column statistics (COLS)
+    pred_ptr, target_ptr, raw_ptr, prev_ptr,
+    settings_ptr, group_ptr, G_LEN, gram_ptr,
+    grad_pred_ptr, grad_target_ptr, grad_raw_ptr,  # [B, T, K] contiguous (NEED_*)
+    B, T, K, J,
+    spb, spt, spk, sqb, sqt, sqk, srb, srt, srk, svb, svt, svk,
+    I_MSE: tl.constexpr, I_L1: tl.constexpr, I_PERC: tl.constexpr, I_TEMP: tl.constexpr,
+    I_LAND: tl.constexpr, I_SMOOTH: tl.constexpr, I_CONS: tl.constexpr,
+    GROUPS: tl.constexpr, COLS: tl.constexpr,
+    NEED_PRED: tl.constexpr, NEED_TARGET: tl.constexpr, NEED_RAW: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    n_b = tl.num_programs(1)
+    B64 = tl.cast(B, tl.int64)
+    T64 = tl.cast(T, tl.int64)
+    n = B64 * T64 * K
+    g_total = tl.load(grad_total_ptr).to(ACC)
+    c_mse = 0.0
+    c_l1 = 0.0
+    c_perc = 0.0
+    c_temp = 0.0
+    c_land = 0.0
+    c_smooth = 0.0
+    c_cons = 0.0
+    if I_MSE >= 0:
+        c_mse = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 0, I_MSE, n, ACC)
+    if I_L1 >= 0:
+        c_l1 = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 1, I_L1, n, ACC)
+    if I_PERC >= 0:
+        if GROUPS:
+            c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, B64 * T64, ACC)
+        else:
+            c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, n, ACC)
+    if I_TEMP >= 0:
+        c_temp = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 3, I_TEMP, B64 * (T64 - 1) * K, ACC)
+    if I_LAND >= 0:
+        c_land = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 4, I_LAND, B64 * T64 * J, ACC)
+    if I_SMOOTH >= 0:
+        c_smooth = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 5, I_SMOOTH, n, ACC)
+    if I_CONS >= 0:
+        c_cons = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 6, I_CONS, n, ACC)
+
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, KP)
+    t_ok = ts < T
+    k_ok = ks < K
+    cols = ts[:, None] * K + ks[None, :]
+    col_ok = t_ok[:, None] & k_ok[None, :]
+    if I_PERC >= 0:
+        if GROUPS:
+            perc_scale = (2.0 * c_perc * tl.load(group_ptr + ks, mask=ks < G_LEN, other=0.0).to(ACC))[None, None, :]
+        else:
+            w = tl.load(cols_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+            perc_scale = (2.0 * c_perc * w * w)[None, :, :]
+            # d/dtarget through the importance weights w = target.mean(0)
+            through_w = (2.0 * c_perc * w * tl.load(cols_ptr + T * K + cols, mask=col_ok, other=0.0).to(ACC) / B)[None, :, :]
+    for b0 in range(pid_b * BLOCK_B, B, n_b * BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        b_ok = bs < B
+        mask = b_ok[:, None, None] & t_ok[None, :, None] & k_ok[None, None, :]
+        p = tl.load(pred_ptr + _offsets(bs, ts, ks, spb, spt, spk), mask=mask, other=0.0).to(ACC)
+        e = p - tl.load(target_ptr + _offsets(bs, ts, ks, sqb, sqt, sqk), mask=mask, other=0.0).to(ACC)
+        ge = 2.0 * c_mse * e + c_l1 * ((e > 0).to(ACC) - (e < 0).to(ACC))
+        if I_PERC >= 0:
+            ge += perc_scale * e
+        if I_TEMP >= 0:
+            prev_mask = b_ok[:, None, None] & (t_ok & (ts >= 1))[None, :, None] & k_ok[None, None, :]
+            next_mask = b_ok[:, None, None] & (ts + 1 < T)[None, :, None] & k_ok[None, None, :]
+            e_prev = (tl.load(pred_ptr + _offsets(bs, ts - 1, ks, spb, spt, spk), mask=prev_mask, other=0.0).to(ACC)
+                      - tl.load(target_ptr + _offsets(bs, ts - 1, ks, sqb, sqt, sqk), mask=prev_mask, other=0.0).to(ACC))
+            e_next = (tl.load(pred_ptr + _offsets(bs, ts + 1, ks, spb, spt, spk), mask=next_mask, other=0.0).to(ACC)
+                      - tl.load(target_ptr + _offsets(bs, ts + 1, ks, sqb, sqt, sqk), mask=next_mask, other=0.0).to(ACC))
+            ge += 2.0 * c_temp * (tl.where(prev_mask, e - e_prev, 0.0) - tl.where(next_mask, e_next - e, 0.0))
+        if I_LAND >= 0:
+            rows = b_ok[:, None] & t_ok[None, :]
+            base_p = bs.to(tl.int64)[:, None] * spb + ts.to(tl.int64)[None, :] * spt
+            base_q = bs.to(tl.int64)[:, None] * sqb + ts.to(tl.int64)[None, :] * sqt
+            ge += 2.0 * c_land * _gram_times(pred_ptr, target_ptr, gram_ptr, base_p, base_q, spk, sqk, rows, ks, K,
+                                              BLOCK_B, BLOCK_T, KP, ACC)
+        out = (bs.to(tl.int64)[:, None, None] * T + ts[None, :, None]) * K + ks[None, None, :]
+        if NEED_TARGET:
+            g_target = -ge
+            if COLS:
+                g_target += through_w
+            tl.store(grad_target_ptr + out, g_target.to(grad_target_ptr.dtype.element_ty), mask=mask)
+        g_pred = ge
+        if I_SMOOTH >= 0:
+            raw = tl.load(raw_ptr + _offsets(bs, ts, ks, srb, srt, srk), mask=mask, other=0.0).to(ACC)
+            g_smooth = c_smooth * ((p > raw).to(ACC) - (p < raw).to(ACC))
+            g_pred += g_smooth
+            if NEED_RAW:
+                tl.store(grad_raw_ptr + out, (-g_smooth).to(grad_raw_ptr.dtype.element_ty), mask=mask)
+        if I_CONS >= 0:
+            prev = tl.load(prev_ptr + _offsets(bs, ts, ks, svb, svt, svk), mask=mask, other=0.0).to(ACC)
+            g_pred += 2.0 * c_cons * (p - prev)
+        if NEED_PRED:
+            tl.store(grad_pred_ptr + out, g_pred.to(grad_pred_ptr.dtype.element_ty), mask=mask)
+
+
+def _layout(pred: torch.Tensor):
+    """(B, T, K) and the tile: all K columns (padded), BLOCK_T time rows, BLOCK_B batch rows."""
+    B, T, K = (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else tuple(pred.shape)
+    kp = max(16, triton.next_power_of_2(K))
+    block_t = min(16, triton.next_power_of_2(T))
+    rows = 16 if pred.device.type == "cuda" else 8
+    block_b = max(1, rows // block_t)
+    return B, T, K, kp, block_t, block_b
+
+
+def _strides(x: Optional[torch.Tensor], pred: torch.Tensor):
+    if x is None:
+        return 0, 0, 0
+    return (x.stride(0), 0, x.stride(1)) if x.dim() == 2 else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _term_indices(terms: int) -> dict:
+    names = ("I_MSE", "I_L1", "I_PERC", "I_TEMP", "I_LAND", "I_SMOOTH", "I_CONS")
+    out, index = {}, 0
+    for bit, name in enumerate(names):
+        if terms >> bit & 1:
+            out[name] = index
+            index += 1
+        else:
+            out[name] = -1
+    return out
+
+
+def _grid(pred: torch.Tensor, needs_cols: bool, per_sm: int):
+    B, T, K, kp, block_t, block_b = _layout(pred)
+    t_blocks = triton.cdiv(T, block_t)
+    b_groups = max(1, min(triton.cdiv(B, block_b), program_budget(pred.device, per_sm) // t_blocks))
+    if needs_cols and b_groups > 1:
+        b_groups = max(1, min(b_groups, COLUMN_PARTIALS_MAX // (2 * T * K)))
+    return t_blocks, b_groups
+
+
+def _placeholder(x: Optional[torch.Tensor], pred: torch.Tensor) -> torch.Tensor:
+    return pred if x is None else x  # never read when absent (constexpr flags)
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton_operator("fusedloss_triton::blendshape_forward", glue.forward_fake)
+def blendshape_forward(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    raw_pred: Optional[torch.Tensor],
+    prev_pred: Optional[torch.Tensor],
+    settings: torch.Tensor,
+    group_coef: Optional[torch.Tensor],
+    landmark_gram: Optional[torch.Tensor],
+    landmark_rows: int,
+    terms: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, K, kp, block_t, block_b = _layout(pred)
+    needs_cols = glue.needs_col_stats(terms, group_coef)
+    t_blocks, b_groups = _grid(pred, needs_cols, per_sm=4)
+    acc = glue.acc_dtype(pred.dtype)
+    out_terms, total, col_stats = glue.empty_outputs(pred, terms, group_coef)
+    partials = torch.empty((t_blocks * b_groups, SUMS_PAD), dtype=acc, device=pred.device)
+    single_group = b_groups == 1
+    colpart = torch.empty((b_groups, 2, T * K) if needs_cols and not single_group else (1,), dtype=acc,
+                          device=pred.device)
+    wrap_triton(blendshape_forward_kernel)[(t_blocks, b_groups)](
+        pred, target, _placeholder(raw_pred, pred), _placeholder(prev_pred, pred),
+        settings, _placeholder(group_coef, settings), 0 if group_coef is None else group_coef.shape[0],
+        _placeholder(landmark_gram, settings),
+        partials, colpart, zeroed_counter(pred), out_terms, total, col_stats if needs_cols else partials,
+        B, T, K, max(landmark_rows, 1),
+        *_strides(pred, pred), *_strides(target, pred), *_strides(raw_pred, pred), *_strides(prev_pred, pred),
+        **_term_indices(terms),
+        GROUPS=group_coef is not None, COLS=needs_cols, SINGLE_GROUP=single_group, ACC=_tl_acc(pred.dtype),
+        BLOCK_B=block_b, BLOCK_T=block_t, KP=kp, BLOCK_PROGS=64, BLOCK_COLS=256,
+    )
+    return out_terms, total, col_stats
+
+
+@triton_operator("fusedloss_triton::blendshape_backward", glue.backward_fake)
+def blendshape_backward(
+    grad_terms: torch.Tensor,
+    grad_total: torch.Tensor,
+    col_stats: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    raw_pred: Optional[torch.Tensor],
+    prev_pred: Optional[torch.Tensor],
+    settings: torch.Tensor,
+    group_coef: Optional[torch.Tensor],
+    landmark_gram: Optional[torch.Tensor],
+    landmark_rows: int,
+    terms: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_pred, grad_target, grad_raw = glue.empty_gradients(pred, output_mask, raw_pred is not None)
+    need = (grad_pred.numel() > 0, grad_target.numel() > 0, grad_raw.numel() > 0)
+    if any(need):
+        B, T, K, kp, block_t, block_b = _layout(pred)
+        needs_cols = glue.needs_col_stats(terms, group_coef)
+        t_blocks, b_groups = _grid(pred, False, per_sm=8)
+        wrap_triton(blendshape_backward_kernel)[(t_blocks, b_groups)](
+            grad_terms, grad_terms.stride(0), grad_total, col_stats if needs_cols else grad_total,
+            pred, target, _placeholder(raw_pred, pred), _placeholder(prev_pred, pred),
+            settings, _placeholder(group_coef, settings), 0 if group_coef is None else group_coef.shape[0],
+            _placeholder(landmark_gram, settings),
+            grad_pred if need[0] else pred, grad_target if need[1] else pred, grad_raw if need[2] else pred,
+            B, T, K, max(landmark_rows, 1),
+            *_strides(pred, pred), *_strides(target, pred), *_strides(raw_pred, pred), *_strides(prev_pred, pred),
+            **_term_indices(terms),
+            GROUPS=group_coef is not None, COLS=needs_cols,
+            NEED_PRED=need[0], NEED_TARGET=need[1], NEED_RAW=need[2], ACC=_tl_acc(pred.dtype),
+            BLOCK_B=block_b, BLOCK_T=block_t, KP=kp,
+        )
+    return grad_pred, grad_target, grad_raw
+
+
+glue.register_backend_ops(blendshape_forward, blendshape_backward, fake=False)
