@@ -54,11 +54,22 @@ def _gram_times(pred_ptr, target_ptr, gram_ptr, base_p, base_q, sk_p, sk_q, mask
 
 
 @triton.jit
+def _round_to_bfloat16(x):
+    """float32 -> nearest bfloat16 (ties to even), as float32: done on the bits because the Triton
+    interpreter truncates casts to bfloat16 (a GPU rounds them)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _threshold(settings_ptr, INPUT: tl.constexpr, ACC: tl.constexpr):
     """The threshold rounded to the inputs' dtype (double -> float -> dtype, as PyTorch does)."""
     thr = tl.load(settings_ptr + 7)
     if ACC == tl.float64:
         return thr
+    elif INPUT == tl.bfloat16:
+        return _round_to_bfloat16(thr.to(tl.float32))
     else:
         return thr.to(tl.float32).to(INPUT).to(tl.float32)
 
