@@ -465,6 +465,11 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cpu(
 }
 
 #ifdef WITH_CUDA
+void check_cuda_size(const Problem& pb) {
+  TORCH_CHECK(pb.K <= 2048, "blendshape: the CUDA kernels take at most 2048 blendshapes (K = ", pb.K,
+              "); use backend='triton'");
+}
+
 CudaInputs cuda_inputs(const Tensor& pred, const Tensor& target, const OptTensor& raw, const OptTensor& prev,
                        const Tensor& settings, const OptTensor& group_coef, const OptTensor& gram, const Problem& pb) {
   CudaInputs in{};
@@ -498,6 +503,7 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_cuda(const Tensor& pred, c
                                                            int64_t terms) {
   const Problem pb = check_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
                                   landmark_rows, terms);
+  check_cuda_size(pb);
   const c10::cuda::CUDAGuard guard(pred.device());
   auto [out_terms, total, col_stats] = empty_outputs(pred, pb);
   const CudaInputs in = cuda_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, pb);
@@ -516,6 +522,7 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cuda(
   const Problem pb = check_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
                                   landmark_rows, terms);
   check_grads(grad_terms, grad_total, col_stats, pred, pb);
+  check_cuda_size(pb);
   const c10::cuda::CUDAGuard guard(pred.device());
   Gradients grads = empty_gradients(pred, output_mask, pb);
   if (grads.pred.numel() + grads.target.numel() + grads.raw.numel() > 0) {

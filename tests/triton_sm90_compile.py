@@ -20,7 +20,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fusedloss.ops import blendshape as blendshape_glue  # noqa: E402
 from fusedloss.ops import pva as glue  # noqa: E402
+from fusedloss.triton import blendshape as triton_blendshape  # noqa: E402
 from fusedloss.triton import pva as triton_pva  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -63,6 +65,46 @@ def compile_for_sm90(kernel, args, kwargs):
 
 
 def main():
+    pva_kernels()
+    blendshape_kernels()
+    print(f"OK: {len(compiled)} kernel variants compiled for sm_90")
+
+
+def blendshape_kernels():
+    triton_blendshape.wrap_triton = Recorder
+    triton_blendshape.program_budget = lambda device, per_sm=4: per_sm * 132
+    layout = triton_blendshape._layout
+    # The tensors are on the CPU: use the tile a GPU launch would.
+    triton_blendshape._layout = lambda pred: _gpu_layout(layout, pred)
+    forward = triton_blendshape.blendshape_forward._opoverload
+    backward = triton_blendshape.blendshape_backward._opoverload
+    matrix = torch.randn(7, 52, dtype=torch.float64)
+    for shape, dtype, groups, everything in itertools.product(
+        [(1, 52), (16, 52), (4096, 52), (16, 256, 52), (2, 1, 7)],
+        [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+        [None, [([0, 1], 1.0)]],
+        [False, True],
+    ):
+        weights = dict(temporal_weight=0.2, landmark_weight=0.1, smoothing_weight=0.1, consistency_weight=0.1) if everything else {}
+        config = blendshape_glue.BlendshapeConfig.build(perceptual_groups=groups, **weights)
+        pred, target, raw, prev = (torch.rand(shape, dtype=dtype) for _ in range(4))
+        computed = blendshape_glue.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
+        K = shape[-1]
+        gram = blendshape_glue.landmark_gram(matrix[:, :K]) if "landmark" in computed else None
+        args = (pred, target, raw if "smoothing" in computed else None, prev if "consistency" in computed else None,
+                config.settings(), config.group_coef() if groups else None, gram, 7 if gram is not None else 0,
+                blendshape_glue.term_mask(computed))
+        terms, total, col_stats = forward(*args)
+        grad_total = torch.ones((), dtype=total.dtype)
+        backward(torch.zeros_like(grad_total).expand(terms.shape[0]), grad_total, col_stats, *args, [True, True, True])
+
+
+def _gpu_layout(layout, pred):
+    B, T, K, kp, block_t, block_b = layout(pred)
+    return B, T, K, kp, block_t, max(1, 16 // block_t)
+
+
+def pva_kernels():
     triton_pva.wrap_triton = Recorder
     # The tensors are on the CPU: use what a GPU launch would (its tiles, an H100's 132 SMs).
     triton_pva._tile = lambda device: (16, 64)
@@ -86,7 +128,6 @@ def main():
         grad_total = torch.ones((), dtype=glue.acc_dtype(dtype))
         for mask in ([True, True, True], [True, False, False], [False, True, False]):
             backward(torch.zeros_like(grad_total).expand(T), grad_total, *args, mask)
-    print(f"OK: {len(compiled)} kernel variants compiled for sm_90")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@
 //           blocks in a fixed order, so the result is deterministic: terms, total. One launch.
 // backward: each block builds the gradient coefficient of its columns (pva_math.h) in shared
 //           memory, then each thread writes d/dpred, d/dtarget (and d/dcond at t = 0) of its item.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 
+#include "common.cuh"
 #include "pva_cuda.h"
 
 namespace fusedloss {
@@ -29,31 +27,13 @@ constexpr int kThreads = kCols * kLanes;
 static_assert(kCols == 32, "a block row is one warp: warp_sum and the shuffles assume it");
 static_assert(kLanes >= kNumStats, "the column reduction gives one warp row per statistic");
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(float x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-__device__ __forceinline__ double from_acc_double(double x) { return x; }
+using cuda::AccOf;
+using cuda::to_acc;
+using cuda::warp_sum;
 
 template <typename T>
 __device__ __forceinline__ T store_value(typename AccOf<T>::type x) {
-  if constexpr (sizeof(T) == 8) return from_acc_double(x);
-  else return from_acc<T>(x);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kCols / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
+  return cuda::from_acc<T>(x);
 }
 
 // Work item -> (batch element, first time row, end time row).
@@ -270,17 +250,7 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
   }
 }
 
-int sm_count() {  // of the current device, looked up once per device
-  constexpr int kMaxDevices = 64;
-  static int cached[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 132;
-  if (device < kMaxDevices && cached[device] > 0) return cached[device];
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
-  if (device < kMaxDevices) cached[device] = sms;
-  return sms;
-}
+using cuda::sm_count;
 
 // Column blocks by item blocks: about 4 blocks per SM for the reduction, every item covered.
 dim3 grid_for(const CudaInputs& in, int64_t max_blocks) {
@@ -295,7 +265,7 @@ dim3 forward_grid(const CudaInputs& in) { return grid_for(in, 4 * int64_t(sm_cou
 
 size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
-constexpr size_t kCounterBytes = 256;  // keeps the partials aligned
+using cuda::kCounterBytes;
 
 }  // namespace
 

@@ -1,0 +1,69 @@
+// Device helpers shared by the CUDA kernels: arithmetic types, loads and stores of every input
+// dtype, warp and block sums, the SM count. No torch headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fusedloss {
+namespace cuda {
+
+// Arithmetic type: double for double inputs, float otherwise.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round an arithmetic value to the input dtype (nearest even).
+template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the block (every thread must call it); the result is valid in thread 0. scratch holds
+// one value per warp and is reused: callers synchronise before the next use.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  acc_t total = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < warps; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// Number of SMs of the current device, looked up once per device.
+inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 132;
+  if (device < kMaxDevices && cached[device] > 0) return cached[device];
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 132;
+  if (device < kMaxDevices) cached[device] = sms;
+  return sms;
+}
+
+// Bytes before the partial results in a kernel workspace: the arrival counter, padded for alignment.
+constexpr size_t kCounterBytes = 256;
+
+}  // namespace cuda
+}  // namespace fusedloss
