@@ -28,7 +28,7 @@ def extension_modules():
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("FUSEDLOSS_NO_CUDA") != "1")
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++20"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp-simd"]
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         ext = CUDAExtension("fusedloss._C", sources, extra_compile_args={

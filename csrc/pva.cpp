@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "arrival_counter.h"
 #include "cuda/pva_cuda.h"
 #endif
 
@@ -500,8 +501,9 @@ std::tuple<Tensor, Tensor> pva_forward_cuda(const Tensor& pred, const Tensor& ta
   CudaInputs in = cuda_inputs(pred, target, cond_frame, part_table, dim_ws, o);
   auto [terms, total] = empty_terms(pred, in.num_parts, o);
   Tensor workspace = at::empty({static_cast<int64_t>(forward_workspace_bytes(in))}, pred.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cudaError_t status = forward_cuda(in, terms.data_ptr(), total.data_ptr(), workspace.data_ptr(),
-                                          c10::cuda::getCurrentCUDAStream().stream());
+                                          arrival_counter(pred, stream).data_ptr(), stream);
   TORCH_CHECK(status == cudaSuccess, "pva_forward (CUDA) failed: ", cudaGetErrorString(status));
   return {terms, total};
 }

@@ -91,10 +91,11 @@ def command_line() -> str:
 
 def bench(args) -> int:
     from . import benchmark
+    from .benchmark import blendshape as blendshape_bench
     from .benchmark import pva as pva_bench
 
     dtype = getattr(torch, args.dtype)
-    families = {"pva": pva_bench.cases}
+    families = {"pva": pva_bench.cases, "blendshape": blendshape_bench.cases}
     for device in _devices(args.device):
         batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
         cases = [c for f in args.family.split(",") for c in families[f](device, batches)]
@@ -116,9 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=demo)
     p = sub.add_parser("bench", help="the full benchmark, written to bench/results/")
-    p.add_argument("--family", default="pva")
+    p.add_argument("--family", default="pva,blendshape", help="comma-separated loss families")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the family's)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes B: only the cases with these")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--phases", default="forward,backward,full")

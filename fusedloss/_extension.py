@@ -55,7 +55,7 @@ def _jit_build() -> None:
         file=sys.stderr,
         flush=True,
     )
-    flags = ["-O3", "-std=c++20"] + (["-DWITH_CUDA"] if with_cuda else [])
+    flags = ["-O3", "-std=c++20", "-fopenmp-simd"] + (["-DWITH_CUDA"] if with_cuda else [])
     load(
         name="fusedloss_ops" + ("_cuda" if with_cuda else ""),
         sources=op_sources(with_cuda),

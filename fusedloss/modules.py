@@ -24,14 +24,13 @@ def _check_backend(backend: str) -> str:
 def _buffers_on(module: nn.Module, names: tuple[str, ...], device: torch.device) -> list[torch.Tensor | None]:
     """The module's buffers on ``device``. A module left on another device moves them there for
     good on its first (eager) call, with asynchronous copies."""
-    out = []
-    for name in names:
-        buffer = getattr(module, name)
+    buffers = module._buffers  # (a dict: cheaper than attribute lookups through nn.Module)
+    out = [buffers[name] for name in names]
+    for i, (name, buffer) in enumerate(zip(names, out)):
         if buffer is not None and buffer.device != device:
-            buffer = buffer.to(device, non_blocking=True)
+            out[i] = buffer.to(device, non_blocking=True)
             if not torch.compiler.is_compiling():
-                setattr(module, name, buffer)
-        out.append(buffer)
+                buffers[name] = out[i]
     return out
 
 

@@ -73,14 +73,14 @@ def main():
 def blendshape_kernels():
     triton_blendshape.wrap_triton = Recorder
     triton_blendshape.program_budget = lambda device, per_sm=4: per_sm * 132
-    layout = triton_blendshape._layout
-    # The tensors are on the CPU: use the tile a GPU launch would.
-    triton_blendshape._layout = lambda pred: _gpu_layout(layout, pred)
+    # The tensors are on the CPU: use the tile a GPU launch would (an H100's 132 SMs).
+    triton_blendshape._layout = lambda pred: triton_blendshape._layout_for(
+        (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else tuple(pred.shape), True, 132)
     forward = triton_blendshape.blendshape_forward._opoverload
     backward = triton_blendshape.blendshape_backward._opoverload
     matrix = torch.randn(7, 52, dtype=torch.float64)
     for shape, dtype, groups, everything in itertools.product(
-        [(1, 52), (16, 52), (4096, 52), (16, 256, 52), (2, 1, 7)],
+        [(1, 52), (16, 52), (4096, 52), (16, 256, 52), (2, 1, 7), (3, 2, 1000)],
         [torch.float32, torch.float64, torch.float16, torch.bfloat16],
         [None, [([0, 1], 1.0)]],
         [False, True],
@@ -97,11 +97,6 @@ def blendshape_kernels():
         terms, total, col_stats = forward(*args)
         grad_total = torch.ones((), dtype=total.dtype)
         backward(torch.zeros_like(grad_total).expand(terms.shape[0]), grad_total, col_stats, *args, [True, True, True])
-
-
-def _gpu_layout(layout, pred):
-    B, T, K, kp, block_t, block_b = layout(pred)
-    return B, T, K, kp, block_t, max(1, 16 // block_t)
 
 
 def pva_kernels():

@@ -173,7 +173,8 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
         if (c >= tile_cols) continue;
         acc_t v = 0;
         for (int sb = 0; sb < tile.SB; ++sb) v += e_s[sb * tile_cols + c];
-        (pass == 0 ? ct : cs)[j] = v;
+        if (pass == 0) ct[j] = v;
+        else cs[j] = v;
       }
     }
 #pragma unroll
@@ -182,7 +183,7 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
       if (c >= tile_cols) continue;
       const int64_t column = t0 * K + c;
       if (single_group) {
-        const acc_t w = ct[j] / static_cast<acc_t>(B);
+        const acc_t w = B > 0 ? ct[j] / static_cast<acc_t>(B) : acc_t(0);
         col_stats[column] = w;
         col_stats[C + column] = cs[j];
         weighted += w * w * cs[j];
@@ -209,6 +210,7 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   if (tid == 0) is_last = atomicAdd(counter, 1u) == static_cast<unsigned int>(nblocks - 1);
   __syncthreads();
   if (!is_last) return;
+  if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch
   __threadfence();
   const int warp = tid / 32, lane = tid % 32;
   for (int s = warp; s <= kWeighted; s += kThreads / 32) {
@@ -219,17 +221,39 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   }
   __syncthreads();
   if (cols && !single_group) {
+    // Each column summed over the batch groups in a fixed order: a warp per column (lanes over the
+    // groups) when there are many groups, else a thread per column.
+    const int64_t groups = gridDim.y;
+    const acc_t inv_B = B > 0 ? acc_t(1) / static_cast<acc_t>(B) : acc_t(0);
     acc_t local = 0;
-    for (int64_t c = tid; c < C; c += kThreads) {
-      acc_t ct = 0, cs = 0;
-      for (int64_t g = 0; g < gridDim.y; ++g) {
-        ct += __ldcg(colpart + g * 2 * C + c);
-        cs += __ldcg(colpart + g * 2 * C + C + c);
+    if (groups >= 32) {
+      for (int64_t c = warp; c < C; c += kThreads / 32) {
+        acc_t ct = 0, cs = 0;
+        for (int64_t g = lane; g < groups; g += 32) {
+          ct += __ldcg(colpart + g * 2 * C + c);
+          cs += __ldcg(colpart + g * 2 * C + C + c);
+        }
+        ct = warp_sum(ct);
+        cs = warp_sum(cs);
+        if (lane == 0) {
+          const acc_t w = ct * inv_B;
+          col_stats[c] = w;
+          col_stats[C + c] = cs;
+          local += w * w * cs;
+        }
       }
-      const acc_t w = ct / static_cast<acc_t>(B);
-      col_stats[c] = w;
-      col_stats[C + c] = cs;
-      local += w * w * cs;
+    } else {
+      for (int64_t c = tid; c < C; c += kThreads) {
+        acc_t ct = 0, cs = 0;
+        for (int64_t g = 0; g < groups; ++g) {
+          ct += __ldcg(colpart + g * 2 * C + c);
+          cs += __ldcg(colpart + g * 2 * C + C + c);
+        }
+        const acc_t w = ct * inv_B;
+        col_stats[c] = w;
+        col_stats[C + c] = cs;
+        local += w * w * cs;
+      }
     }
     const acc_t v = block_sum(local, scratch);
     if (tid == 0) final_sums[kWeighted] = v;
@@ -313,7 +337,7 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
       const int64_t at = (el.b * T + el.t) * K + el.k;
       if (grad_target) {
         acc_t gq = -ge;
-        if (cols) gq += acc_t(2) * c_perc * w_col[column] * w_col[C + column] / static_cast<acc_t>(B);
+        if (cols) gq += acc_t(2) * c_perc * w_col[column] * w_col[C + column] / static_cast<acc_t>(B);  // B > 0 here
         grad_target[at] = from_acc<scalar_t>(gq);
       }
       acc_t gp = ge;
@@ -332,10 +356,14 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
 
 size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
+// As many time rows as fit, but short enough tiles for one per SM when T is long; then batch rows.
 Tile tile_for(const Problem& pb) {
   Tile t;
-  t.ST = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pb.T, kTile / pb.K)));
-  t.SB = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(pb.B, 1), kTile / (t.ST * pb.K))));
+  int64_t st = std::max<int64_t>(1, std::min<int64_t>(pb.T, kTile / pb.K));
+  const int64_t sms = cuda::sm_count();
+  while (st > 1 && (pb.T + st - 1) / st < sms) st = (st + 1) / 2;
+  t.ST = static_cast<int>(st);
+  t.SB = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(pb.B, 1), kTile / (st * pb.K))));
   return t;
 }
 
@@ -354,45 +382,44 @@ dim3 grid_for(const CudaInputs& in, const Tile& tile, int per_sm, bool forward) 
 }  // namespace
 
 size_t forward_workspace_bytes(const CudaInputs& in) {
-  const Tile tile = tile_for(in.problem);
-  const dim3 grid = grid_for(in, tile, 4, true);
+  const Problem& pb = in.problem;
+  const dim3 grid = grid_for(in, tile_for(pb), 4, true);
   const size_t acc = acc_size(in.dtype);
-  const size_t columns = grid.y > 1 ? size_t(grid.y) * 2 * in.problem.T * in.problem.K : 0;
-  return cuda::kCounterBytes + size_t(grid.x) * grid.y * kPartials * acc + columns * acc;
+  const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
+  const size_t columns = cols && grid.y > 1 ? size_t(grid.y) * 2 * pb.T * pb.K : 0;
+  return size_t(grid.x) * grid.y * kPartials * acc + columns * acc;
 }
 
 template <typename scalar_t>
 cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void* col_stats, void* workspace,
-                           cudaStream_t stream) {
+                           void* counter, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
   const Tile tile = tile_for(in.problem);
   const dim3 grid = grid_for(in, tile, 4, true);
-  auto* counter = static_cast<unsigned int*>(workspace);
-  auto* partials = reinterpret_cast<acc_t*>(static_cast<char*>(workspace) + cuda::kCounterBytes);
+  auto* partials = static_cast<acc_t*>(workspace);
   acc_t* colpart = partials + size_t(grid.x) * grid.y * kPartials;
-  cudaError_t status = cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream);
-  if (status != cudaSuccess) return status;
   blendshape_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-      in, tile, static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<acc_t*>(col_stats), counter,
-      partials, colpart);
+      in, tile, static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<acc_t*>(col_stats),
+      static_cast<unsigned int*>(counter), partials, colpart);
   return cudaGetLastError();
 }
 
 template <typename scalar_t>
 cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
   const Tile tile = tile_for(in.problem);
-  blendshape_backward_kernel<scalar_t><<<grid_for(in, tile, 8, false), kThreads, 0, stream>>>(in, out, tile);
+  blendshape_backward_kernel<scalar_t><<<grid_for(in, tile, 4, false), kThreads, 0, stream>>>(in, out, tile);
   return cudaGetLastError();
 }
 
 cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* col_stats, void* workspace,
-                         cudaStream_t stream) {
+                         void* counter, cudaStream_t stream) {
   if (in.problem.K > kTile) return cudaErrorInvalidValue;  // checked (with a message) by the caller
   switch (in.dtype) {
-    case DType::kFloat32: return launch_forward<float>(in, terms, total, col_stats, workspace, stream);
-    case DType::kFloat64: return launch_forward<double>(in, terms, total, col_stats, workspace, stream);
-    case DType::kFloat16: return launch_forward<__half>(in, terms, total, col_stats, workspace, stream);
-    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(in, terms, total, col_stats, workspace, stream);
+    case DType::kFloat32: return launch_forward<float>(in, terms, total, col_stats, workspace, counter, stream);
+    case DType::kFloat64: return launch_forward<double>(in, terms, total, col_stats, workspace, counter, stream);
+    case DType::kFloat16: return launch_forward<__half>(in, terms, total, col_stats, workspace, counter, stream);
+    case DType::kBFloat16:
+      return launch_forward<__nv_bfloat16>(in, terms, total, col_stats, workspace, counter, stream);
   }
   return cudaErrorInvalidValue;
 }

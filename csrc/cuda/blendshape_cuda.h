@@ -42,9 +42,10 @@ struct CudaGradients {
 
 size_t forward_workspace_bytes(const CudaInputs& in);
 
-// One kernel launch: terms, total [], col_stats [2, T*K] (default perceptual form only).
+// One kernel launch: terms, total [], col_stats [2, T*K] (default perceptual form only). counter:
+// an int32 that is 0 on entry and that the kernel leaves at 0.
 cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* col_stats, void* workspace,
-                         cudaStream_t stream);
+                         void* counter, cudaStream_t stream);
 
 // One kernel launch writing the gradients that are not null.
 cudaError_t backward_cuda(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream);

@@ -62,8 +62,5 @@ inline int sm_count() {
   return sms;
 }
 
-// Bytes before the partial results in a kernel workspace: the arrival counter, padded for alignment.
-constexpr size_t kCounterBytes = 256;
-
 }  // namespace cuda
 }  // namespace fusedloss

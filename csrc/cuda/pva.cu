@@ -147,6 +147,7 @@ pva_forward_kernel(const CudaInputs in, typename AccOf<scalar_t>::type* __restri
   if (tx == 0 && ty == 0) is_last = atomicAdd(counter, 1u) == static_cast<unsigned int>(nblocks - 1);
   __syncthreads();
   if (!is_last) return;
+  if (tx == 0 && ty == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch
   __threadfence();
   for (int64_t j = ty; j < T; j += kLanes) {
     acc_t v = 0;
@@ -265,25 +266,21 @@ dim3 forward_grid(const CudaInputs& in) { return grid_for(in, 4 * int64_t(sm_cou
 
 size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
-using cuda::kCounterBytes;
-
 }  // namespace
 
 size_t forward_workspace_bytes(const CudaInputs& in) {
   const dim3 grid = forward_grid(in);
   const size_t T = size_t(in.num_parts) * terms_per_part(in.opts);
-  return kCounterBytes + size_t(grid.x) * grid.y * T * acc_size(in.dtype);
+  return size_t(grid.x) * grid.y * T * acc_size(in.dtype);
 }
 
 template <typename scalar_t>
-cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void* workspace, cudaStream_t stream) {
+cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void* workspace, void* counter,
+                           cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
-  auto* counter = static_cast<unsigned int*>(workspace);
-  auto* partials = reinterpret_cast<acc_t*>(static_cast<char*>(workspace) + kCounterBytes);
-  cudaError_t status = cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream);
-  if (status != cudaSuccess) return status;
   pva_forward_kernel<scalar_t><<<forward_grid(in), dim3(kCols, kLanes), 0, stream>>>(
-      in, static_cast<acc_t*>(terms), static_cast<acc_t*>(total), counter, partials);
+      in, static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<unsigned int*>(counter),
+      static_cast<acc_t*>(workspace));
   return cudaGetLastError();
 }
 
@@ -295,12 +292,13 @@ cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cuda
   return cudaGetLastError();
 }
 
-cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* workspace, cudaStream_t stream) {
+cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* workspace, void* counter,
+                         cudaStream_t stream) {
   switch (in.dtype) {
-    case DType::kFloat32: return launch_forward<float>(in, terms, total, workspace, stream);
-    case DType::kFloat64: return launch_forward<double>(in, terms, total, workspace, stream);
-    case DType::kFloat16: return launch_forward<__half>(in, terms, total, workspace, stream);
-    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(in, terms, total, workspace, stream);
+    case DType::kFloat32: return launch_forward<float>(in, terms, total, workspace, counter, stream);
+    case DType::kFloat64: return launch_forward<double>(in, terms, total, workspace, counter, stream);
+    case DType::kFloat16: return launch_forward<__half>(in, terms, total, workspace, counter, stream);
+    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(in, terms, total, workspace, counter, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -40,11 +40,12 @@ struct CudaGradients {
   void* grad_cond;             // [B, D] contiguous, or null
 };
 
-// Bytes of scratch memory forward_cuda needs (a counter and one partial term row per block).
+// Bytes of scratch memory forward_cuda needs (one partial term row per block).
 size_t forward_workspace_bytes(const CudaInputs& in);
 
-// One kernel launch: terms [num_parts * K] and total [] of the arithmetic type.
-cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* workspace,
+// One kernel launch: terms [num_parts * K] and total [] of the arithmetic type. counter: an int32
+// that is 0 on entry and that the kernel leaves at 0.
+cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* workspace, void* counter,
                          cudaStream_t stream);
 
 // One kernel launch writing the gradients that are not null.

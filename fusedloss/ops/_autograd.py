@@ -34,50 +34,58 @@ def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def register_terms_autograd(forward_op, backward_op, grad_inputs: tuple[int, ...], num_aux: int = 0) -> None:
     """Register the autograd formula of ``forward_op`` in terms of ``backward_op``."""
-    if isinstance(backward_op, str):
-        namespace, name = backward_op.split("::")
-        backward_op = getattr(getattr(torch.ops, namespace), name).default
+    backward_op = _overload(backward_op)
     op_name = str(forward_op)
+    schema = _overload(forward_op)._schema
+    # Positions of the tensor arguments (saved for backward) and of those without a gradient.
+    tensor_positions = tuple(i for i, a in enumerate(schema.arguments) if "Tensor" in str(a.type))
+    no_grad_positions = tuple(i for i in tensor_positions if i not in grad_inputs)
 
     def setup_context(ctx, inputs, output):
-        for i, value in enumerate(inputs):
-            if isinstance(value, torch.Tensor) and value.requires_grad and i not in grad_inputs:
+        for i in no_grad_positions:
+            if inputs[i] is not None and inputs[i].requires_grad:
                 raise RuntimeError(
                     f"{op_name}: input {i} requires grad, but this fused backend has no gradient "
                     f"for it; detach it or use backend='reference'"
                 )
         ctx.set_materialize_grads(False)
-        aux = tuple(output[2:2 + num_aux])
+        aux = output[2:2 + num_aux]
         ctx.mark_non_differentiable(*aux)
-        tensor_positions = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) or v is None]
         ctx.save_for_backward(*aux, *(inputs[i] for i in tensor_positions))
-        ctx.tensor_positions = tensor_positions
-        ctx.other_inputs = {i: v for i, v in enumerate(inputs) if i not in tensor_positions}
-        ctx.num_inputs = len(inputs)
+        ctx.inputs = inputs  # the non-tensor arguments are read from here
         terms = output[0]
         ctx.terms_meta = (terms.shape[0], terms.dtype, terms.device)
 
     def backward(ctx, grad_terms, grad_total, *aux_grads):
-        no_grads = (None,) * ctx.num_inputs
+        num_inputs = len(ctx.inputs)
         if grad_terms is None and grad_total is None:
-            return no_grads
-        mask = [bool(ctx.needs_input_grad[i]) for i in grad_inputs]
+            return (None,) * num_inputs
+        needs = ctx.needs_input_grad
+        mask = [bool(needs[i]) for i in grad_inputs]
         if not any(mask):
-            return no_grads
+            return (None,) * num_inputs
         saved = ctx.saved_tensors
-        aux, saved_inputs = saved[:num_aux], saved[num_aux:]
-        inputs = dict(ctx.other_inputs)
-        inputs.update(zip(ctx.tensor_positions, saved_inputs))
+        args = list(ctx.inputs)
+        for i, tensor in zip(tensor_positions, saved[num_aux:]):
+            args[i] = tensor
         num_terms, dtype, device = ctx.terms_meta
         if grad_terms is None:
             grad_terms = _zero(dtype, device).expand(num_terms)
         if grad_total is None:
             grad_total = _zero(dtype, device)
-        grads = backward_op(grad_terms, grad_total, *aux, *(inputs[i] for i in range(ctx.num_inputs)), mask)
-        result = list(no_grads)
+        grads = backward_op(grad_terms, grad_total, *saved[:num_aux], *args, mask)
+        result = [None] * num_inputs
         for position, wanted, grad in zip(grad_inputs, mask, grads):
             if wanted:
                 result[position] = grad
         return tuple(result)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _overload(op):
+    """The OpOverload of "namespace::name", of a custom op object, or op itself."""
+    if isinstance(op, str):
+        namespace, name = op.split("::")
+        return getattr(getattr(torch.ops, namespace), name).default
+    return getattr(op, "_opoverload", op)

@@ -6,6 +6,8 @@ Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) kernels cannot be trace
 launchers become opaque ``custom_op``s with an explicit fake implementation instead.
 """
 
+import contextlib
+
 import torch
 
 from ..backends import triton_interpreter
@@ -60,3 +62,17 @@ def zeroed_counter(like: torch.Tensor) -> torch.Tensor:
         return counter
     return torch.zeros(1, dtype=torch.int32, device=like.device)
 
+
+
+def on_device(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device otherwise)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (1 elsewhere), cached."""
+    if device.type != "cuda":
+        return 1
+    program_budget(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _SM_COUNT[index]

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..ops import blendshape as glue
-from . import program_budget, triton_operator, zeroed_counter
+from . import on_device, program_budget, sm_count, triton_operator, zeroed_counter
 
 # Sums (csrc/blendshape_math.h order), then the weighted column sum.
 S_SQ = tl.constexpr(0)
@@ -98,7 +98,7 @@ def blendshape_forward_kernel(
     GROUPS: tl.constexpr, COLS: tl.constexpr, SINGLE_GROUP: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr, BLOCK_PROGS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -173,7 +173,7 @@ def blendshape_forward_kernel(
     weighted = 0.0
     if COLS:
         if SINGLE_GROUP:  # this program holds whole columns: finish them here
-            w = col_t / B
+            w = col_t / tl.maximum(B, 1)
             tl.store(cols_ptr + cols, w, mask=col_ok)
             tl.store(cols_ptr + C + cols, col_s2, mask=col_ok)
             weighted = tl.sum(tl.sum(w * w * col_s2, axis=1), axis=0)
@@ -204,25 +204,27 @@ def blendshape_forward_kernel(
         s_cs = tl.sum(tl.where(which == S_CONSISTENCY, sums, 0.0))
         s_w = tl.sum(tl.where(which == S_WEIGHTED, sums, 0.0))
         if COLS:
-            if not SINGLE_GROUP:
+            if not SINGLE_GROUP:  # columns shared by the batch groups: [groups, columns] tiles
                 acc_w = tl.zeros([BLOCK_COLS], ACC)
                 for c0 in range(0, C, BLOCK_COLS):
                     c = c0 + tl.arange(0, BLOCK_COLS)
                     c_ok = c < C
                     colt = tl.zeros([BLOCK_COLS], ACC)
                     cols2 = tl.zeros([BLOCK_COLS], ACC)
-                    for g in range(0, n_b):
-                        part = colpart_ptr + g * 2 * C
-                        colt += tl.load(part + c, mask=c_ok, other=0.0, cache_modifier=".cg")
-                        cols2 += tl.load(part + C + c, mask=c_ok, other=0.0, cache_modifier=".cg")
-                    w = colt / B
+                    for g0 in range(0, n_b, BLOCK_GROUPS):
+                        g = g0 + tl.arange(0, BLOCK_GROUPS)
+                        at = colpart_ptr + g.to(tl.int64)[:, None] * 2 * C + c[None, :]
+                        ok = (g < n_b)[:, None] & c_ok[None, :]
+                        colt += tl.sum(tl.load(at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                        cols2 += tl.sum(tl.load(at + C, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                    w = colt / tl.maximum(B, 1)
                     tl.store(cols_ptr + c, w, mask=c_ok)
                     tl.store(cols_ptr + C + c, cols2, mask=c_ok)
                     acc_w += w * w * cols2
                 s_w = tl.sum(acc_w)
         B64 = tl.cast(B, tl.int64)  # (tl.cast: B may be specialised to a constexpr 1)
         T64 = tl.cast(T, tl.int64)
-        n = (B64 * T64 * K).to(ACC)
+        n = tl.maximum(B64 * T64 * K, 1).to(ACC)  # (B = 0: every sum is 0, so is every term)
         total = 0.0
         if I_MSE >= 0:
             v = s_sq / n
@@ -234,7 +236,7 @@ def blendshape_forward_kernel(
             total += tl.load(settings_ptr + 1).to(ACC) * v
         if I_PERC >= 0:
             if GROUPS:
-                v = s_grp / (B64 * T64).to(ACC)
+                v = s_grp / tl.maximum(B64 * T64, 1).to(ACC)
             else:
                 v = (s_act + s_w) / n
             tl.store(terms_ptr + I_PERC, v)
@@ -245,7 +247,7 @@ def blendshape_forward_kernel(
             tl.store(terms_ptr + I_TEMP, v)
             total += tl.load(settings_ptr + 3).to(ACC) * v
         if I_LAND >= 0:
-            v = s_lm / (B64 * T64 * J).to(ACC)
+            v = s_lm / tl.maximum(B64 * T64 * J, 1).to(ACC)
             tl.store(terms_ptr + I_LAND, v)
             total += tl.load(settings_ptr + 4).to(ACC) * v
         if I_SMOOTH >= 0:
@@ -329,7 +331,8 @@ def blendshape_backward_kernel(
             w = tl.load(cols_ptr + cols, mask=col_ok, other=0.0).to(ACC)
             perc_scale = (2.0 * c_perc * w * w)[None, :, :]
             # d/dtarget through the importance weights w = target.mean(0)
-            through_w = (2.0 * c_perc * w * tl.load(cols_ptr + T * K + cols, mask=col_ok, other=0.0).to(ACC) / B)[None, :, :]
+            through_w = (2.0 * c_perc * w * tl.load(cols_ptr + T * K + cols, mask=col_ok, other=0.0).to(ACC)
+                         / tl.maximum(B, 1))[None, :, :]
     for b0 in range(pid_b * BLOCK_B, B, n_b * BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
         b_ok = bs < B
@@ -374,16 +377,26 @@ def blendshape_backward_kernel(
 
 
 def _layout(pred: torch.Tensor):
-    """(B, T, K) and the tile: all K columns (padded), BLOCK_T time rows, BLOCK_B batch rows."""
-    B, T, K = (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else tuple(pred.shape)
+    """(B, T, K) of pred viewed as [B, T, K], and its tile (see _layout_for)."""
+    shape = (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else pred.shape
+    return _layout_for(tuple(int(n) for n in shape), pred.device.type == "cuda", sm_count(pred.device))
+
+
+def _layout_for(shape: tuple[int, int, int], gpu: bool, sms: int):
+    """(B, T, K, KP, BLOCK_T, BLOCK_B): all K columns (padded to KP), BLOCK_T time rows, BLOCK_B
+    batch rows. A tile holds up to 16 rows (8 in the interpreter), fewer for wide K (at most ~4K
+    values); time tiles are made short enough for one per SM when T is long."""
+    B, T, K = shape
     kp = max(16, triton.next_power_of_2(K))
-    block_t = min(16, triton.next_power_of_2(T))
-    rows = 16 if pred.device.type == "cuda" else 8
-    block_b = max(1, rows // block_t)
-    return B, T, K, kp, block_t, block_b
+    rows = max(1, min(16 if gpu else 8, 4096 // kp))
+    block_t = min(rows, triton.next_power_of_2(T))
+    while block_t > 1 and triton.cdiv(T, block_t) < sms:
+        block_t //= 2
+    return B, T, K, kp, block_t, max(1, rows // block_t)
 
 
-def _strides(x: Optional[torch.Tensor], pred: torch.Tensor):
+def _strides(x: Optional[torch.Tensor]):
+    """(b, t, k) strides of x viewed as [B, T, K]; zeros for an absent input (never read)."""
     if x is None:
         return 0, 0, 0
     return (x.stride(0), 0, x.stride(1)) if x.dim() == 2 else (x.stride(0), x.stride(1), x.stride(2))
@@ -439,17 +452,18 @@ def blendshape_forward(
     single_group = b_groups == 1
     colpart = torch.empty((b_groups, 2, T * K) if needs_cols and not single_group else (1,), dtype=acc,
                           device=pred.device)
-    wrap_triton(blendshape_forward_kernel)[(t_blocks, b_groups)](
-        pred, target, _placeholder(raw_pred, pred), _placeholder(prev_pred, pred),
-        settings, _placeholder(group_coef, settings), 0 if group_coef is None else group_coef.shape[0],
-        _placeholder(landmark_gram, settings),
-        partials, colpart, zeroed_counter(pred), out_terms, total, col_stats if needs_cols else partials,
-        B, T, K, max(landmark_rows, 1),
-        *_strides(pred, pred), *_strides(target, pred), *_strides(raw_pred, pred), *_strides(prev_pred, pred),
-        **_term_indices(terms),
-        GROUPS=group_coef is not None, COLS=needs_cols, SINGLE_GROUP=single_group, ACC=_tl_acc(pred.dtype),
-        BLOCK_B=block_b, BLOCK_T=block_t, KP=kp, BLOCK_PROGS=64, BLOCK_COLS=256,
-    )
+    with on_device(pred):
+        wrap_triton(blendshape_forward_kernel)[(t_blocks, b_groups)](
+            pred, target, _placeholder(raw_pred, pred), _placeholder(prev_pred, pred),
+            settings, _placeholder(group_coef, settings), 0 if group_coef is None else group_coef.shape[0],
+            _placeholder(landmark_gram, settings),
+            partials, colpart, zeroed_counter(pred), out_terms, total, col_stats if needs_cols else partials,
+            B, T, K, max(landmark_rows, 1),
+            *_strides(pred), *_strides(target), *_strides(raw_pred), *_strides(prev_pred),
+            **_term_indices(terms),
+            GROUPS=group_coef is not None, COLS=needs_cols, SINGLE_GROUP=single_group, ACC=_tl_acc(pred.dtype),
+            BLOCK_B=block_b, BLOCK_T=block_t, KP=kp, BLOCK_PROGS=64, BLOCK_COLS=64, BLOCK_GROUPS=32,
+        )
     return out_terms, total, col_stats
 
 
@@ -471,18 +485,21 @@ def blendshape_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_pred, grad_target, grad_raw = glue.empty_gradients(pred, output_mask, raw_pred is not None)
     need = (grad_pred.numel() > 0, grad_target.numel() > 0, grad_raw.numel() > 0)
-    if any(need):
-        B, T, K, kp, block_t, block_b = _layout(pred)
-        needs_cols = glue.needs_col_stats(terms, group_coef)
-        t_blocks, b_groups = _grid(pred, False, per_sm=8)
+    if not any(need):
+        return grad_pred, grad_target, grad_raw
+    B, T, K, kp, block_t, block_b = _layout(pred)
+    needs_cols = glue.needs_col_stats(terms, group_coef)
+    t_blocks, b_groups = _grid(pred, False, per_sm=8)
+    with on_device(pred):
         wrap_triton(blendshape_backward_kernel)[(t_blocks, b_groups)](
             grad_terms, grad_terms.stride(0), grad_total, col_stats if needs_cols else grad_total,
             pred, target, _placeholder(raw_pred, pred), _placeholder(prev_pred, pred),
             settings, _placeholder(group_coef, settings), 0 if group_coef is None else group_coef.shape[0],
             _placeholder(landmark_gram, settings),
+            # outputs that are not wanted get pred as a placeholder pointer, never written
             grad_pred if need[0] else pred, grad_target if need[1] else pred, grad_raw if need[2] else pred,
             B, T, K, max(landmark_rows, 1),
-            *_strides(pred, pred), *_strides(target, pred), *_strides(raw_pred, pred), *_strides(prev_pred, pred),
+            *_strides(pred), *_strides(target), *_strides(raw_pred), *_strides(prev_pred),
             **_term_indices(terms),
             GROUPS=group_coef is not None, COLS=needs_cols,
             NEED_PRED=need[0], NEED_TARGET=need[1], NEED_RAW=need[2], ACC=_tl_acc(pred.dtype),

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..ops import pva as glue
-from . import program_budget, triton_operator, zeroed_counter
+from . import on_device, program_budget, triton_operator, zeroed_counter
 
 # Statistics, in the order of a part's terms (csrc/pva_math.h).
 STAT_P = tl.constexpr(0)
@@ -310,7 +310,7 @@ def _tile(device: torch.device) -> tuple[int, int]:
 def _grid(pred: torch.Tensor, per_sm: int) -> tuple[int, int, int, int]:
     """Tile and a persistent grid of (column blocks, row groups): about per_sm programs per SM,
     each walking (batch element, time chunk) tiles of its column block."""
-    B, L, D = pred.shape
+    B, L, D = (int(n) for n in pred.shape)  # (sizes traced as symbols are specialised here)
     block_t, block_d = _tile(pred.device)
     col_blocks = triton.cdiv(D, block_d)
     tiles = B * triton.cdiv(L, block_t)
@@ -339,24 +339,24 @@ def pva_forward(
     use_last_frame: bool,
     use_reg: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, L, D = pred.shape
-    P = part_table.shape[0]
+    B, L, D = (int(n) for n in pred.shape)  # (sizes traced as symbols are specialised here)
+    P = int(part_table.shape[0])
     K = glue.terms_per_part(use_last_frame, use_reg)
-    acc = glue.acc_dtype(pred.dtype)
     block_t, block_d, col_blocks, row_groups = _grid(pred, per_sm=4)
-    partials = torch.empty((col_blocks * row_groups, P * K), dtype=acc, device=pred.device)
+    partials = torch.empty((col_blocks * row_groups, P * K), dtype=glue.acc_dtype(pred.dtype), device=pred.device)
     terms, total = glue.empty_terms(pred, P, use_last_frame, use_reg)
     cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
-    wrap_triton(pva_forward_kernel)[(col_blocks, row_groups)](
-        pred, target, cond, part_table, dim_ws if dim_ws is not None else part_table,
-        partials, zeroed_counter(pred), terms, total,
-        B, L, D, P,
-        pred.stride(0), pred.stride(1), pred.stride(2),
-        target.stride(0), target.stride(1), target.stride(2), sc_b, sc_d,
-        K=K, L1=loss_type == "l1", LAST=use_last_frame, REG=use_reg, HAS_DIMW=dim_ws is not None,
-        ACC=_tl_acc(pred.dtype),
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_TERMS=32, BLOCK_PROGS=128,
-    )
+    with on_device(pred):
+        wrap_triton(pva_forward_kernel)[(col_blocks, row_groups)](
+            pred, target, cond, part_table, dim_ws if dim_ws is not None else part_table,
+            partials, zeroed_counter(pred), terms, total,
+            B, L, D, P,
+            pred.stride(0), pred.stride(1), pred.stride(2),
+            target.stride(0), target.stride(1), target.stride(2), sc_b, sc_d,
+            K=K, L1=loss_type == "l1", LAST=use_last_frame, REG=use_reg, HAS_DIMW=dim_ws is not None,
+            ACC=_tl_acc(pred.dtype),
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_TERMS=32, BLOCK_PROGS=128,
+        )
     return terms, total
 
 
@@ -374,28 +374,29 @@ def pva_backward(
     use_reg: bool,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, L, D = pred.shape
+    B, L, D = (int(n) for n in pred.shape)
     need_pred, need_target = bool(output_mask[0]), bool(output_mask[1])
     need_cond = bool(output_mask[2]) and use_last_frame
     grad_pred, grad_target, grad_cond = glue.empty_gradients(pred, output_mask, use_last_frame)
     if (need_pred or need_target or need_cond) and pred.numel() > 0:
         block_t, block_d, col_blocks, row_groups = _grid(pred, per_sm=8)
         cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
-        wrap_triton(pva_backward_kernel)[(col_blocks, row_groups)](
-            grad_terms, grad_terms.stride(0), grad_total,
-            pred, target, cond, part_table, dim_ws if dim_ws is not None else part_table,
-            # outputs that are not wanted get pred as a placeholder pointer, never written
-            grad_pred if need_pred else pred, grad_target if need_target else pred,
-            grad_cond if need_cond else pred,
-            B, L, D, part_table.shape[0],
-            pred.stride(0), pred.stride(1), pred.stride(2),
-            target.stride(0), target.stride(1), target.stride(2), sc_b, sc_d,
-            K=glue.terms_per_part(use_last_frame, use_reg),
-            L1=loss_type == "l1", LAST=use_last_frame, REG=use_reg, HAS_DIMW=dim_ws is not None,
-            NEED_PRED=need_pred, NEED_TARGET=need_target, NEED_COND=need_cond,
-            ACC=_tl_acc(pred.dtype),
-            BLOCK_T=block_t, BLOCK_D=block_d,
-        )
+        with on_device(pred):
+            wrap_triton(pva_backward_kernel)[(col_blocks, row_groups)](
+                grad_terms, grad_terms.stride(0), grad_total,
+                pred, target, cond, part_table, dim_ws if dim_ws is not None else part_table,
+                # outputs that are not wanted get pred as a placeholder pointer, never written
+                grad_pred if need_pred else pred, grad_target if need_target else pred,
+                grad_cond if need_cond else pred,
+                B, L, D, part_table.shape[0],
+                pred.stride(0), pred.stride(1), pred.stride(2),
+                target.stride(0), target.stride(1), target.stride(2), sc_b, sc_d,
+                K=glue.terms_per_part(use_last_frame, use_reg),
+                L1=loss_type == "l1", LAST=use_last_frame, REG=use_reg, HAS_DIMW=dim_ws is not None,
+                NEED_PRED=need_pred, NEED_TARGET=need_target, NEED_COND=need_cond,
+                ACC=_tl_acc(pred.dtype),
+                BLOCK_T=block_t, BLOCK_D=block_d,
+            )
     return grad_pred, grad_target, grad_cond
 
 
