@@ -23,36 +23,64 @@ def _devices(choice: str) -> list[torch.device]:
     return [torch.device(choice)]
 
 
-def check_backends(device: torch.device, batch: int) -> bool:
-    """Every fused backend on ``device`` against the reference: terms, total and gradients."""
-    from . import backends
+def _pva_problem(device: torch.device, batch: int):
+    """Ditto's [B, 80, 265] with every term: a function of the backend -> (terms, d/dpred)."""
     from .functional import pva_loss
 
     g = torch.Generator().manual_seed(0)
-    pred = torch.randn(batch, 80, 265, generator=g).to(device)
-    target = torch.randn(batch, 80, 265, generator=g).to(device)
+    pred, target = (torch.randn(batch, 80, 265, generator=g).to(device) for _ in range(2))
     cond = torch.randn(batch, 265, generator=g).to(device)
     dim_ws = torch.linspace(0.5, 1.5, 265, dtype=torch.float64, device=device)
-    kw = dict(use_last_frame_loss=True, use_reg_loss=True, dim_ws=dim_ws)
 
     def run(backend):
         p = pred.clone().requires_grad_()
-        total, terms = pva_loss(p, target, cond, backend=backend, **kw)
+        total, terms = pva_loss(p, target, cond, use_last_frame_loss=True, use_reg_loss=True, dim_ws=dim_ws,
+                                backend=backend)
         (2.0 * total).backward()
-        return total, terms, p.grad
+        return {**terms, "total": total}, p.grad
 
-    ref_total, ref_terms, ref_grad = run("reference")
+    return run
+
+
+def _blendshape_problem(device: torch.device, batch: int):
+    """KoeMorph's [B, T, 52] with every term: a function of the backend -> (terms, d/dpred)."""
+    from .functional import blendshape_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, target, raw, prev = (torch.rand(batch, 16, 52, generator=g).to(device) for _ in range(4))
+    matrix = torch.randn(68 * 3, 52, generator=g).to(device) / 8
+
+    def run(backend):
+        p = pred.clone().requires_grad_()
+        _, terms = blendshape_loss(p, target, raw, prev, temporal_weight=0.2, landmark_weight=0.1,
+                                   smoothing_weight=0.1, consistency_weight=0.2, landmark_matrix=matrix,
+                                   backend=backend, return_components=True)
+        (2.0 * terms["total"]).backward()
+        return terms, p.grad
+
+    return run
+
+
+def check_backends(device: torch.device, batch: int) -> bool:
+    """Every fused backend on ``device`` against the reference: every term, the total, d/dpred."""
+    from . import backends
+
     ok = True
-    for backend in backends.available(device.type):
-        if backend == "reference":
-            continue
-        total, terms, grad = run(backend)
-        term_err = max((terms[k] - ref_terms[k]).abs().item() / max(ref_terms[k].abs().item(), 1e-12) for k in terms)
-        grad_err = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
-        passed = term_err < 1e-4 and grad_err < 1e-4
-        ok &= passed
-        print(f"  {device.type:4s} {backend:7s} total {total.item():.6f} (reference {ref_total.item():.6f}), "
-              f"max rel. error: terms {term_err:.1e}, d/dpred {grad_err:.1e}  {'OK' if passed else 'MISMATCH'}")
+    for family, make in (("pva", _pva_problem), ("blendshape", _blendshape_problem)):
+        run = make(device, batch)
+        ref_terms, ref_grad = run("reference")
+        for backend in backends.available(device.type):
+            if backend == "reference":
+                continue
+            terms, grad = run(backend)
+            term_err = max((terms[k] - ref_terms[k]).abs().item() / max(ref_terms[k].abs().item(), 1e-12)
+                           for k in ref_terms)
+            grad_err = ((grad - ref_grad).abs().max() / ref_grad.abs().max()).item()
+            passed = term_err < 1e-4 and grad_err < 1e-4
+            ok &= passed
+            print(f"  {family:10s} {device.type:4s} {backend:7s} total {terms['total'].item():.6f} "
+                  f"(reference {ref_terms['total'].item():.6f}), max rel. error: terms {term_err:.1e}, "
+                  f"d/dpred {grad_err:.1e}  {'OK' if passed else 'MISMATCH'}")
     return ok
 
 
@@ -60,9 +88,10 @@ def demo(args) -> int:
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"  # Triton runs, slowly, through its interpreter
     from . import backends, benchmark
+    from .benchmark import blendshape as blendshape_bench
     from .benchmark import pva as pva_bench
 
-    print("fusedloss demo: the fused PVA loss (Ditto, [B, 80, 265], every term on)\n")
+    print("fusedloss demo: the fused PVA loss (Ditto) and blendshape loss (KoeMorph), every term on\n")
     print(backends.describe(), "\n")
     ok = True
     for device in _devices(args.device):
@@ -70,10 +99,12 @@ def demo(args) -> int:
         ok &= check_backends(device, batch=8 if device.type == "cuda" else 2)
     print()
     for device in _devices(args.device):
-        batches = (8, 64, 512, pva_bench.LARGE_BATCH["cuda"]) if device.type == "cuda" else (64,)
+        if device.type == "cuda":
+            cases = pva_bench.cases(device) + blendshape_bench.cases(device)
+        else:  # the CPU goal cases: PVA at B = 64, blendshape at [4096, 52]
+            cases = pva_bench.cases(device, (64,)) + blendshape_bench.cases(device, (4096,))
         start = time.time()
-        results, bandwidth = benchmark.run_cases(pva_bench.cases(device, batches), device, phases=("full",),
-                                                 log=lambda line: None)
+        results, bandwidth = benchmark.run_cases(cases, device, phases=("full",), log=lambda line: None)
         print(f"Speed on {benchmark.device_name(device)} (forward+backward, float32, "
               f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {time.time() - start:.0f} s):")
         print(benchmark.markdown(results, device, bandwidth, torch.float32, "python -m fusedloss demo"))

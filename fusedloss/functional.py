@@ -128,8 +128,8 @@ def blendshape_loss(
         consistency_weight, threshold, perceptual_groups,
     )
     return_components = _checks.flag("return_components", return_components)
-    terms = blendshape_loss_from_config(pred, target, raw_pred, prev_pred, config,
-                                        landmark_matrix=landmark_matrix, backend=backend)
+    terms = blendshape_loss_from_config(pred, target, raw_pred, prev_pred, config, landmark_matrix=landmark_matrix,
+                                        backend=backend, components=return_components)
     return (terms["total"], terms) if return_components else terms["total"]
 
 
@@ -146,16 +146,17 @@ def blendshape_loss_from_config(
     landmark_matrix: torch.Tensor | None = None,
     landmark_gram: torch.Tensor | None = None,
     backend: str = "auto",
+    components: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The terms (and "total") for a validated configuration. ``BlendshapeLoss`` passes its device
-    buffers (settings, group_coef, landmark_gram) and which weights are non-zero, so that changing
-    a weight's value touches only the settings buffer."""
+    """The terms (and "total") for a validated configuration; only "total" without ``components``.
+    ``BlendshapeLoss`` passes its device buffers (settings, group_coef, landmark_gram) and which
+    weights are non-zero, so that changing a weight's value touches only the settings buffer."""
     nonzero = nonzero if nonzero is not None else tuple(w != 0 for w in config.weights)
     blendshape_ops.check_inputs(config, pred, target, raw_pred, prev_pred, landmark_matrix, nonzero)
     name = backends.resolve(backend, pred.device.type)
     if name == "reference" or pred.shape[0] == 0:
         return blendshape_loss_reference(pred, target, raw_pred, prev_pred, config, landmark_matrix)
-    computed = blendshape_ops.computed_terms(nonzero, pred.dim(), raw_pred is not None, prev_pred is not None)
+    computed, mask = blendshape_ops.computed_terms(nonzero, pred.dim(), raw_pred is not None, prev_pred is not None)
     # Tiny tables: asynchronous copies (from pageable memory, staged at once) never sync.
     settings = (settings if settings is not None else config.settings()).to(pred.device, non_blocking=True)
     if "perceptual" in computed and config.groups is not None:
@@ -173,8 +174,8 @@ def blendshape_loss_from_config(
         pred, target,
         raw_pred if "smoothing" in computed else None,
         prev_pred.detach() if "consistency" in computed else None,
-        settings, group_coef, landmark_gram, landmark_rows, blendshape_ops.term_mask(computed),
+        settings, group_coef, landmark_gram, landmark_rows, mask,
     )
-    out = dict(zip(computed, terms.unbind(0)))
+    out = dict(zip(computed, terms.unbind(0))) if components else {}
     out["total"] = total
     return out

@@ -184,11 +184,13 @@ class BlendshapeLoss(nn.Module):
             raise TypeError(f"pred must be a torch.Tensor [B, K] or [B, T, K], got {type(pred).__name__}")
         settings, group_coef, matrix, gram = _buffers_on(
             self, ("settings", "group_coef", "landmark_matrix", "landmark_gram"), pred.device)
+        components = _checks.flag("return_components", return_components)
         terms = functional.blendshape_loss_from_config(
             pred, target, raw_pred, prev_pred, self._config, nonzero=self._nonzero, settings=settings,
             group_coef=group_coef, landmark_matrix=matrix, landmark_gram=gram, backend=self.backend,
+            components=components,
         )
-        return (terms["total"], terms) if _checks.flag("return_components", return_components) else terms["total"]
+        return (terms["total"], terms) if components else terms["total"]
 
     def extra_repr(self) -> str:
         c = self._config

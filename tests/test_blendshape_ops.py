@@ -18,7 +18,7 @@ def op_args(device, dtype=torch.float64, *, shape=(3, 4, 9), groups=None, terms=
     weights = {f"{t}_weight": (0.7 if t in terms else 0.0) for t in glue.TERMS}
     config = glue.BlendshapeConfig.build(**weights, perceptual_groups=groups)
     matrix = torch.randn(5, shape[-1], generator=g, dtype=torch.float64).to(device)
-    computed = glue.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
+    computed, _ = glue.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
     group_coef = config.group_coef().to(device) if groups else None
     args = (pred, target, raw, prev, config.settings().to(device), group_coef,
             glue.landmark_gram(matrix) if "landmark" in computed else None,

@@ -88,7 +88,7 @@ def blendshape_kernels():
         weights = dict(temporal_weight=0.2, landmark_weight=0.1, smoothing_weight=0.1, consistency_weight=0.1) if everything else {}
         config = blendshape_glue.BlendshapeConfig.build(perceptual_groups=groups, **weights)
         pred, target, raw, prev = (torch.rand(shape, dtype=dtype) for _ in range(4))
-        computed = blendshape_glue.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
+        computed, _ = blendshape_glue.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
         K = shape[-1]
         gram = blendshape_glue.landmark_gram(matrix[:, :K]) if "landmark" in computed else None
         args = (pred, target, raw if "smoothing" in computed else None, prev if "consistency" in computed else None,

@@ -15,6 +15,7 @@ perceptual form, else [2, 0]); the backward reuses them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,10 +86,14 @@ def parse_groups(groups):
     return tuple(parsed)
 
 
-def computed_terms(config_weights, pred_dim: int, has_raw: bool, has_prev: bool) -> tuple[str, ...]:
-    """The terms a call computes: weight non-zero and inputs present (temporal needs [B, T, K])."""
+@functools.lru_cache(maxsize=256)
+def computed_terms(nonzero: tuple[bool, ...], pred_dim: int, has_raw: bool,
+                   has_prev: bool) -> tuple[tuple[str, ...], int]:
+    """The terms a call computes (weight non-zero and inputs present; temporal needs [B, T, K]),
+    and their bit mask in TERMS order."""
     present = {"temporal": pred_dim == 3, "smoothing": has_raw, "consistency": has_prev}
-    return tuple(t for t, w in zip(TERMS, config_weights) if w != 0 and present.get(t, True))
+    terms = tuple(t for t, used in zip(TERMS, nonzero) if used and present.get(t, True))
+    return terms, term_mask(terms)
 
 
 def term_mask(terms: Sequence[str]) -> int:
