@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "blendshape_math.h"
+#include "macros.h"
 
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -87,12 +88,6 @@ bool needs_col_stats(const Problem& p) { return has(p.terms, kPerceptual) && !p.
 // CPU kernels
 // ----------------------------------------------------------------------------------------------
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FL_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define FL_CPU_CLONES
-#endif
-#define FL_R __restrict__
 // The flat loops carry AVX2+FMA clones of their own (a call per group of >= 512 values).
 #define FL_LOOP FL_CPU_CLONES static
 

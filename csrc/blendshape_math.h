@@ -26,11 +26,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FL_HOST_DEVICE inline
-#endif
+#include "macros.h"
 
 namespace fusedloss {
 namespace blendshape {

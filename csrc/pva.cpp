@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "macros.h"
 #include "pva_math.h"
 
 #ifdef WITH_CUDA
@@ -116,14 +117,6 @@ Gradients empty_gradients(const Tensor& pred, std::array<bool, 3> output_mask, c
 // CPU kernels
 // ----------------------------------------------------------------------------------------------
 
-// The per-batch-element loops carry an AVX2+FMA clone, picked at load time on CPUs that have it,
-// so a portable build still runs 8-wide.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FL_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define FL_CPU_CLONES
-#endif
-
 template <typename scalar_t>
 struct Rows {
   const scalar_t* pred;
@@ -184,9 +177,8 @@ struct Scratch {
   std::vector<acc_t> data;
 };
 
-// Row loops. Each takes __restrict__ pointers (its rows never overlap) so the compiler
-// vectorises it; they are inlined into the cloned per-batch-element functions below.
-#define FL_R __restrict__
+// Row loops. Each takes FL_R (restrict) pointers (its rows never overlap) so the compiler
+// vectorises it; they are inlined into the cloned (FL_CPU_CLONES) per-batch-element functions below.
 
 // e0 = p - q and the column sums of P, and of V and A once rows t-1 (e1), t-2 (e2) exist.
 template <typename acc_t, bool kL1, int kOrder>

@@ -153,7 +153,7 @@ def test_values_exactly_at_the_threshold(fused, dtype):
     backend, device = fused
     thr = 0.1
     at = torch.tensor(thr, dtype=dtype)
-    below, above = torch.nextafter(at.double(), torch.tensor(0.0, dtype=torch.float64)).to(dtype), None
+    below = torch.nextafter(at.double(), torch.tensor(0.0, dtype=torch.float64)).to(dtype)
     step = torch.finfo(dtype).eps * 0.1
     values = torch.tensor([at.item(), at.item() - step, at.item() + step, 0.0, 1.0, below.item()], dtype=torch.float64)
     g = torch.Generator().manual_seed(1)

@@ -53,7 +53,7 @@ def test_gradcheck_cpp_cpu():
     for loss_type in ("l2", "l1"):
         cfg = glue.PVAConfig(**{**config.__dict__, "loss_type": loss_type})
 
-        def fn(p, t, c):
+        def fn(p, t, c, cfg=cfg):
             total, terms = F.pva_loss_from_config(p, t, c, cfg, dim_ws=w, backend="cpu")
             return total, torch.stack(list(terms.values()))
 

@@ -57,6 +57,19 @@ __device__ __forceinline__ acc_t sign_of(acc_t x) {
   return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0));
 }
 
+// This block's time rows: the first, and the tile's columns (t, k) and elements per batch step.
+struct BlockTile {
+  int64_t t0;
+  int tile_cols, n;
+};
+__device__ __forceinline__ BlockTile block_tile(const Problem& pb, const Tile& tile) {
+  BlockTile bt;
+  bt.t0 = int64_t(blockIdx.x) * tile.ST;
+  bt.tile_cols = static_cast<int>((tile.ST < pb.T - bt.t0 ? tile.ST : pb.T - bt.t0) * pb.K);
+  bt.n = tile.SB * bt.tile_cols;
+  return bt;
+}
+
 // Element i of a step: batch row, time row and column of the tile; false past the tile or batch.
 struct Element {
   int64_t b, t, k;
@@ -96,9 +109,9 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   const Problem& pb = in.problem;
   const int64_t B = pb.B, T = pb.T, K = pb.K, C = T * K;
   const int tid = threadIdx.x;
-  const int64_t t0 = int64_t(blockIdx.x) * tile.ST;
-  const int tile_cols = static_cast<int>((tile.ST < T - t0 ? tile.ST : T - t0) * K);
-  const int n = tile.SB * tile_cols;
+  const BlockTile bt = block_tile(pb, tile);
+  const int64_t t0 = bt.t0;
+  const int tile_cols = bt.tile_cols, n = bt.n;
   const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
   const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
   const bool landmark = has(pb.terms, kLandmark);
@@ -278,9 +291,9 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
   const Problem& pb = in.problem;
   const int64_t B = pb.B, T = pb.T, K = pb.K, C = T * K;
   const int tid = threadIdx.x;
-  const int64_t t0 = int64_t(blockIdx.x) * tile.ST;
-  const int tile_cols = static_cast<int>((tile.ST < T - t0 ? tile.ST : T - t0) * K);
-  const int n = tile.SB * tile_cols;
+  const BlockTile bt = block_tile(pb, tile);
+  const int64_t t0 = bt.t0;
+  const int tile_cols = bt.tile_cols, n = bt.n;
   const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
   const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
   const bool landmark = has(pb.terms, kLandmark);
@@ -414,25 +427,14 @@ cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cuda
 cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* col_stats, void* workspace,
                          void* counter, cudaStream_t stream) {
   if (in.problem.K > kTile) return cudaErrorInvalidValue;  // checked (with a message) by the caller
-  switch (in.dtype) {
-    case DType::kFloat32: return launch_forward<float>(in, terms, total, col_stats, workspace, counter, stream);
-    case DType::kFloat64: return launch_forward<double>(in, terms, total, col_stats, workspace, counter, stream);
-    case DType::kFloat16: return launch_forward<__half>(in, terms, total, col_stats, workspace, counter, stream);
-    case DType::kBFloat16:
-      return launch_forward<__nv_bfloat16>(in, terms, total, col_stats, workspace, counter, stream);
-  }
-  return cudaErrorInvalidValue;
+  return cuda::dispatch(in.dtype, [&](auto element) {
+    return launch_forward<decltype(element)>(in, terms, total, col_stats, workspace, counter, stream);
+  });
 }
 
 cudaError_t backward_cuda(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
   if (in.problem.K > kTile) return cudaErrorInvalidValue;
-  switch (in.dtype) {
-    case DType::kFloat32: return launch_backward<float>(in, out, stream);
-    case DType::kFloat64: return launch_backward<double>(in, out, stream);
-    case DType::kFloat16: return launch_backward<__half>(in, out, stream);
-    case DType::kBFloat16: return launch_backward<__nv_bfloat16>(in, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return cuda::dispatch(in.dtype, [&](auto element) { return launch_backward<decltype(element)>(in, out, stream); });
 }
 
 }  // namespace blendshape

@@ -8,12 +8,12 @@
 #include <cstdint>
 
 #include "../blendshape_math.h"
-#include "pva_cuda.h"  // DType
+#include "dtype.h"
 
 namespace fusedloss {
 namespace blendshape {
 
-using pva::DType;
+using cuda::DType;
 
 // Inputs of both passes, viewed as [B, T, K] (T = 1 and stride_t = 0 for [B, K] inputs).
 struct CudaInputs {

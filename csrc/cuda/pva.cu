@@ -294,23 +294,13 @@ cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cuda
 
 cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* workspace, void* counter,
                          cudaStream_t stream) {
-  switch (in.dtype) {
-    case DType::kFloat32: return launch_forward<float>(in, terms, total, workspace, counter, stream);
-    case DType::kFloat64: return launch_forward<double>(in, terms, total, workspace, counter, stream);
-    case DType::kFloat16: return launch_forward<__half>(in, terms, total, workspace, counter, stream);
-    case DType::kBFloat16: return launch_forward<__nv_bfloat16>(in, terms, total, workspace, counter, stream);
-  }
-  return cudaErrorInvalidValue;
+  return cuda::dispatch(in.dtype, [&](auto element) {
+    return launch_forward<decltype(element)>(in, terms, total, workspace, counter, stream);
+  });
 }
 
 cudaError_t backward_cuda(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
-  switch (in.dtype) {
-    case DType::kFloat32: return launch_backward<float>(in, out, stream);
-    case DType::kFloat64: return launch_backward<double>(in, out, stream);
-    case DType::kFloat16: return launch_backward<__half>(in, out, stream);
-    case DType::kBFloat16: return launch_backward<__nv_bfloat16>(in, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return cuda::dispatch(in.dtype, [&](auto element) { return launch_backward<decltype(element)>(in, out, stream); });
 }
 
 }  // namespace pva

@@ -8,11 +8,12 @@
 #include <cstdint>
 
 #include "../pva_math.h"
+#include "dtype.h"
 
 namespace fusedloss {
 namespace pva {
 
-enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
+using cuda::DType;
 
 // Inputs of both passes. Arithmetic is float64 for kFloat64 inputs, float32 otherwise; the
 // terms, their total and grad_terms use that type too. Gradients use the input dtype.
