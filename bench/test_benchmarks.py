@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from fusedloss import benchmark as harness
-from fusedloss.benchmark import pva
+from fusedloss.benchmark import blendshape, pva
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = pva.cases(DEVICE, batches=(8, 64))
+CASES = pva.cases(DEVICE, batches=(8, 64)) + blendshape.cases(DEVICE, batches=(16, 4096))
 BACKENDS = ["reference"] + harness.concrete_backends(DEVICE)
 
 
 @pytest.mark.parametrize("phase", ["forward", "full"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", ""))
-def test_pva(benchmark, case, backend, phase):
+def test_case(benchmark, case, backend, phase):
     fn = benchmark_fn = harness.phase_functions(case, backend, "eager", DEVICE, torch.float32)[phase]
     if DEVICE.type == "cuda":
         def benchmark_fn():
