@@ -75,6 +75,26 @@ def _threshold(settings_ptr, INPUT: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _term_count(TERM: tl.constexpr, B, T, K, J, GROUPS: tl.constexpr):
+    """The count a term's sum is divided by (csrc/blendshape_math.h term_count); 0 for an empty set."""
+    B64 = tl.cast(B, tl.int64)  # (tl.cast: an int equal to 1 may be specialised to a constexpr)
+    T64 = tl.cast(T, tl.int64)
+    if TERM == 2 and GROUPS:
+        return B64 * T64
+    elif TERM == 3:
+        return B64 * (T64 - 1) * K
+    elif TERM == 4:
+        return B64 * T64 * J
+    else:
+        return B64 * T64 * K
+
+
+@triton.jit
+def _mean(total, count, ACC: tl.constexpr):
+    return tl.where(count > 0, total / tl.maximum(count, 1).to(ACC), 0.0)
+
+
+@triton.jit
 def _offsets(b, t, ks, sb, st, sk):
     return (b.to(tl.int64)[:, None, None] * sb + t.to(tl.int64)[None, :, None] * st
             + ks.to(tl.int64)[None, None, :] * sk)
@@ -222,40 +242,36 @@ def blendshape_forward_kernel(
                     tl.store(cols_ptr + C + c, cols2, mask=c_ok)
                     acc_w += w * w * cols2
                 s_w = tl.sum(acc_w)
-        B64 = tl.cast(B, tl.int64)  # (tl.cast: B may be specialised to a constexpr 1)
-        T64 = tl.cast(T, tl.int64)
-        n = tl.maximum(B64 * T64 * K, 1).to(ACC)  # (B = 0: every sum is 0, so is every term)
         total = 0.0
         if I_MSE >= 0:
-            v = s_sq / n
+            v = _mean(s_sq, _term_count(0, B, T, K, J, GROUPS), ACC)
             tl.store(terms_ptr + I_MSE, v)
             total += tl.load(settings_ptr + 0).to(ACC) * v
         if I_L1 >= 0:
-            v = s_abs / n
+            v = _mean(s_abs, _term_count(1, B, T, K, J, GROUPS), ACC)
             tl.store(terms_ptr + I_L1, v)
             total += tl.load(settings_ptr + 1).to(ACC) * v
         if I_PERC >= 0:
             if GROUPS:
-                v = s_grp / tl.maximum(B64 * T64, 1).to(ACC)
+                v = _mean(s_grp, _term_count(2, B, T, K, J, GROUPS), ACC)
             else:
-                v = (s_act + s_w) / n
+                v = _mean(s_act + s_w, _term_count(2, B, T, K, J, GROUPS), ACC)
             tl.store(terms_ptr + I_PERC, v)
             total += tl.load(settings_ptr + 2).to(ACC) * v
         if I_TEMP >= 0:
-            count = B64 * (T64 - 1) * K
-            v = tl.where(count > 0, s_tmp / tl.maximum(count, 1).to(ACC), 0.0)
+            v = _mean(s_tmp, _term_count(3, B, T, K, J, GROUPS), ACC)
             tl.store(terms_ptr + I_TEMP, v)
             total += tl.load(settings_ptr + 3).to(ACC) * v
         if I_LAND >= 0:
-            v = s_lm / tl.maximum(B64 * T64 * J, 1).to(ACC)
+            v = _mean(s_lm, _term_count(4, B, T, K, J, GROUPS), ACC)
             tl.store(terms_ptr + I_LAND, v)
             total += tl.load(settings_ptr + 4).to(ACC) * v
         if I_SMOOTH >= 0:
-            v = s_sm / n
+            v = _mean(s_sm, _term_count(5, B, T, K, J, GROUPS), ACC)
             tl.store(terms_ptr + I_SMOOTH, v)
             total += tl.load(settings_ptr + 5).to(ACC) * v
         if I_CONS >= 0:
-            v = s_cs / n
+            v = _mean(s_cs, _term_count(6, B, T, K, J, GROUPS), ACC)
             tl.store(terms_ptr + I_CONS, v)
             total += tl.load(settings_ptr + 6).to(ACC) * v
         tl.store(total_ptr, total)
@@ -263,11 +279,11 @@ def blendshape_forward_kernel(
 
 
 @triton.jit
-def _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, TERM: tl.constexpr, INDEX: tl.constexpr, count,
-                 ACC: tl.constexpr):
+def _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, TERM: tl.constexpr, INDEX: tl.constexpr,
+                 B, T, K, J, GROUPS: tl.constexpr, ACC: tl.constexpr):
     """(grad_terms[INDEX] + weight * grad_total) / count: d(loss)/d(sum of the term)."""
     g = tl.load(grad_terms_ptr + INDEX * g_stride).to(ACC) + tl.load(settings_ptr + TERM).to(ACC) * g_total
-    return tl.where(count > 0, g / tl.maximum(count, 1).to(ACC), 0.0)
+    return _mean(g, _term_count(TERM, B, T, K, J, GROUPS), ACC)
 
 
 @triton.jit
@@ -289,9 +305,6 @@ def blendshape_backward_kernel(
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1)
     n_b = tl.num_programs(1)
-    B64 = tl.cast(B, tl.int64)
-    T64 = tl.cast(T, tl.int64)
-    n = B64 * T64 * K
     g_total = tl.load(grad_total_ptr).to(ACC)
     c_mse = 0.0
     c_l1 = 0.0
@@ -301,22 +314,19 @@ def blendshape_backward_kernel(
     c_smooth = 0.0
     c_cons = 0.0
     if I_MSE >= 0:
-        c_mse = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 0, I_MSE, n, ACC)
+        c_mse = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 0, I_MSE, B, T, K, J, GROUPS, ACC)
     if I_L1 >= 0:
-        c_l1 = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 1, I_L1, n, ACC)
+        c_l1 = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 1, I_L1, B, T, K, J, GROUPS, ACC)
     if I_PERC >= 0:
-        if GROUPS:
-            c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, B64 * T64, ACC)
-        else:
-            c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, n, ACC)
+        c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, B, T, K, J, GROUPS, ACC)
     if I_TEMP >= 0:
-        c_temp = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 3, I_TEMP, B64 * (T64 - 1) * K, ACC)
+        c_temp = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 3, I_TEMP, B, T, K, J, GROUPS, ACC)
     if I_LAND >= 0:
-        c_land = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 4, I_LAND, B64 * T64 * J, ACC)
+        c_land = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 4, I_LAND, B, T, K, J, GROUPS, ACC)
     if I_SMOOTH >= 0:
-        c_smooth = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 5, I_SMOOTH, n, ACC)
+        c_smooth = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 5, I_SMOOTH, B, T, K, J, GROUPS, ACC)
     if I_CONS >= 0:
-        c_cons = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 6, I_CONS, n, ACC)
+        c_cons = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 6, I_CONS, B, T, K, J, GROUPS, ACC)
 
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ks = tl.arange(0, KP)
