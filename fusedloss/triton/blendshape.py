@@ -95,6 +95,18 @@ def _mean(total, count, ACC: tl.constexpr):
 
 
 @triton.jit
+def _store_term(terms_ptr, settings_ptr, TERM: tl.constexpr, INDEX: tl.constexpr, term_sum, total, B, T, K, J,
+                GROUPS: tl.constexpr, ACC: tl.constexpr):
+    """A computed term (INDEX >= 0): its value, term_sum / count, into terms[INDEX]; returns total
+    plus its weight times it."""
+    if INDEX >= 0:
+        value = _mean(term_sum, _term_count(TERM, B, T, K, J, GROUPS), ACC)
+        tl.store(terms_ptr + INDEX, value)
+        total += tl.load(settings_ptr + TERM).to(ACC) * value
+    return total
+
+
+@triton.jit
 def _offsets(b, t, ks, sb, st, sk):
     return (b.to(tl.int64)[:, None, None] * sb + t.to(tl.int64)[None, :, None] * st
             + ks.to(tl.int64)[None, None, :] * sk)
@@ -242,38 +254,15 @@ def blendshape_forward_kernel(
                     tl.store(cols_ptr + C + c, cols2, mask=c_ok)
                     acc_w += w * w * cols2
                 s_w = tl.sum(acc_w)
-        total = 0.0
-        if I_MSE >= 0:
-            v = _mean(s_sq, _term_count(0, B, T, K, J, GROUPS), ACC)
-            tl.store(terms_ptr + I_MSE, v)
-            total += tl.load(settings_ptr + 0).to(ACC) * v
-        if I_L1 >= 0:
-            v = _mean(s_abs, _term_count(1, B, T, K, J, GROUPS), ACC)
-            tl.store(terms_ptr + I_L1, v)
-            total += tl.load(settings_ptr + 1).to(ACC) * v
-        if I_PERC >= 0:
-            if GROUPS:
-                v = _mean(s_grp, _term_count(2, B, T, K, J, GROUPS), ACC)
-            else:
-                v = _mean(s_act + s_w, _term_count(2, B, T, K, J, GROUPS), ACC)
-            tl.store(terms_ptr + I_PERC, v)
-            total += tl.load(settings_ptr + 2).to(ACC) * v
-        if I_TEMP >= 0:
-            v = _mean(s_tmp, _term_count(3, B, T, K, J, GROUPS), ACC)
-            tl.store(terms_ptr + I_TEMP, v)
-            total += tl.load(settings_ptr + 3).to(ACC) * v
-        if I_LAND >= 0:
-            v = _mean(s_lm, _term_count(4, B, T, K, J, GROUPS), ACC)
-            tl.store(terms_ptr + I_LAND, v)
-            total += tl.load(settings_ptr + 4).to(ACC) * v
-        if I_SMOOTH >= 0:
-            v = _mean(s_sm, _term_count(5, B, T, K, J, GROUPS), ACC)
-            tl.store(terms_ptr + I_SMOOTH, v)
-            total += tl.load(settings_ptr + 5).to(ACC) * v
-        if I_CONS >= 0:
-            v = _mean(s_cs, _term_count(6, B, T, K, J, GROUPS), ACC)
-            tl.store(terms_ptr + I_CONS, v)
-            total += tl.load(settings_ptr + 6).to(ACC) * v
+        s_perc = s_grp if GROUPS else s_act + s_w
+        total = tl.full([], 0.0, ACC)
+        total = _store_term(terms_ptr, settings_ptr, 0, I_MSE, s_sq, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, 1, I_L1, s_abs, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, 2, I_PERC, s_perc, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, 3, I_TEMP, s_tmp, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, 4, I_LAND, s_lm, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, 5, I_SMOOTH, s_sm, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, 6, I_CONS, s_cs, total, B, T, K, J, GROUPS, ACC)
         tl.store(total_ptr, total)
         tl.atomic_xchg(counter_ptr, 0)
 
@@ -281,9 +270,13 @@ def blendshape_forward_kernel(
 @triton.jit
 def _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, TERM: tl.constexpr, INDEX: tl.constexpr,
                  B, T, K, J, GROUPS: tl.constexpr, ACC: tl.constexpr):
-    """(grad_terms[INDEX] + weight * grad_total) / count: d(loss)/d(sum of the term)."""
-    g = tl.load(grad_terms_ptr + INDEX * g_stride).to(ACC) + tl.load(settings_ptr + TERM).to(ACC) * g_total
-    return _mean(g, _term_count(TERM, B, T, K, J, GROUPS), ACC)
+    """(grad_terms[INDEX] + weight * grad_total) / count: d(loss)/d(sum of the term); 0 when the
+    term is not computed (INDEX < 0)."""
+    if INDEX >= 0:
+        g = tl.load(grad_terms_ptr + INDEX * g_stride).to(ACC) + tl.load(settings_ptr + TERM).to(ACC) * g_total
+        return _mean(g, _term_count(TERM, B, T, K, J, GROUPS), ACC)
+    else:
+        return tl.full([], 0.0, ACC)
 
 
 @triton.jit
@@ -306,27 +299,13 @@ def blendshape_backward_kernel(
     pid_b = tl.program_id(1)
     n_b = tl.num_programs(1)
     g_total = tl.load(grad_total_ptr).to(ACC)
-    c_mse = 0.0
-    c_l1 = 0.0
-    c_perc = 0.0
-    c_temp = 0.0
-    c_land = 0.0
-    c_smooth = 0.0
-    c_cons = 0.0
-    if I_MSE >= 0:
-        c_mse = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 0, I_MSE, B, T, K, J, GROUPS, ACC)
-    if I_L1 >= 0:
-        c_l1 = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 1, I_L1, B, T, K, J, GROUPS, ACC)
-    if I_PERC >= 0:
-        c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, B, T, K, J, GROUPS, ACC)
-    if I_TEMP >= 0:
-        c_temp = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 3, I_TEMP, B, T, K, J, GROUPS, ACC)
-    if I_LAND >= 0:
-        c_land = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 4, I_LAND, B, T, K, J, GROUPS, ACC)
-    if I_SMOOTH >= 0:
-        c_smooth = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 5, I_SMOOTH, B, T, K, J, GROUPS, ACC)
-    if I_CONS >= 0:
-        c_cons = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 6, I_CONS, B, T, K, J, GROUPS, ACC)
+    c_mse = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 0, I_MSE, B, T, K, J, GROUPS, ACC)
+    c_l1 = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 1, I_L1, B, T, K, J, GROUPS, ACC)
+    c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, B, T, K, J, GROUPS, ACC)
+    c_temp = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 3, I_TEMP, B, T, K, J, GROUPS, ACC)
+    c_land = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 4, I_LAND, B, T, K, J, GROUPS, ACC)
+    c_smooth = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 5, I_SMOOTH, B, T, K, J, GROUPS, ACC)
+    c_cons = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 6, I_CONS, B, T, K, J, GROUPS, ACC)
 
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ks = tl.arange(0, KP)
