@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ class Case:
     name: str
     make: Callable
     elements: dict
-    params: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -47,7 +47,6 @@ def make_case(label: str, shape: tuple[int, ...], kwargs: dict) -> Case:
         name=f"blendshape {list(shape)} {label}",
         make=make,
         elements={"forward": 2 * n, "backward": 3 * n, "full": 5 * n},
-        params={"B": shape[0], "shape": shape, **{k: str(v) for k, v in kwargs.items()}},
     )
 
 

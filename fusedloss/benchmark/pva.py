@@ -37,7 +37,6 @@ def make_case(B: int) -> Case:
         name=f"pva [{B}, {SEQUENCE}, {DIM}]",
         make=make,
         elements={"forward": 2 * n + cond, "backward": 3 * n + cond, "full": 5 * n + 2 * cond},
-        params={"B": B, "L": SEQUENCE, "D": DIM},
     )
 
 

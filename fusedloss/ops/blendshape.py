@@ -26,8 +26,6 @@ from .. import _checks
 from ._autograd import register_terms_autograd
 
 TERMS = ("mse", "l1", "perceptual", "temporal", "landmark", "smoothing", "consistency")
-DEFAULT_WEIGHTS = {"mse": 1.0, "l1": 0.1, "perceptual": 0.5}
-SETTINGS = len(TERMS) + 1  # the weights, then the threshold
 # Seed 001's dual-stream groups: mouth and expression blendshapes of ARKit's 52.
 SEED_001_GROUPS = ((tuple(range(12, 22)), 1.0), (tuple(range(0, 10)), 1.0))
 

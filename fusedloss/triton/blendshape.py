@@ -34,8 +34,7 @@ S_LANDMARK = tl.constexpr(5)
 S_SMOOTH = tl.constexpr(6)
 S_CONSISTENCY = tl.constexpr(7)
 S_WEIGHTED = tl.constexpr(8)
-NUM_SUMS = 9
-SUMS_PAD = 16
+SUMS_PAD = 16  # partial sums per program (9 used)
 # Column sums of the batch groups are combined by the last program: keep them small.
 COLUMN_PARTIALS_MAX = 1 << 17
 
