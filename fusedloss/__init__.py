@@ -7,8 +7,8 @@
 
 from . import backends, functional
 from .backends import BackendUnavailableError
-from .modules import BlendshapeLoss, PVALoss
+from .modules import AllPairsMarginRankingLoss, BlendshapeLoss, CombinedLoss, PVALoss
 
 __version__ = "0.1.0"
 
-__all__ = ["PVALoss", "BlendshapeLoss", "functional", "backends", "BackendUnavailableError", "__version__"]
+__all__ = ["PVALoss", "BlendshapeLoss", "CombinedLoss", "AllPairsMarginRankingLoss", "functional", "backends", "BackendUnavailableError", "__version__"]

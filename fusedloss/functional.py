@@ -13,9 +13,11 @@ import torch
 from . import _checks, backends
 from .ops import blendshape as blendshape_ops
 from .ops import pva as pva_ops
-from .reference import blendshape_loss_reference, pva_loss_reference
+from .ops import score as score_ops
+from .reference import (all_pairs_margin_ranking_reference, blendshape_loss_reference, pva_loss_reference,
+                        score_loss_reference)
 
-__all__ = ["pva_loss", "blendshape_loss"]
+__all__ = ["pva_loss", "blendshape_loss", "combined_loss", "all_pairs_margin_ranking_loss"]
 
 
 def pva_loss(
@@ -178,4 +180,102 @@ def blendshape_loss_from_config(
     )
     out = dict(zip(computed, terms.unbind(0))) if components else {}
     out["total"] = total
+    return out
+
+
+def combined_loss(
+    scores: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    regression_weight: float = 1.0,
+    classification_weight: float = 0.3,
+    ranking_weight: float = 0.2,
+    regression_type: str = "mse",
+    margin: float = 0.5,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Regression + classification + all-pairs margin ranking loss of TIGAS (SPEC §3).
+
+    Args:
+        scores: ``[B]`` or ``[B, 1]`` predicted scores.
+        logits: ``[B, 2]`` real-vs-fake logits, scores' dtype and device.
+        labels: ``[B]`` or ``[B, 1]`` floats in [0, 1] (1 = real; real means > 0.5), any float dtype.
+            Targets: no gradient flows to them.
+        regression_weight, classification_weight, ranking_weight: weights of the terms in the total.
+        regression_type: ``"mse"`` or ``"smoothl1"`` (beta 1).
+        margin: margin of the ranking hinge max(0, margin - (s_real - s_fake)), over every
+            (real, fake) pair of the batch, averaged over the pairs (0 without pairs).
+        check_finite: raise ``RuntimeError`` naming scores, logits or the total when it holds a NaN
+            or Inf; costs one host sync per call. ``False`` never syncs.
+        backend: which implementation runs it.
+
+    Returns:
+        ``(total, terms)``: ``terms`` maps "regression", "classification", "ranking" and "total" to
+        differentiable 0-dim tensors (float32 for 16-bit inputs).
+    """
+    config = score_ops.ScoreConfig.build(regression_weight, classification_weight, ranking_weight, regression_type,
+                                         margin)
+    terms = score_loss_from_config(scores, logits, labels, config,
+                                   check_finite=_checks.flag("check_finite", check_finite), backend=backend)
+    return terms["total"], terms
+
+
+def all_pairs_margin_ranking_loss(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.5,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """max(0, margin - (s_i - s_j)) over every pair of a real score s_i (label > 0.5) and a fake
+    score s_j, averaged over the pairs (``reduction="mean"``, 0 without pairs) or summed
+    (``"sum"``); SPEC §3's ranking term. Exact, in O(B log B) time and O(B) memory.
+
+    Args:
+        scores: ``[B]`` or ``[B, 1]``.
+        labels: ``[B]`` or ``[B, 1]`` floats in [0, 1], any float dtype (no gradient).
+    """
+    config = score_ops.ScoreConfig.build(margin=margin, reduction=reduction)
+    return score_loss_from_config(scores, None, labels, config, terms=score_ops.RANKING_ONLY,
+                                  backend=backend)["ranking"]
+
+
+def score_loss_from_config(
+    scores: torch.Tensor,
+    logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    config: score_ops.ScoreConfig,
+    *,
+    settings: torch.Tensor | None = None,
+    terms: int = score_ops.ALL_TERMS,
+    check_finite: bool = False,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The terms and "total" for a validated configuration (``CombinedLoss`` passes its settings
+    buffer). ``terms`` is ALL_TERMS or RANKING_ONLY (no logits)."""
+    with_logits = terms == score_ops.ALL_TERMS
+    scores, labels = score_ops.check_inputs(scores, logits, labels, need_logits=with_logits)
+    labels = labels.detach()
+    logits = logits if with_logits else None
+    name = backends.resolve(backend, scores.device.type)
+    if name == "reference" or scores.shape[0] == 0:
+        if with_logits:
+            out = score_loss_reference(scores, logits, labels, config)
+        else:
+            ranking = all_pairs_margin_ranking_reference(scores, labels, config.margin, config.reduction)
+            out = {"ranking": ranking, "total": ranking}
+        status = score_ops.status_of(scores, logits, out["total"]) if check_finite else None
+    else:
+        # A tiny table: an asynchronous copy (from pageable memory, staged at once) never syncs.
+        settings = (settings if settings is not None else config.settings()).to(scores.device, non_blocking=True)
+        values, total, _, _, status = score_ops.forward_op(name)(
+            scores, logits, labels, settings, terms, config.regression_type == "smoothl1", config.reduction == "sum")
+        if with_logits:
+            out = dict(zip(score_ops.TERMS, values.unbind(0)))
+            out["total"] = total
+        else:
+            out = {"ranking": values[2], "total": values[2]}
+    if check_finite:
+        out["total"] = score_ops.finite_or_raise(out["total"], status)
     return out

@@ -6,7 +6,7 @@ Each family ``f`` has ``ops/f.py`` (with ``register_cpp()``), ``triton/f.py``, `
 
 import importlib
 
-FAMILIES = ("pva", "blendshape")
+FAMILIES = ("pva", "blendshape", "score")
 
 
 def register_cpp_ops() -> None:

@@ -1,0 +1,420 @@
+// Score loss (TIGAS): operator schemas, C++ CPU kernels, and the CUDA dispatch (cuda/score.cu).
+//
+// fusedloss::score_forward  returns the three terms (regression, classification, ranking; 0 where
+//                           not computed), their weighted total, the signed active-pair count of
+//                           every score, the ranking's gradient scale (1 / (|R| |F|) for "mean",
+//                           1 for "sum") and a status of non-finite values (score_math.h's Status).
+// fusedloss::score_backward writes the gradients of scores and logits in one pass.
+// The math is described once, in score_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "macros.h"
+#include "score_math.h"
+
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "arrival_counter.h"
+#include "cuda/score_cuda.h"
+#endif
+
+namespace fusedloss {
+namespace score {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+Problem check_inputs(const Tensor& scores, const OptTensor& logits, const Tensor& labels, const Tensor& settings,
+                     int64_t terms, bool smooth_l1, bool ranking_sum) {
+  TORCH_CHECK(scores.dim() == 1, "score: scores must be [B]");
+  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "score: scores must be floating point");
+  const int64_t B = scores.size(0);
+  TORCH_CHECK(B < (int64_t(1) << 31), "score: at most 2^31 - 1 scores");
+  TORCH_CHECK(terms >= 0 && terms < (1 << kNumTerms), "score: bad term mask ", terms);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B && at::isFloatingType(labels.scalar_type()) &&
+                  labels.device() == scores.device(),
+              "score: labels must be a floating-point [B] tensor on scores' device");
+  if (has(terms, kClassification)) {
+    TORCH_CHECK(logits.has_value(), "score: logits are required for the classification term");
+    TORCH_CHECK(logits->dim() == 2 && logits->size(0) == B && logits->size(1) == 2 &&
+                    logits->scalar_type() == scores.scalar_type() && logits->device() == scores.device(),
+                "score: logits must be [B, 2] with scores' dtype and device");
+  }
+  TORCH_CHECK(settings.dim() == 1 && settings.size(0) == kNumSettings && settings.scalar_type() == at::kDouble &&
+                  settings.is_contiguous() && settings.device() == scores.device(),
+              "score: settings must be a contiguous float64 [4] tensor on scores' device");
+  return Problem{B, static_cast<int>(terms), smooth_l1, ranking_sum};
+}
+
+// Labels are read in scores' dtype or in the arithmetic type; any other dtype is converted to the
+// latter (exactly: every label dtype converts exactly to float32 or float64).
+Tensor labels_as_read(const Tensor& labels, const Tensor& scores) {
+  const auto t = labels.scalar_type();
+  if (t == scores.scalar_type() || t == acc_type_of(scores.scalar_type())) return labels;
+  return labels.to(acc_type_of(scores.scalar_type()));
+}
+
+// ----------------------------------------------------------------------------------------------
+// CPU kernels
+// ----------------------------------------------------------------------------------------------
+
+// Fixed chunks of the element loops: partial sums per chunk, added in chunk order, so the result
+// does not depend on the number of threads.
+constexpr int64_t kChunk = 4096;
+// Up to this many pairs, counting active partners by scanning the (unsorted) opposite class beats
+// sorting both classes and searching (measured on x86-64 with bench/run.py --family score).
+constexpr double kScanPairsMax = 1 << 14;
+
+template <typename scalar_t, typename label_t>
+struct Inputs {
+  const scalar_t* scores;
+  int64_t ss;
+  const label_t* labels;
+  int64_t ys;
+  const scalar_t* logits;  // null without classification
+  int64_t ls0, ls1;
+};
+
+// A strict weak order on scores that puts NaN last (std::sort needs one; `<` alone is not, with NaN).
+template <typename acc_t>
+bool nan_last_less(acc_t a, acc_t b) {
+  return a < b || (a == a && b != b);
+}
+
+template <typename acc_t>
+struct Classes {
+  std::vector<acc_t> reals, fakes;  // the scores of each class; ascending when sorted
+  bool sorted;
+};
+
+template <typename acc_t, typename scalar_t, typename label_t>
+Classes<acc_t> split_classes(const Inputs<scalar_t, label_t>& in, const Problem& pb) {
+  Classes<acc_t> c;
+  for (int64_t k = 0; k < pb.B; ++k) {
+    const acc_t s = static_cast<acc_t>(in.scores[k * in.ss]);
+    (is_real(static_cast<double>(in.labels[k * in.ys])) ? c.reals : c.fakes).push_back(s);
+  }
+  c.sorted = static_cast<double>(c.reals.size()) * static_cast<double>(c.fakes.size()) > kScanPairsMax;
+  if (c.sorted && has(pb.terms, kRanking)) {
+    at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        auto& v = i == 0 ? c.reals : c.fakes;
+        std::sort(v.begin(), v.end(), nan_last_less<acc_t>);
+      }
+    });
+  }
+  return c;
+}
+
+// Active partners of a score, by scanning the opposite class.
+template <typename acc_t>
+FL_CPU_CLONES int64_t scan_active_fakes(acc_t m, acc_t s, const acc_t* FL_R fakes, int64_t n) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += active(m, s, fakes[j]);
+  return count;
+}
+template <typename acc_t>
+FL_CPU_CLONES int64_t scan_active_reals(acc_t m, acc_t s, const acc_t* FL_R reals, int64_t n) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += active(m, reals[i], s);
+  return count;
+}
+
+// Per-chunk sums of the forward.
+struct Partial {
+  double regression = 0, classification = 0, ranking = 0;
+  int64_t bad_scores = 0, bad_logits = 0;
+};
+
+template <typename scalar_t, typename label_t>
+void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const double* settings, Tensor& terms,
+                 Tensor& total, Tensor& counts, Tensor& rank_scale, Tensor& status) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const bool rank = has(pb.terms, kRanking), cls = has(pb.terms, kClassification);
+  const acc_t margin = static_cast<acc_t>(settings[kMargin]);
+  const Classes<acc_t> classes = split_classes<acc_t>(in, pb);
+  const int64_t nR = static_cast<int64_t>(classes.reals.size()), nF = static_cast<int64_t>(classes.fakes.size());
+  int32_t* count_out = counts.data_ptr<int32_t>();
+  const int64_t chunks = (pb.B + kChunk - 1) / kChunk;
+  std::vector<Partial> partials(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      Partial p;
+      acc_t reg = 0, ce = 0;
+      for (int64_t k = chunk * kChunk; k < std::min(pb.B, (chunk + 1) * kChunk); ++k) {
+        const acc_t s = static_cast<acc_t>(in.scores[k * in.ss]);
+        const acc_t y = static_cast<acc_t>(in.labels[k * in.ys]);
+        const bool real = is_real(y);
+        p.bad_scores += !std::isfinite(s);
+        reg += regression_value(s - y, pb.smooth_l1);
+        if (cls) {
+          const acc_t l0 = static_cast<acc_t>(in.logits[k * in.ls0]);
+          const acc_t l1 = static_cast<acc_t>(in.logits[k * in.ls0 + in.ls1]);
+          p.bad_logits += !(std::isfinite(l0) && std::isfinite(l1));
+          ce += cross_entropy(l0, l1, real);
+        }
+        if (rank) {
+          int64_t n;
+          if (classes.sorted) n = real ? active_fakes(margin, s, classes.fakes.data(), nF)
+                                       : active_reals(margin, s, classes.reals.data(), nR);
+          else n = real ? scan_active_fakes(margin, s, classes.fakes.data(), nF)
+                        : scan_active_reals(margin, s, classes.reals.data(), nR);
+          const int64_t signed_count = real ? -n : n;
+          count_out[k] = static_cast<int32_t>(signed_count);
+          p.ranking += ranking_share(signed_count, static_cast<double>(margin), static_cast<double>(s));
+        }
+      }
+      p.regression = reg;
+      p.classification = ce;
+      partials[chunk] = p;
+    }
+  });
+  Partial sum;
+  for (const Partial& p : partials) {
+    sum.regression += p.regression;
+    sum.classification += p.classification;
+    sum.ranking += p.ranking;
+    sum.bad_scores += p.bad_scores;
+    sum.bad_logits += p.bad_logits;
+  }
+  const double pairs = static_cast<double>(nR) * static_cast<double>(nF);
+  const double scale = pb.ranking_sum ? 1.0 : (pairs > 0 ? 1.0 / pairs : 0.0);
+  const double inv_B = pb.B > 0 ? 1.0 / static_cast<double>(pb.B) : 0.0;
+  acc_t values[kNumTerms] = {has(pb.terms, kRegression) ? static_cast<acc_t>(sum.regression * inv_B) : acc_t(0),
+                             cls ? static_cast<acc_t>(sum.classification * inv_B) : acc_t(0),
+                             rank ? static_cast<acc_t>(sum.ranking * scale) : acc_t(0)};
+  acc_t weighted = 0;
+  for (int t = 0; t < kNumTerms; ++t)
+    if (has(pb.terms, t)) weighted += static_cast<acc_t>(settings[t]) * values[t];
+  std::copy(values, values + kNumTerms, terms.data_ptr<acc_t>());
+  *total.data_ptr<acc_t>() = weighted;
+  *rank_scale.data_ptr<double>() = scale;
+  *status.data_ptr<int32_t>() = (sum.bad_scores ? kScoresNotFinite : 0) | (sum.bad_logits ? kLogitsNotFinite : 0) |
+                                (std::isfinite(weighted) ? 0 : kTotalNotFinite);
+}
+
+struct Outputs {
+  Tensor terms, total, counts, rank_scale, status;
+};
+
+Outputs empty_outputs(const Tensor& scores, const Problem& pb) {
+  const auto options = scores.options();
+  const auto acc = options.dtype(acc_type_of(scores.scalar_type()));
+  return {at::empty({kNumTerms}, acc), at::empty({}, acc),
+          at::empty({has(pb.terms, kRanking) ? pb.B : 0}, options.dtype(at::kInt)),
+          at::empty({}, options.dtype(at::kDouble)), at::empty({}, options.dtype(at::kInt))};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cpu(const Tensor& scores, const OptTensor& logits,
+                                                                      const Tensor& labels_in, const Tensor& settings,
+                                                                      int64_t terms, bool smooth_l1, bool ranking_sum) {
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+  const Tensor labels = labels_as_read(labels_in, scores);
+  Outputs out = empty_outputs(scores, pb);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "score_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const bool cls = has(pb.terms, kClassification);
+    const scalar_t* l = cls ? logits->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t ls0 = cls ? logits->stride(0) : 0, ls1 = cls ? logits->stride(1) : 0;
+    auto run = [&](auto label) {
+      using label_t = decltype(label);
+      const Inputs<scalar_t, label_t> in{scores.const_data_ptr<scalar_t>(), scores.stride(0),
+                                         labels.const_data_ptr<label_t>(), labels.stride(0), l, ls0, ls1};
+      forward_cpu<scalar_t, label_t>(in, pb, settings.const_data_ptr<double>(), out.terms, out.total, out.counts,
+                                     out.rank_scale, out.status);
+    };
+    if (labels.scalar_type() == scores.scalar_type()) run(scalar_t{});
+    else run(acc_t{});
+  });
+  return {out.terms, out.total, out.counts, out.rank_scale, out.status};
+}
+
+void check_grads(const Tensor& grad_terms, const Tensor& grad_total, const Tensor& counts, const Tensor& rank_scale,
+                 const Tensor& scores, const Problem& pb) {
+  const auto acc = acc_type_of(scores.scalar_type());
+  TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == kNumTerms && grad_terms.scalar_type() == acc &&
+                  grad_terms.device() == scores.device(),
+              "score: grad_terms must be a [3] tensor of the terms' dtype");
+  TORCH_CHECK(grad_total.dim() == 0 && grad_total.scalar_type() == acc && grad_total.device() == scores.device(),
+              "score: grad_total must be a 0-dim tensor of the terms' dtype");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == (has(pb.terms, kRanking) ? pb.B : 0) &&
+                  counts.scalar_type() == at::kInt && counts.is_contiguous() && counts.device() == scores.device(),
+              "score: counts must be the forward's int32 [B] active-pair counts");
+  TORCH_CHECK(rank_scale.dim() == 0 && rank_scale.scalar_type() == at::kDouble &&
+                  rank_scale.device() == scores.device(),
+              "score: rank_scale must be the forward's float64 [] scale");
+}
+
+std::tuple<Tensor, Tensor> empty_gradients(const Tensor& scores, const OptTensor& logits, const Problem& pb,
+                                           std::array<bool, 2> mask) {
+  const bool cls = mask[1] && has(pb.terms, kClassification);
+  return {at::empty({mask[0] ? pb.B : 0}, scores.options()),
+          cls ? at::empty({pb.B, 2}, logits->options()) : at::empty({0}, scores.options())};
+}
+
+std::tuple<Tensor, Tensor> score_backward_cpu(const Tensor& grad_terms, const Tensor& grad_total,
+                                              const Tensor& counts, const Tensor& rank_scale, const Tensor& scores,
+                                              const OptTensor& logits, const Tensor& labels_in,
+                                              const Tensor& settings, int64_t terms, bool smooth_l1,
+                                              bool ranking_sum, std::array<bool, 2> output_mask) {
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+  check_grads(grad_terms, grad_total, counts, rank_scale, scores, pb);
+  const Tensor labels = labels_as_read(labels_in, scores);
+  auto [grad_scores, grad_logits] = empty_gradients(scores, logits, pb, output_mask);
+  if (grad_scores.numel() + grad_logits.numel() == 0) return {grad_scores, grad_logits};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "score_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    // d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the term's count.
+    const double* w = settings.const_data_ptr<double>();
+    const acc_t* gt = grad_terms.const_data_ptr<acc_t>();
+    const acc_t g_total = *grad_total.const_data_ptr<acc_t>();
+    auto coef = [&](int t) { return gt[t * grad_terms.stride(0)] + static_cast<acc_t>(w[t]) * g_total; };
+    const acc_t inv_B = acc_t(1) / static_cast<acc_t>(pb.B);
+    const acc_t c_reg = has(pb.terms, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
+    const acc_t c_cls = coef(kClassification) * inv_B;
+    const acc_t c_rank = has(pb.terms, kRanking)
+                             ? static_cast<acc_t>(static_cast<double>(coef(kRanking)) * *rank_scale.const_data_ptr<double>())
+                             : acc_t(0);
+    const int32_t* count = has(pb.terms, kRanking) ? counts.const_data_ptr<int32_t>() : nullptr;
+    scalar_t* gs = grad_scores.numel() ? grad_scores.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gl = grad_logits.numel() ? grad_logits.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* s_ptr = scores.const_data_ptr<scalar_t>();
+    const scalar_t* l_ptr = gl ? logits->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t ss = scores.stride(0), ls0 = gl ? logits->stride(0) : 0, ls1 = gl ? logits->stride(1) : 0;
+    auto run = [&](auto label) {
+      using label_t = decltype(label);
+      const label_t* y_ptr = labels.const_data_ptr<label_t>();
+      const int64_t ys = labels.stride(0);
+      at::parallel_for(0, pb.B, kChunk, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const acc_t y = static_cast<acc_t>(y_ptr[k * ys]);
+          if (gs) {
+            const acc_t s = static_cast<acc_t>(s_ptr[k * ss]);
+            acc_t g = c_reg * regression_grad(s - y, pb.smooth_l1);
+            if (count) g += c_rank * static_cast<acc_t>(count[k]);
+            gs[k] = static_cast<scalar_t>(g);
+          }
+          if (gl) {
+            // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
+            const acc_t l0 = static_cast<acc_t>(l_ptr[k * ls0]), l1 = static_cast<acc_t>(l_ptr[k * ls0 + ls1]);
+            const bool real = is_real(y);
+            const acc_t p_other = sigmoid(real ? l0 - l1 : l1 - l0);
+            const acc_t g_other = c_cls * p_other;
+            gl[2 * k] = static_cast<scalar_t>(real ? g_other : -g_other);
+            gl[2 * k + 1] = static_cast<scalar_t>(real ? -g_other : g_other);
+          }
+        }
+      });
+    };
+    if (labels.scalar_type() == scores.scalar_type()) run(scalar_t{});
+    else run(acc_t{});
+  });
+  return {grad_scores, grad_logits};
+}
+
+#ifdef WITH_CUDA
+CudaInputs cuda_inputs(const Tensor& scores, const OptTensor& logits, const Tensor& labels, const Tensor& settings,
+                       const Problem& pb) {
+  CudaInputs in{};
+  in.scores = scores.const_data_ptr();
+  in.scores_stride = scores.stride(0);
+  in.labels = labels.const_data_ptr();
+  in.labels_stride = labels.stride(0);
+  in.labels_in_acc = labels.scalar_type() != scores.scalar_type();
+  const bool cls = has(pb.terms, kClassification);
+  in.logits = cls ? logits->const_data_ptr() : nullptr;
+  in.logits_strides[0] = cls ? logits->stride(0) : 0;
+  in.logits_strides[1] = cls ? logits->stride(1) : 0;
+  in.settings = settings.const_data_ptr<double>();
+  in.problem = pb;
+  switch (scores.scalar_type()) {
+    case at::kFloat: in.dtype = DType::kFloat32; break;
+    case at::kDouble: in.dtype = DType::kFloat64; break;
+    case at::kHalf: in.dtype = DType::kFloat16; break;
+    case at::kBFloat16: in.dtype = DType::kBFloat16; break;
+    default: TORCH_CHECK(false, "score: unsupported dtype ", scores.scalar_type());
+  }
+  return in;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cuda(const Tensor& scores, const OptTensor& logits,
+                                                                       const Tensor& labels_in, const Tensor& settings,
+                                                                       int64_t terms, bool smooth_l1,
+                                                                       bool ranking_sum) {
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const Tensor labels = labels_as_read(labels_in, scores);
+  Outputs out = empty_outputs(scores, pb);
+  const CudaInputs in = cuda_inputs(scores, logits, labels, settings, pb);
+  Tensor workspace =
+      at::empty({static_cast<int64_t>(forward_workspace_bytes(in))}, scores.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const CudaOutputs o{out.terms.data_ptr(), out.total.data_ptr(), out.counts.data_ptr<int32_t>(),
+                      out.rank_scale.data_ptr<double>(), out.status.data_ptr<int32_t>()};
+  const cudaError_t status =
+      forward_cuda(in, o, workspace.data_ptr(), arrival_counter(scores, stream).data_ptr(), stream);
+  TORCH_CHECK(status == cudaSuccess, "score_forward (CUDA) failed: ", cudaGetErrorString(status));
+  return {out.terms, out.total, out.counts, out.rank_scale, out.status};
+}
+
+std::tuple<Tensor, Tensor> score_backward_cuda(const Tensor& grad_terms, const Tensor& grad_total,
+                                               const Tensor& counts, const Tensor& rank_scale, const Tensor& scores,
+                                               const OptTensor& logits, const Tensor& labels_in,
+                                               const Tensor& settings, int64_t terms, bool smooth_l1,
+                                               bool ranking_sum, std::array<bool, 2> output_mask) {
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+  check_grads(grad_terms, grad_total, counts, rank_scale, scores, pb);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const Tensor labels = labels_as_read(labels_in, scores);
+  auto [grad_scores, grad_logits] = empty_gradients(scores, logits, pb, output_mask);
+  if (grad_scores.numel() + grad_logits.numel() > 0) {
+    const CudaInputs in = cuda_inputs(scores, logits, labels, settings, pb);
+    const CudaGradients g{grad_terms.const_data_ptr(), grad_terms.stride(0), grad_total.const_data_ptr(),
+                          has(pb.terms, kRanking) ? counts.const_data_ptr<int32_t>() : nullptr,
+                          rank_scale.const_data_ptr<double>(),
+                          grad_scores.numel() ? grad_scores.data_ptr() : nullptr,
+                          grad_logits.numel() ? grad_logits.data_ptr() : nullptr};
+    const cudaError_t status = backward_cuda(in, g, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(status == cudaSuccess, "score_backward (CUDA) failed: ", cudaGetErrorString(status));
+  }
+  return {grad_scores, grad_logits};
+}
+#endif  // WITH_CUDA
+
+}  // namespace
+}  // namespace score
+}  // namespace fusedloss
+
+TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
+  m.def("score_forward(Tensor scores, Tensor? logits, Tensor labels, Tensor settings, int terms, bool smooth_l1, "
+        "bool ranking_sum) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("score_backward(Tensor grad_terms, Tensor grad_total, Tensor counts, Tensor rank_scale, Tensor scores, "
+        "Tensor? logits, Tensor labels, Tensor settings, int terms, bool smooth_l1, bool ranking_sum, "
+        "bool[2] output_mask) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("score_forward", &fusedloss::score::score_forward_cpu);
+  m.impl("score_backward", &fusedloss::score::score_backward_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("score_forward", &fusedloss::score::score_forward_cuda);
+  m.impl("score_backward", &fusedloss::score::score_backward_cuda);
+}
+#endif
