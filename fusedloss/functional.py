@@ -14,8 +14,12 @@ from . import _checks, backends
 from .ops import blendshape as blendshape_ops
 from .ops import pva as pva_ops
 from .ops import score as score_ops
-from .reference import (all_pairs_margin_ranking_reference, blendshape_loss_reference, pva_loss_reference,
-                        score_loss_reference)
+from .reference import (
+    all_pairs_margin_ranking_reference,
+    blendshape_loss_reference,
+    pva_loss_reference,
+    score_loss_reference,
+)
 
 __all__ = ["pva_loss", "blendshape_loss", "combined_loss", "all_pairs_margin_ranking_loss"]
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from . import _checks, backends, functional
-from .ops.blendshape import TERMS, BlendshapeConfig, landmark_gram
 from .ops import score as score_ops
+from .ops.blendshape import TERMS, BlendshapeConfig, landmark_gram
 from .ops.pva import PVAConfig
 
 __all__ = ["PVALoss", "BlendshapeLoss", "CombinedLoss", "AllPairsMarginRankingLoss"]

@@ -55,7 +55,7 @@ class ScoreConfig:
 
 def flat(name: str, value: torch.Tensor, B: int) -> torch.Tensor:
     """A [B] or [B, 1] tensor viewed as [B] (no copy)."""
-    if value.dim() == 2 and value.shape[1] == 1:
+    if value.dim() == 2 and value.shape[1] == 1 and value.shape[0] == B:
         return value[:, 0]
     if value.dim() != 1 or value.shape[0] != B:
         raise ValueError(f"{name} must be [B] or [B, 1] with B = {B}, got shape {tuple(value.shape)}")
