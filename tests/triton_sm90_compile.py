@@ -22,8 +22,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fusedloss.ops import blendshape as blendshape_glue  # noqa: E402
 from fusedloss.ops import pva as glue  # noqa: E402
+from fusedloss.ops import score as score_glue  # noqa: E402
 from fusedloss.triton import blendshape as triton_blendshape  # noqa: E402
 from fusedloss.triton import pva as triton_pva  # noqa: E402
+from fusedloss.triton import score as triton_score  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
@@ -67,6 +69,7 @@ def compile_for_sm90(kernel, args, kwargs):
 def main():
     pva_kernels()
     blendshape_kernels()
+    score_kernels()
     print(f"OK: {len(compiled)} kernel variants compiled for sm_90")
 
 
@@ -97,6 +100,28 @@ def blendshape_kernels():
         terms, total, col_stats = forward(*args)
         grad_total = torch.ones((), dtype=total.dtype)
         backward(torch.zeros_like(grad_total).expand(terms.shape[0]), grad_total, col_stats, *args, [True, True, True])
+
+
+def score_kernels():
+    triton_score.wrap_triton = Recorder
+    triton_score.program_budget = lambda device, per_sm=4: per_sm * 132
+    triton_score._all_pairs_tile = lambda device: (64, 128)  # a GPU launch's tile
+    forward = triton_score.score_forward._opoverload
+    backward = triton_score.score_backward._opoverload
+    settings = score_glue.ScoreConfig.build().settings()
+    # B: one score (a constant 1), the all-pairs forward, the sorted one; float32 labels with bfloat16 scores.
+    for B, dtype, terms, flags in itertools.product(
+        [1, 16, 100_000], [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+        [score_glue.ALL_TERMS, score_glue.RANKING_ONLY], [(False, False), (True, True)],
+    ):
+        scores = torch.rand(B, 2, dtype=dtype)[:, 0]
+        logits = torch.randn(B, 2, dtype=dtype) if terms == score_glue.ALL_TERMS else None
+        labels = torch.rand(B, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+        args = (scores, logits, labels, settings, terms, *flags)
+        out_terms, total, counts, rank_scale, _ = forward(*args)
+        grad_total = torch.ones((), dtype=total.dtype)
+        for mask in ([True, True], [True, False], [False, True]):
+            backward(torch.zeros_like(grad_total).expand(3), grad_total, counts, rank_scale, *args, mask)
 
 
 def pva_kernels():

@@ -150,10 +150,10 @@ def score_forward_kernel(
         sums = tl.zeros([8], tl.float64)
         for g0 in range(0, n_progs, BLOCK_PROGS):
             g = g0 + tl.arange(0, BLOCK_PROGS)
-            tile = tl.load(partials_ptr + g.to(tl.int64)[:, None] * 8 + tl.arange(0, 8)[None, :],
+            part = tl.load(partials_ptr + g.to(tl.int64)[:, None] * 8 + tl.arange(0, 8)[None, :],
                            mask=(g < n_progs)[:, None] & (tl.arange(0, 8) < 6)[None, :], other=0.0,
                            cache_modifier=".cg")
-            sums += tl.sum(tile, axis=0)
+            sums += tl.sum(part, axis=0)
         which = tl.arange(0, 8)
         s_reg = tl.sum(tl.where(which == P_REG, sums, 0.0))
         s_cls = tl.sum(tl.where(which == P_CLS, sums, 0.0))
@@ -239,6 +239,11 @@ def _logit_strides(logits: Optional[torch.Tensor]):
     return (0, 0) if logits is None else (logits.stride(0), logits.stride(1))
 
 
+def _all_pairs_tile(device: torch.device) -> tuple[int, int]:
+    """(scores per program, scores compared per step) of the all-pairs forward; small when interpreted."""
+    return (64, 128) if device.type == "cuda" else (32, 64)
+
+
 def _term_flags(terms: int) -> dict:
     return dict(REG=bool(terms & 1), CLS=bool(terms & 2), RANK=bool(terms & 4))
 
@@ -258,9 +263,10 @@ def score_forward(
     out_terms, total, counts, rank_scale, status = glue.forward_fake(
         scores, logits, labels, settings, terms, smooth_l1, ranking_sum)
     flags = _term_flags(terms)
-    gpu = scores.is_cuda
     sorted_ = flags["RANK"] and B > ALL_PAIRS_MAX
-    block = 256 if sorted_ or not flags["RANK"] else (64 if gpu else 32)
+    block, block_j = _all_pairs_tile(scores.device)
+    if sorted_ or not flags["RANK"]:
+        block = 256
     tiles = triton.cdiv(B, block)
     programs = max(1, min(tiles, program_budget(scores.device, per_sm=8)))
     partials = torch.empty((programs, PARTIALS), dtype=torch.float64, device=scores.device)
@@ -277,7 +283,7 @@ def score_forward(
             partials, zeroed_counter(scores), out_terms, total, counts if flags["RANK"] else partials, rank_scale,
             status, B, max(B, 1).bit_length(),
             **flags, SMOOTH_L1=smooth_l1, RANK_SUM=ranking_sum, SORTED=sorted_, ACC=_tl_acc(scores.dtype),
-            BLOCK=block, BLOCK_J=128 if gpu else 64, BLOCK_PROGS=64,
+            BLOCK=block, BLOCK_J=block_j, BLOCK_PROGS=64,
         )
     return out_terms, total, counts, rank_scale, status
 
