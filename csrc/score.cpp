@@ -5,7 +5,8 @@
 //                           every score, the ranking's gradient scale (1 / (|R| |F|) for "mean",
 //                           1 for "sum") and a status of non-finite values (score_math.h's Status).
 // fusedloss::score_backward writes the gradients of scores and logits in one pass.
-// The math is described once, in score_math.h.
+// The math is described once, in score_math.h. On the CPU the pair counts come from sorting each
+// class (radix sort of order-preserving keys) and two linear merges; the terms from one pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,7 +15,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -75,10 +78,6 @@ Tensor labels_as_read(const Tensor& labels, const Tensor& scores) {
 // Fixed chunks of the element loops: partial sums per chunk, added in chunk order, so the result
 // does not depend on the number of threads.
 constexpr int64_t kChunk = 4096;
-// Up to this many pairs, counting active partners by scanning the (unsorted) opposite class beats
-// sorting both classes and searching (measured on x86-64 with bench/run.py --family score).
-constexpr double kScanPairsMax = 1 << 14;
-
 template <typename scalar_t, typename label_t>
 struct Inputs {
   const scalar_t* scores;
@@ -89,49 +88,88 @@ struct Inputs {
   int64_t ls0, ls1;
 };
 
-// A strict weak order on scores that puts NaN last (std::sort needs one; `<` alone is not, with NaN).
+// Sorting on the CPU: each score becomes an Item (an order-preserving unsigned key of its value,
+// and its position), sorted by key: std::sort for short arrays, else an LSD radix sort (16-bit
+// digits). Unsigned keys order every value, NaN included (std::sort on NaN floats would be undefined).
 template <typename acc_t>
-bool nan_last_less(acc_t a, acc_t b) {
-  return a < b || (a == a && b != b);
-}
-
-template <typename acc_t>
-struct Classes {
-  std::vector<acc_t> reals, fakes;  // the scores of each class; ascending when sorted
-  bool sorted;
+struct Item {
+  using Key = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  Key key;
+  uint32_t index;
 };
 
-template <typename acc_t, typename scalar_t, typename label_t>
-Classes<acc_t> split_classes(const Inputs<scalar_t, label_t>& in, const Problem& pb) {
-  Classes<acc_t> c;
-  for (int64_t k = 0; k < pb.B; ++k) {
-    const acc_t s = static_cast<acc_t>(in.scores[k * in.ss]);
-    (is_real(static_cast<double>(in.labels[k * in.ys])) ? c.reals : c.fakes).push_back(s);
-  }
-  c.sorted = static_cast<double>(c.reals.size()) * static_cast<double>(c.fakes.size()) > kScanPairsMax;
-  if (c.sorted && has(pb.terms, kRanking)) {
-    at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        auto& v = i == 0 ? c.reals : c.fakes;
-        std::sort(v.begin(), v.end(), nan_last_less<acc_t>);
-      }
-    });
-  }
-  return c;
+// Order-preserving key of a float: flip every bit of a negative value, the sign bit of the others.
+template <typename acc_t>
+typename Item<acc_t>::Key key_of(acc_t x) {
+  using Key = typename Item<acc_t>::Key;
+  Key bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  constexpr Key sign = Key(1) << (sizeof(Key) * 8 - 1);
+  return bits & sign ? ~bits : bits | sign;
 }
 
-// Active partners of a score, by scanning the opposite class.
 template <typename acc_t>
-FL_CPU_CLONES int64_t scan_active_fakes(acc_t m, acc_t s, const acc_t* FL_R fakes, int64_t n) {
-  int64_t count = 0;
-  for (int64_t j = 0; j < n; ++j) count += active(m, s, fakes[j]);
-  return count;
+acc_t value_of(typename Item<acc_t>::Key key) {
+  using Key = typename Item<acc_t>::Key;
+  constexpr Key sign = Key(1) << (sizeof(Key) * 8 - 1);
+  const Key bits = key & sign ? key & ~sign : ~key;
+  acc_t x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
 }
+
 template <typename acc_t>
-FL_CPU_CLONES int64_t scan_active_reals(acc_t m, acc_t s, const acc_t* FL_R reals, int64_t n) {
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) count += active(m, reals[i], s);
-  return count;
+void sort_items(std::vector<Item<acc_t>>& items) {
+  constexpr size_t kRadixMin = 1 << 15;
+  if (items.size() < kRadixMin) {
+    std::sort(items.begin(), items.end(), [](const Item<acc_t>& a, const Item<acc_t>& b) { return a.key < b.key; });
+    return;
+  }
+  std::vector<Item<acc_t>> buffer(items.size());
+  std::vector<uint32_t> offsets(1 << 16);
+  for (size_t shift = 0; shift < sizeof(typename Item<acc_t>::Key) * 8; shift += 16) {
+    std::fill(offsets.begin(), offsets.end(), 0u);
+    for (const auto& item : items) ++offsets[(item.key >> shift) & 0xFFFF];
+    if (offsets[(items[0].key >> shift) & 0xFFFF] == items.size()) continue;  // one digit: nothing to move
+    uint32_t sum = 0;
+    for (auto& o : offsets) sum += std::exchange(o, sum);
+    for (const auto& item : items) buffer[offsets[(item.key >> shift) & 0xFFFF]++] = item;
+    items.swap(buffer);
+  }
+}
+
+// Every score's signed active-pair count (-n real, +n fake) from the two classes sorted: along
+// ascending real scores the first active fake only moves right, and along ascending fake scores
+// the first inactive real only moves right (active() is monotone), so two linear merges count all.
+template <typename acc_t, typename scalar_t, typename label_t>
+void count_by_merge(const Inputs<scalar_t, label_t>& in, const Problem& pb, acc_t margin, int32_t* counts) {
+  std::vector<Item<acc_t>> reals, fakes;
+  for (int64_t k = 0; k < pb.B; ++k) {
+    const Item<acc_t> item{key_of(static_cast<acc_t>(in.scores[k * in.ss])), static_cast<uint32_t>(k)};
+    (is_real(static_cast<double>(in.labels[k * in.ys])) ? reals : fakes).push_back(item);
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) sort_items(i == 0 ? reals : fakes);
+  });
+  const int64_t nR = static_cast<int64_t>(reals.size()), nF = static_cast<int64_t>(fakes.size());
+  at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t p = 0;
+      if (i == 0) {
+        for (const auto& r : reals) {
+          const acc_t s = value_of<acc_t>(r.key);
+          while (p < nF && !active(margin, s, value_of<acc_t>(fakes[p].key))) ++p;
+          counts[r.index] = static_cast<int32_t>(-(nF - p));
+        }
+      } else {
+        for (const auto& f : fakes) {
+          const acc_t s = value_of<acc_t>(f.key);
+          while (p < nR && active(margin, value_of<acc_t>(reals[p].key), s)) ++p;
+          counts[f.index] = static_cast<int32_t>(p);
+        }
+      }
+    }
+  });
 }
 
 // Per-chunk sums of the forward.
@@ -146,9 +184,12 @@ void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const d
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const bool rank = has(pb.terms, kRanking), cls = has(pb.terms, kClassification);
   const acc_t margin = static_cast<acc_t>(settings[kMargin]);
-  const Classes<acc_t> classes = split_classes<acc_t>(in, pb);
-  const int64_t nR = static_cast<int64_t>(classes.reals.size()), nF = static_cast<int64_t>(classes.fakes.size());
-  int32_t* count_out = counts.data_ptr<int32_t>();
+  int32_t* count_out = rank ? counts.data_ptr<int32_t>() : nullptr;
+  // Counting each score's pairs by scanning the other class (no sort) was measured no faster, even
+  // at B = 64, than sorting and merging: the CPU always merges.
+  int64_t reals = 0;
+  for (int64_t k = 0; k < pb.B; ++k) reals += is_real(static_cast<double>(in.labels[k * in.ys]));
+  if (rank) count_by_merge(in, pb, margin, count_out);
   const int64_t chunks = (pb.B + kChunk - 1) / kChunk;
   std::vector<Partial> partials(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -168,13 +209,7 @@ void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const d
           ce += cross_entropy(l0, l1, real);
         }
         if (rank) {
-          int64_t n;
-          if (classes.sorted) n = real ? active_fakes(margin, s, classes.fakes.data(), nF)
-                                       : active_reals(margin, s, classes.reals.data(), nR);
-          else n = real ? scan_active_fakes(margin, s, classes.fakes.data(), nF)
-                        : scan_active_reals(margin, s, classes.reals.data(), nR);
-          const int64_t signed_count = real ? -n : n;
-          count_out[k] = static_cast<int32_t>(signed_count);
+          const int64_t signed_count = count_out[k];
           p.ranking += ranking_share(signed_count, static_cast<double>(margin), static_cast<double>(s));
         }
       }
@@ -191,7 +226,7 @@ void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const d
     sum.bad_scores += p.bad_scores;
     sum.bad_logits += p.bad_logits;
   }
-  const double pairs = static_cast<double>(nR) * static_cast<double>(nF);
+  const double pairs = static_cast<double>(reals) * static_cast<double>(pb.B - reals);
   const double scale = pb.ranking_sum ? 1.0 : (pairs > 0 ? 1.0 / pairs : 0.0);
   const double inv_B = pb.B > 0 ? 1.0 / static_cast<double>(pb.B) : 0.0;
   acc_t values[kNumTerms] = {has(pb.terms, kRegression) ? static_cast<acc_t>(sum.regression * inv_B) : acc_t(0),

@@ -124,9 +124,10 @@ def bench(args) -> int:
     from . import benchmark
     from .benchmark import blendshape as blendshape_bench
     from .benchmark import pva as pva_bench
+    from .benchmark import score as score_bench
 
     dtype = getattr(torch, args.dtype)
-    families = {"pva": pva_bench.cases, "blendshape": blendshape_bench.cases}
+    families = {"pva": pva_bench.cases, "blendshape": blendshape_bench.cases, "score": score_bench.cases}
     for device in _devices(args.device):
         batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
         cases = [c for f in args.family.split(",") for c in families[f](device, batches)]
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=demo)
     p = sub.add_parser("bench", help="the full benchmark, written to bench/results/")
-    p.add_argument("--family", default="pva,blendshape", help="comma-separated loss families")
+    p.add_argument("--family", default="pva,blendshape,score", help="comma-separated loss families")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batches", default=None, help="comma-separated batch sizes B: only the cases with these")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])

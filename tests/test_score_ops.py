@@ -193,25 +193,27 @@ def million_cases():
     return out
 
 
+@pytest.mark.parametrize("B,dtype", [(1_000_000, torch.float32), (100_000, torch.float64)], ids=["1e6-fp32", "1e5-fp64"])
 @pytest.mark.parametrize("case", million_cases())
-def test_a_million_scores_against_an_independent_computation(case):
-    """B = 1,000,000, half real: the fused forward and backward against numpy's O(B log B) sums.
-    Scores are multiples of 2^-12 in [0, 1) so float32 arithmetic is exact and the activity test
-    has no rounding; many scores repeat and many pairs sit exactly at the hinge."""
+def test_a_million_scores_against_an_independent_computation(case, B, dtype):
+    """B = 1,000,000, half real: the fused forward and backward against numpy's O(B log B) sums
+    (and 100,000 float64 scores, whose sort keys are 64-bit). Scores are multiples of 2^-12 in
+    [0, 1) so the arithmetic is exact and the activity test has no rounding; many scores repeat
+    and many pairs sit exactly at the hinge."""
     backend, device = case
-    B, margin = 1_000_000, 0.5
+    margin = 0.5
     rng = np.random.default_rng(0)
     scores_np = rng.integers(0, 4096, B) / 4096.0
     real_np = rng.random(B) < 0.5
-    scores = torch.tensor(scores_np, dtype=torch.float32, device=device, requires_grad=True)
-    labels = torch.tensor(real_np, dtype=torch.float32, device=device)
-    logits = torch.zeros(B, 2, device=device)
+    scores = torch.tensor(scores_np, dtype=dtype, device=device, requires_grad=True)
+    labels = torch.tensor(real_np, dtype=dtype, device=device)
+    logits = torch.zeros(B, 2, dtype=dtype, device=device)
     total, terms = F.combined_loss(scores, logits, labels, regression_weight=0.0, classification_weight=0.0,
                                    ranking_weight=1.0, margin=margin, backend=backend)
     total.backward()
     hinge_sum, grad_sum, pairs = independent_ranking(scores_np, real_np, margin)
     assert terms["ranking"].item() == pytest.approx(hinge_sum / pairs, rel=1e-6)
-    expected_grad = torch.tensor(grad_sum / pairs, dtype=torch.float32)
+    expected_grad = torch.tensor(grad_sum / pairs, dtype=dtype)
     torch.testing.assert_close(scores.grad.cpu(), expected_grad, rtol=1e-6, atol=0)
     ranking_sum = F.all_pairs_margin_ranking_loss(scores.detach(), labels, margin, "sum", backend=backend)
     assert ranking_sum.item() == pytest.approx(hinge_sum, rel=1e-6)

@@ -33,13 +33,18 @@ class Case:
 
     make(device, dtype) -> (inputs, loss) with ``loss(inputs, backend) -> scalar tensor``; the
     first input is the one that requires grad. ``elements`` maps a phase to the number of
-    input-dtype elements a fused implementation must move (reads + writes) for it.
+    input-dtype elements a fused implementation must move (reads + writes) for it. ``runs(backend,
+    mode, device)``, if given, says whether a backend runs the case at all (e.g. a reference that
+    would not fit in memory). ``baselines`` are further plain-PyTorch formulations that ``loss``
+    accepts as a backend name, timed like the reference (eager and compiled) for comparison.
     """
 
     family: str
     name: str
     make: Callable
     elements: dict
+    runs: Callable | None = None
+    baselines: tuple[str, ...] = ()
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Result:
     copy_fraction: float | None = None
     vs_eager_reference: float | None = None
     vs_compiled_reference: float | None = None
+    baseline: bool = False  # a plain-PyTorch formulation other than the reference
 
 
 def device_name(device: torch.device) -> str:
@@ -175,8 +181,12 @@ def run_cases(
         rows = [("reference", "eager")]
         if reference_compile and "compile" in modes:
             rows.append(("reference", "compile"))
+        rows += [(b, m) for b in case.baselines for m in modes]
         rows += [(b, m) for b in concrete_backends(device) for m in modes]
         for backend, mode in rows:
+            if case.runs is not None and not case.runs(backend, mode, device):
+                log(f"  {case.name} {backend}/{mode}: not run at this size")
+                continue
             try:
                 fns = phase_functions(case, backend, mode, device, dtype)
             except torch.OutOfMemoryError:
@@ -187,7 +197,8 @@ def run_cases(
                 peak = peak_extra_mib(fns[phase], device)
                 moved = case.elements[phase] * dtype.itemsize
                 results.append(Result(case.family, case.name, backend, mode, phase, seconds * 1e3, peak,
-                                      moved / seconds / 1e9, copy_fraction=moved / seconds / bandwidth))
+                                      moved / seconds / 1e9, copy_fraction=moved / seconds / bandwidth,
+                                      baseline=backend in case.baselines))
                 gbps = results[-1].gbps
                 log(f"  {case.name:>22s} {backend:9s} {mode:7s} {phase:8s} {seconds * 1e3:9.3f} ms "
                     f"{gbps:8.1f} GB/s" + (f" {peak:8.1f} MiB" if peak is not None else ""))
@@ -238,18 +249,24 @@ def markdown(results: list[Result], device: torch.device, bandwidth: float, dtyp
 
 
 def summary(results: list[Result], phase: str = "full") -> str:
-    """One line per case: the best fused backend's speed-ups for a phase."""
+    """One line per case: the best fused backend's speed-ups for a phase (and against the fastest
+    plain-PyTorch baseline, where the case has baselines)."""
     lines = []
     for case in dict.fromkeys(r.case for r in results):
         fused = [r for r in results if r.case == case and r.phase == phase and r.backend != "reference"
-                 and r.mode == "eager"]
+                 and not r.baseline and r.mode == "eager"]
         if not fused:
             continue
         best = min(fused, key=lambda r: r.median_ms)
         eager_x = f"{best.vs_eager_reference:.1f}x" if best.vs_eager_reference else "-"
         compile_x = f"{best.vs_compiled_reference:.1f}x" if best.vs_compiled_reference else "-"
-        lines.append(f"{case:>24s}: {best.backend:6s} {best.median_ms:8.3f} ms  {eager_x:>7s} vs eager, "
-                     f"{compile_x:>7s} vs torch.compile, {best.gbps:6.1f} GB/s")
+        line = (f"{case:>24s}: {best.backend:6s} {best.median_ms:8.3f} ms  {eager_x:>7s} vs eager, "
+                f"{compile_x:>7s} vs torch.compile, {best.gbps:6.1f} GB/s")
+        baselines = [r for r in results if r.case == case and r.phase == phase and r.baseline]
+        if baselines:
+            fastest = min(baselines, key=lambda r: r.median_ms)
+            line += f", {fastest.median_ms / best.median_ms:.1f}x vs {fastest.backend} ({fastest.mode})"
+        lines.append(line)
     return "\n".join(lines)
 
 
