@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from fusedloss import benchmark as harness
-from fusedloss.benchmark import blendshape, pva
+from fusedloss.benchmark import blendshape, pva, score
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = pva.cases(DEVICE, batches=(8, 64)) + blendshape.cases(DEVICE, batches=(16, 4096))
+CASES = (pva.cases(DEVICE, batches=(8, 64)) + blendshape.cases(DEVICE, batches=(16, 4096))
+         + score.cases(DEVICE, batches=(256, 4096)))
 BACKENDS = ["reference"] + harness.concrete_backends(DEVICE)
 
 

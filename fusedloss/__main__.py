@@ -1,7 +1,7 @@
 """Command line: ``python -m fusedloss {demo,bench}`` (also installed as ``fusedloss``).
 
-demo   every available backend checked against the reference on Ditto's problem, then the
-       speed table of this machine (short).
+demo   every available backend checked against the reference on the three seed problems, then
+       the speed table of this machine (short).
 bench  the full benchmark: every backend, eager and torch.compile, forward / backward / full,
        written as markdown and JSON to bench/results/<device>.
 """
@@ -61,12 +61,31 @@ def _blendshape_problem(device: torch.device, batch: int):
     return run
 
 
+def _score_problem(device: torch.device, batch: int):
+    """TIGAS's scores, logits and labels, 64 per batch element: a function of the backend -> (terms, d/dscores)."""
+    from .functional import combined_loss
+
+    g = torch.Generator().manual_seed(0)
+    n = 64 * batch
+    scores = torch.rand(n, generator=g).to(device)
+    logits = torch.randn(n, 2, generator=g).to(device)
+    labels = (torch.rand(n, generator=g) < 0.5).float().to(device)
+
+    def run(backend):
+        s = scores.clone().requires_grad_()
+        total, terms = combined_loss(s, logits, labels, backend=backend)
+        (2.0 * total).backward()
+        return terms, s.grad
+
+    return run
+
+
 def check_backends(device: torch.device, batch: int) -> bool:
     """Every fused backend on ``device`` against the reference: every term, the total, d/dpred."""
     from . import backends
 
     ok = True
-    for family, make in (("pva", _pva_problem), ("blendshape", _blendshape_problem)):
+    for family, make in (("pva", _pva_problem), ("blendshape", _blendshape_problem), ("score", _score_problem)):
         run = make(device, batch)
         ref_terms, ref_grad = run("reference")
         for backend in backends.available(device.type):
@@ -80,7 +99,7 @@ def check_backends(device: torch.device, batch: int) -> bool:
             ok &= passed
             print(f"  {family:10s} {device.type:4s} {backend:7s} total {terms['total'].item():.6f} "
                   f"(reference {ref_terms['total'].item():.6f}), max rel. error: terms {term_err:.1e}, "
-                  f"d/dpred {grad_err:.1e}  {'OK' if passed else 'MISMATCH'}")
+                  f"gradient {grad_err:.1e}  {'OK' if passed else 'MISMATCH'}")
     return ok
 
 
@@ -90,8 +109,10 @@ def demo(args) -> int:
     from . import backends, benchmark
     from .benchmark import blendshape as blendshape_bench
     from .benchmark import pva as pva_bench
+    from .benchmark import score as score_bench
 
-    print("fusedloss demo: the fused PVA loss (Ditto) and blendshape loss (KoeMorph), every term on\n")
+    print("fusedloss demo: the fused PVA loss (Ditto), blendshape loss (KoeMorph) and score loss (TIGAS), "
+          "every term on\n")
     print(backends.describe(), "\n")
     ok = True
     for device in _devices(args.device):
@@ -100,9 +121,10 @@ def demo(args) -> int:
     print()
     for device in _devices(args.device):
         if device.type == "cuda":
-            cases = pva_bench.cases(device) + blendshape_bench.cases(device)
-        else:  # the CPU goal cases: PVA at B = 64, blendshape at [4096, 52]
-            cases = pva_bench.cases(device, (64,)) + blendshape_bench.cases(device, (4096,))
+            cases = pva_bench.cases(device) + blendshape_bench.cases(device) + score_bench.cases(device)
+        else:  # the CPU goal cases: PVA at B = 64, blendshape at [4096, 52], score at B = 4096
+            cases = (pva_bench.cases(device, (64,)) + blendshape_bench.cases(device, (4096,))
+                     + score_bench.cases(device, (4096,)))
         start = time.time()
         results, bandwidth = benchmark.run_cases(cases, device, phases=("full",), log=lambda line: None)
         print(f"Speed on {benchmark.device_name(device)} (forward+backward, float32, "
