@@ -23,6 +23,7 @@ from torch.library import wrap_triton
 
 from ..ops import blendshape as glue
 from . import on_device, program_budget, sm_count, triton_operator, zeroed_counter
+from .reduce import pick, sum_partials
 
 # Sums (csrc/blendshape_math.h order), then the weighted column sum.
 S_SQ = tl.constexpr(0)
@@ -218,22 +219,10 @@ def blendshape_forward_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1)
     if ticket == n_t * n_b - 1:
-        sums = tl.zeros([16], ACC)
-        for g0 in range(0, n_t * n_b, BLOCK_PROGS):
-            g = g0 + tl.arange(0, BLOCK_PROGS)
-            tile = tl.load(partials_ptr + g.to(tl.int64)[:, None] * 16 + tl.arange(0, 16)[None, :],
-                           mask=(g < n_t * n_b)[:, None], other=0.0, cache_modifier=".cg")
-            sums += tl.sum(tile, axis=0)
-        which = tl.arange(0, 16)
-        s_sq = tl.sum(tl.where(which == S_SQ, sums, 0.0))
-        s_abs = tl.sum(tl.where(which == S_ABS, sums, 0.0))
-        s_act = tl.sum(tl.where(which == S_ACTIVE, sums, 0.0))
-        s_grp = tl.sum(tl.where(which == S_GROUP, sums, 0.0))
-        s_tmp = tl.sum(tl.where(which == S_TEMPORAL, sums, 0.0))
-        s_lm = tl.sum(tl.where(which == S_LANDMARK, sums, 0.0))
-        s_sm = tl.sum(tl.where(which == S_SMOOTH, sums, 0.0))
-        s_cs = tl.sum(tl.where(which == S_CONSISTENCY, sums, 0.0))
-        s_w = tl.sum(tl.where(which == S_WEIGHTED, sums, 0.0))
+        sums = sum_partials(partials_ptr, n_t * n_b, 16, BLOCK_PROGS, ACC)
+        s_sq, s_abs, s_act = pick(sums, S_SQ), pick(sums, S_ABS), pick(sums, S_ACTIVE)
+        s_grp, s_tmp, s_lm = pick(sums, S_GROUP), pick(sums, S_TEMPORAL), pick(sums, S_LANDMARK)
+        s_sm, s_cs, s_w = pick(sums, S_SMOOTH), pick(sums, S_CONSISTENCY), pick(sums, S_WEIGHTED)
         if COLS:
             if not SINGLE_GROUP:  # columns shared by the batch groups: [groups, columns] tiles
                 acc_w = tl.zeros([BLOCK_COLS], ACC)

@@ -26,6 +26,7 @@ from torch.library import wrap_triton
 
 from ..ops import score as glue
 from . import on_device, program_budget, triton_operator, zeroed_counter
+from .reduce import pick, sum_partials
 
 # Up to this many scores, comparing every pair beats sorting (launch count; an estimate until
 # measured on a GPU).
@@ -37,7 +38,7 @@ P_RANK = tl.constexpr(2)
 P_REALS = tl.constexpr(3)
 P_BAD_SCORES = tl.constexpr(4)
 P_BAD_LOGITS = tl.constexpr(5)
-PARTIALS = 8
+PARTIALS = tl.constexpr(8)  # (6 used)
 
 
 @triton.jit
@@ -135,7 +136,7 @@ def score_forward_kernel(
             # count (m - s) for a real score, count s for a fake one; in float64 (they cancel).
             share = tl.where(real, margin.to(tl.float64) - s.to(tl.float64), s.to(tl.float64))
             rank += n.to(tl.float64) * share
-    out = partials_ptr + pid * 8
+    out = partials_ptr + pid * PARTIALS
     tl.store(out + P_REG, tl.sum(reg.to(tl.float64)))
     tl.store(out + P_CLS, tl.sum(ce.to(tl.float64)))
     tl.store(out + P_RANK, tl.sum(rank))
@@ -147,20 +148,9 @@ def score_forward_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1)
     if ticket == n_progs - 1:
-        sums = tl.zeros([8], tl.float64)
-        for g0 in range(0, n_progs, BLOCK_PROGS):
-            g = g0 + tl.arange(0, BLOCK_PROGS)
-            part = tl.load(partials_ptr + g.to(tl.int64)[:, None] * 8 + tl.arange(0, 8)[None, :],
-                           mask=(g < n_progs)[:, None] & (tl.arange(0, 8) < 6)[None, :], other=0.0,
-                           cache_modifier=".cg")
-            sums += tl.sum(part, axis=0)
-        which = tl.arange(0, 8)
-        s_reg = tl.sum(tl.where(which == P_REG, sums, 0.0))
-        s_cls = tl.sum(tl.where(which == P_CLS, sums, 0.0))
-        s_rank = tl.sum(tl.where(which == P_RANK, sums, 0.0))
-        n_real = tl.sum(tl.where(which == P_REALS, sums, 0.0))
-        n_bad_s = tl.sum(tl.where(which == P_BAD_SCORES, sums, 0.0))
-        n_bad_l = tl.sum(tl.where(which == P_BAD_LOGITS, sums, 0.0))
+        sums = sum_partials(partials_ptr, n_progs, PARTIALS, BLOCK_PROGS, tl.float64)
+        s_reg, s_cls, s_rank = pick(sums, P_REG), pick(sums, P_CLS), pick(sums, P_RANK)
+        n_real, n_bad_s, n_bad_l = pick(sums, P_REALS), pick(sums, P_BAD_SCORES), pick(sums, P_BAD_LOGITS)
         pairs = n_real * (tl.cast(B, tl.float64) - n_real)
         if RANK_SUM:
             scale = tl.full([], 1.0, tl.float64)
@@ -269,7 +259,7 @@ def score_forward(
         block = 256
     tiles = triton.cdiv(B, block)
     programs = max(1, min(tiles, program_budget(scores.device, per_sm=8)))
-    partials = torch.empty((programs, PARTIALS), dtype=torch.float64, device=scores.device)
+    partials = torch.empty((programs, PARTIALS.value), dtype=torch.float64, device=scores.device)
     with on_device(scores):
         rows = settings  # a placeholder pointer without the sort, never read
         if sorted_:
