@@ -141,8 +141,9 @@ void sort_items(std::vector<Item<acc_t>>& items) {
 // Every score's signed active-pair count (-n real, +n fake) from the two classes sorted: along
 // ascending real scores the first active fake only moves right, and along ascending fake scores
 // the first inactive real only moves right (active() is monotone), so two linear merges count all.
+// Returns the number of real scores.
 template <typename acc_t, typename scalar_t, typename label_t>
-void count_by_merge(const Inputs<scalar_t, label_t>& in, const Problem& pb, acc_t margin, int32_t* counts) {
+int64_t count_by_merge(const Inputs<scalar_t, label_t>& in, const Problem& pb, acc_t margin, int32_t* counts) {
   std::vector<Item<acc_t>> reals, fakes;
   for (int64_t k = 0; k < pb.B; ++k) {
     const Item<acc_t> item{key_of(static_cast<acc_t>(in.scores[k * in.ss])), static_cast<uint32_t>(k)};
@@ -170,6 +171,7 @@ void count_by_merge(const Inputs<scalar_t, label_t>& in, const Problem& pb, acc_
       }
     }
   });
+  return nR;
 }
 
 // Per-chunk sums of the forward.
@@ -188,8 +190,8 @@ void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const d
   // Counting each score's pairs by scanning the other class (no sort) was measured no faster, even
   // at B = 64, than sorting and merging: the CPU always merges.
   int64_t reals = 0;
-  for (int64_t k = 0; k < pb.B; ++k) reals += is_real(static_cast<double>(in.labels[k * in.ys]));
-  if (rank) count_by_merge(in, pb, margin, count_out);
+  if (rank) reals = count_by_merge(in, pb, margin, count_out);
+  else for (int64_t k = 0; k < pb.B; ++k) reals += is_real(static_cast<double>(in.labels[k * in.ys]));
   const int64_t chunks = (pb.B + kChunk - 1) / kChunk;
   std::vector<Partial> partials(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
