@@ -41,7 +41,8 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["fusedloss", "fusedloss.ops", "fusedloss.triton", "fusedloss.csrc", "fusedloss.csrc.cuda"],
+    packages=["fusedloss", "fusedloss.ops", "fusedloss.triton", "fusedloss.benchmark", "fusedloss.trainers",
+              "fusedloss.csrc", "fusedloss.csrc.cuda"],
     # The C++/CUDA sources travel with the package for the build-on-first-use fallback.
     package_dir={"fusedloss.csrc": "csrc", "fusedloss.csrc.cuda": "csrc/cuda"},
     package_data={"fusedloss.csrc": ["*.cpp", "*.h"], "fusedloss.csrc.cuda": ["*.cu", "*.h"]},

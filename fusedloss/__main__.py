@@ -1,14 +1,17 @@
-"""Command line: ``python -m fusedloss {demo,bench}`` (also installed as ``fusedloss``).
+"""Command line: ``python -m fusedloss {demo,train,bench}`` (also installed as ``fusedloss``).
 
-demo   every available backend checked against the reference on the three seed problems, then
-       the speed table of this machine (short).
-bench  the full benchmark: every backend, eager and torch.compile, forward / backward / full,
-       written as markdown and JSON to bench/results/<device>.
+demo   the three seed systems trained briefly on their built-in data with the fused losses (and
+       with the reference loss, for the step time), the fused losses checked against the
+       reference during training and on every backend, then the speed table of this machine.
+train  one seed system's full trainer: ``fusedloss train {blendshape,motion,score} --steps 500``.
+bench  the full loss benchmark: every backend, eager and torch.compile, forward / backward /
+       full, written as markdown and JSON to bench/results/<device>.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -111,10 +114,28 @@ def demo(args) -> int:
     from .benchmark import pva as pva_bench
     from .benchmark import score as score_bench
 
+    from .benchmark import trainers as trainer_bench
+
     print("fusedloss demo: the fused PVA loss (Ditto), blendshape loss (KoeMorph) and score loss (TIGAS), "
           "every term on\n")
     print(backends.describe(), "\n")
     ok = True
+    for device in _devices(args.device):
+        steps = args.train_steps
+        print(f"Training the seed systems for {steps} steps on {device}, built-in synthetic data; the fused loss "
+              f"is compared with the reference every 10 steps (values and gradients):")
+        start = time.time()
+        rows = trainer_bench.step_times(device, steps=steps, check_every=10)
+        for row in rows:
+            if row["backend"] == "reference":
+                continue
+            improved = row["after"] > row["before"] if row["metric"] == "val_auc" else row["after"] < row["before"]
+            matched = row["reference_err"] is not None and row["reference_err"] < 1e-4
+            ok &= improved and matched
+            print(f"  {row['run']:34s} {row['backend']}: {row['metric']} {'improved' if improved else 'DID NOT IMPROVE'}, "
+                  f"max error vs reference {row['reference_err']:.1e} {'OK' if matched else 'MISMATCH'}")
+        print(f"({time.time() - start:.0f} s)\n")
+        print(trainer_bench.markdown(rows, benchmark.device_name(device), "python -m fusedloss demo"))
     for device in _devices(args.device):
         print(f"Checking every backend against the reference on {device}:")
         ok &= check_backends(device, batch=8 if device.type == "cuda" else 2)
@@ -140,6 +161,24 @@ def command_line() -> str:
     if sys.argv[0].endswith("__main__.py"):
         return " ".join(["python -m fusedloss", *sys.argv[1:]])
     return " ".join(["python", *sys.argv])
+
+
+def train(args) -> int:
+    from . import trainers
+
+    options = {k: v for k, v in vars(args).items()
+               if k in {f.name for f in dataclasses.fields(trainers.TrainConfig)} and v is not None}
+    options["out"] = args.out or f"runs/{args.trainer}{'-sequential' if args.variant == 'sequential' else ''}"
+    config = trainers.config_for(args.trainer, **options)
+    task = trainers.make_task(args.trainer, config)
+    print(f"fusedloss train {args.trainer}: {config.steps} steps, batch {config.batch}, loss backend "
+          f"{config.backend}, device {config.device}, writing to {config.out}", file=sys.stderr)
+    result = trainers.run_task(task, config)
+    history = result.metric_history(task.metric)
+    print(f"{task.name}: {task.metric} {history[0]:.5f} -> {history[-1]:.5f} "
+          f"({'higher' if task.higher_is_better else 'lower'} is better), {result.step_ms:.1f} ms/step; "
+          f"{config.out}/: metrics.jsonl, metrics.csv, losses.png, checkpoint.pt")
+    return 0
 
 
 def bench(args) -> int:
@@ -169,7 +208,39 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="check every backend against the reference, then a short speed table")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--train-steps", type=int, default=100, help="optimiser steps per trainer")
     p.set_defaults(func=demo)
+    p = sub.add_parser("train", help="train a seed system with the fused losses",
+                       description="Train a seed system with the fused losses. Writes metrics.jsonl, metrics.csv, "
+                                   "losses.png, checkpoint.pt (and TensorBoard events when installed) to --out.")
+    p.add_argument("trainer", choices=["blendshape", "motion", "score"])
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    p.add_argument("--batch", type=int, help="samples per micro-batch (default: the trainer's)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "reference"],
+                   help="the loss implementation (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--out", help="output folder (default runs/<trainer>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--sequential", dest="variant", action="store_const", const="sequential",
+                   help="blendshape: seed 001's sequential variant (streams, smoothing, consistency, strides)")
+    p.add_argument("--data", help="folder of .npz files to train on instead of the built-in synthetic data")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--accum", type=int, help="micro-batches per optimiser step (gradient accumulation)")
+    p.add_argument("--clip", type=float, help="max gradient norm, 0 for none (default 1.0)")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (default auto: on for CUDA)")
+    p.add_argument("--width", type=int, help="model width")
+    p.add_argument("--window", type=int, help="frames of context (blendshape, motion)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--val-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--check-reference", type=int, metavar="N",
+                   help="every N steps, compare the fused loss with the reference (values, gradients)")
+    p.add_argument("--grad-checks", action="store_true", default=None,
+                   help="seed 003's checks: parameters with a missing, zero or exploding gradient")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
+    p.set_defaults(func=train)
     p = sub.add_parser("bench", help="the full benchmark, written to bench/results/")
     p.add_argument("--family", default="pva,blendshape,score", help="comma-separated loss families")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
