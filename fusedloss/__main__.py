@@ -113,7 +113,6 @@ def demo(args) -> int:
     from .benchmark import blendshape as blendshape_bench
     from .benchmark import pva as pva_bench
     from .benchmark import score as score_bench
-
     from .benchmark import trainers as trainer_bench
 
     print("fusedloss demo: the fused PVA loss (Ditto), blendshape loss (KoeMorph) and score loss (TIGAS), "

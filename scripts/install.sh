@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 installed() {
   (cd / && "$PY" - "$PWD" <<'PY'
 import os, sys
-import fusedloss, fusedloss._C, pytest, pytest_benchmark, hypothesis  # noqa: F401
+import fusedloss, fusedloss._C, pytest, pytest_benchmark, hypothesis, tqdm, matplotlib, lightning  # noqa: F401
 sys.exit(0 if os.path.samefile(os.path.dirname(fusedloss.__file__), os.path.join(sys.argv[1], "fusedloss")) else 1)
 PY
   ) >/dev/null 2>&1
@@ -26,5 +26,5 @@ fi
 echo "install: building fusedloss against torch $("$PY" -c 'import torch; print(torch.__version__)') (about a minute)" >&2
 # With every dependency already present (e.g. an offline GPU machine) pip needs no index;
 # if it still cannot resolve them, install the package alone.
-"$PY" -m pip install --quiet --no-build-isolation -e ".[test]" \
+"$PY" -m pip install --quiet --no-build-isolation -e ".[test,train,lightning]" \
   || "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .

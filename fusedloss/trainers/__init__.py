@@ -13,7 +13,8 @@ trains on real data instead (formats in each module's docstring and ``data.py``)
 from __future__ import annotations
 
 from . import blendshape, motion, score
-from .engine import Task, TrainConfig, TrainResult, train as run_task
+from .engine import Task, TrainConfig, TrainResult
+from .engine import train as run_task
 
 TASKS = {"blendshape": blendshape.make_task, "motion": motion.MotionTask, "score": score.ScoreTask}
 

@@ -31,7 +31,7 @@ from . import data
 from .engine import Task, TrainConfig
 
 NUM_BLENDSHAPES, MEL_BINS = 52, 80
-MOUTH, EXPRESSION = list(range(12, 22)), list(range(0, 10))   # seed 001's dual-stream groups
+MOUTH, EXPRESSION = list(range(12, 22)), list(range(10))   # seed 001's dual-stream groups
 # Seed 001's loss weights by stride; its "temporal" weight is the consistency term here.
 SPARSE_WEIGHTS = {"perceptual_weight": 0.7, "consistency_weight": 0.1, "smoothing_weight": 0.05}
 DENSE_WEIGHTS = {"perceptual_weight": 0.5, "consistency_weight": 0.3, "smoothing_weight": 0.15}

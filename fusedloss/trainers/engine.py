@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -388,7 +389,7 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
                     if any(found.values()):
                         log.write({"step": done, "split": "gradients", **{k: len(v) for k, v in found.items()}})
                         bar.write(f"step {done}: gradient check: " + "; ".join(
-                            f"{k}: {', '.join(v)}" for k, v in found.items() if v))
+                            f"{k}: {', '.join(v)}" for k, v in found.items() if v), file=sys.stderr)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in task.summary(record).items()})
                 interval_sum, interval_steps, interval_time = {}, 0, 0.0
             else:

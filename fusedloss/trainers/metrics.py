@@ -115,8 +115,8 @@ class _PlainProgress:
             print(f"{self.desc} {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in values.items()),
                   file=sys.stderr)
 
-    def write(self, line: str) -> None:
-        print(line, file=sys.stderr)
+    def write(self, line: str, file=sys.stderr) -> None:
+        print(line, file=file)
 
     def close(self) -> None:
         pass
