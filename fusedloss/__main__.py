@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="check every backend against the reference, then a short speed table")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--train-steps", type=int, default=100, help="optimiser steps per trainer")
+    p.add_argument("--train-steps", type=int, default=300, help="optimiser steps per trainer")
     p.set_defaults(func=demo)
     p = sub.add_parser("train", help="train a seed system with the fused losses",
                        description="Train a seed system with the fused losses. Writes metrics.jsonl, metrics.csv, "

@@ -293,3 +293,17 @@ def test_lightning_module_trains_like_the_engine():
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2)
     trainer.fit(SeedSystemModule("motion", steps=2, backend="cpu", **TINY["motion"]))
     assert math.isfinite(trainer.callback_metrics["val_x0_mse"].item())
+
+
+def test_step_time_benchmark_rows():
+    from fusedloss.benchmark import trainers as trainer_bench
+
+    runs = [("score", "score", TINY["score"]), ("motion", "motion", TINY["motion"])]
+    rows = trainer_bench.step_times(torch.device("cpu"), steps=4, backend_names=["cpu", "reference"], runs=runs,
+                                    check_every=2, log=lambda line: None)
+    assert [(r["run"], r["backend"]) for r in rows] == [("score", "cpu"), ("score", "reference"),
+                                                         ("motion", "cpu"), ("motion", "reference")]
+    assert all(r["reference_err"] < 1e-4 for r in rows if r["backend"] == "cpu")
+    assert all(r["reference_err"] is None for r in rows if r["backend"] == "reference")
+    table = trainer_bench.markdown(rows, "test CPU", "pytest")
+    assert "| score | reference |" in table and table.count("1.00x") == 2

@@ -49,6 +49,11 @@ def step_times(device: torch.device, steps: int = 60, backend_names=None, runs=R
 
 def markdown(rows: list[dict], device_name: str, command: str) -> str:
     lines = [f"# Training step time, {device_name}", "", f"`{command}`", "",
+             "A whole optimiser step (data, model forward and backward, loss, optimiser), median over "
+             "10-step intervals; the same seed and steps for every backend, so the validation metrics "
+             "must agree. At the trainers' default (CPU-sized) models the loss is a small part of a "
+             "step, and on a shared 2-core machine repeated runs of one backend differ by up to about "
+             "30% (seen: the score trainer at 14.9 and 19.4 ms): ratios inside that band are noise, not a speed-up or a slow-down.", "",
              "| trainer | backend | ms / step | vs reference loss | validation metric, start -> end |",
              "|---|---|---:|---:|---|"]
     reference = {r["run"]: r["step_ms"] for r in rows if r["backend"] == "reference"}

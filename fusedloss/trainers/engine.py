@@ -350,7 +350,9 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
                     total, terms = task.loss(loss_fn, inputs)
                     terms = {**terms, "total": total}
                 if reference_fn is not None and micro == 0 and (step + 1) % config.check_reference == 0:
+                    check_start = time.perf_counter()
                     errors = compare_with_reference(task, loss_fn, reference_fn, inputs)
+                    tick += time.perf_counter() - check_start   # the step time excludes the check
                     log.write({"step": step + 1, "split": "reference", **errors})
                     tolerance = reference_tolerance(inputs)
                     if max(errors.values()) > tolerance:
