@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs fusedloss from this checkout (editable, C++/CUDA extension built against the installed
-# torch) with its test dependencies, into the current python3. Never replaces an installed torch:
+# torch) with its test dependencies and the train and lightning extras, into the current python3. Never replaces an installed torch:
 # only a machine without one gets the CPU build of torch 2.13.0 (and the Triton tested with it).
 # Does nothing when this checkout is already installed with its extension built.
 set -euo pipefail
