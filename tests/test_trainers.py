@@ -71,11 +71,11 @@ def test_fused_training_matches_reference(case, backend):
     reference = run(case, steps=steps, backend="reference", log_every=1, val_every=steps)
     train_records = [[r for r in result.records if r["split"] == "train"] for result in (fused, reference)]
     assert len(train_records[0]) == steps
-    for got, want in zip(*train_records):
+    for got, want in zip(*train_records, strict=True):
         for key in want:
             if key not in ("step_ms",):
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (key, got, want)
-    for (name, a), b in zip(fused.model.state_dict().items(), reference.model.state_dict().values()):
+    for (name, a), b in zip(fused.model.state_dict().items(), reference.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -98,7 +98,7 @@ def test_resume_continues_exactly(case, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         engine.train(task, config)
     resumed = run(case, **options, out=str(tmp_path / "resumed"), resume=True)
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
     def history(folder):
@@ -287,7 +287,7 @@ def test_lightning_module_trains_like_the_engine():
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
               gradient_clip_val=1.0).fit(module)
     engine_run = run("score", steps=3, backend="cpu", accum=1)
-    for (name, a), b in zip(module.model.state_dict().items(), engine_run.model.state_dict().values()):
+    for (name, a), b in zip(module.model.state_dict().items(), engine_run.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2)
