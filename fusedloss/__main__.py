@@ -128,7 +128,7 @@ def demo(args) -> int:
         for row in rows:
             if row["backend"] == "reference":
                 continue
-            improved = row["after"] > row["before"] if row["metric"] == "val_auc" else row["after"] < row["before"]
+            improved = row["improved"]
             matched = row["reference_err"] is not None and row["reference_err"] < 1e-4
             ok &= improved and matched
             print(f"  {row['run']:34s} {row['backend']}: {row['metric']} {'improved' if improved else 'DID NOT IMPROVE'}, "
@@ -169,13 +169,12 @@ def train(args) -> int:
                if k in {f.name for f in dataclasses.fields(trainers.TrainConfig)} and v is not None}
     options["out"] = args.out or f"runs/{args.trainer}{'-sequential' if args.variant == 'sequential' else ''}"
     config = trainers.config_for(args.trainer, **options)
-    task = trainers.make_task(args.trainer, config)
     print(f"fusedloss train {args.trainer}: {config.steps} steps, batch {config.batch}, loss backend "
           f"{config.backend}, device {config.device}, writing to {config.out}", file=sys.stderr)
-    result = trainers.run_task(task, config)
-    history = result.metric_history(task.metric)
-    print(f"{task.name}: {task.metric} {history[0]:.5f} -> {history[-1]:.5f} "
-          f"({'higher' if task.higher_is_better else 'lower'} is better), {result.step_ms:.1f} ms/step; "
+    result = trainers.train(args.trainer, config)
+    history = result.metric_history()
+    print(f"{args.trainer}: {result.metric} {history[0]:.5f} -> {history[-1]:.5f} "
+          f"({'higher' if result.higher_is_better else 'lower'} is better), {result.step_ms:.1f} ms/step; "
           f"{config.out}/: metrics.jsonl, metrics.csv, losses.png, checkpoint.pt")
     return 0
 

@@ -55,8 +55,7 @@ def test_validation_metric_improves(case):
     config = config_for(trainer_of(case), steps=steps, val_every=steps, **({"variant": "sequential"} if case == "sequential" else {}),
                         **options, **QUIET)
     result = train(trainer_of(case), config)
-    task = make_task(trainer_of(case), config)
-    history = result.metric_history(task.metric)
+    history = result.metric_history()
     assert len(history) == 2 and all(math.isfinite(v) for v in history)
     assert improved(history[0], history[-1]), (case, history)
 

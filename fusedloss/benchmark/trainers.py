@@ -34,15 +34,15 @@ def step_times(device: torch.device, steps: int = 60, backend_names=None, runs=R
                                 val_every=steps, ckpt_every=steps, progress=False, tensorboard=False,
                                 check_reference=check_every if backend != "reference" else 0, **options)
             result = train(trainer, config)
-            task_metric = {"blendshape": "val_mse", "motion": "val_x0_mse", "score": "val_auc"}[trainer]
-            history = result.metric_history(task_metric)
+            history = result.metric_history()
             checks = [r for r in result.records if r["split"] == "reference"]
             row = {"run": label, "backend": backend, "steps": steps, "step_ms": result.step_ms,
-                   "metric": task_metric, "before": history[0], "after": history[-1],
+                   "metric": result.metric, "before": history[0], "after": history[-1],
+                   "improved": history[-1] > history[0] if result.higher_is_better else history[-1] < history[0],
                    "reference_err": max((max(r["reference_term_err"], r["reference_grad_err"]) for r in checks),
                                         default=None)}
             rows.append(row)
-            log(f"  {label:34s} {backend:9s} {row['step_ms']:8.2f} ms/step  {task_metric} "
+            log(f"  {label:34s} {backend:9s} {row['step_ms']:8.2f} ms/step  {result.metric} "
                 f"{row['before']:.4f} -> {row['after']:.4f}")
     return rows
 

@@ -78,7 +78,7 @@ class NpzCorpus:
             if len(lengths) != 1 or lengths.pop() < self.min_length:
                 raise ValueError(f"{path}: the arrays must have one common length >= {self.min_length}, "
                                  f"got {[tuple(a.shape) for a in arrays.values()]}")
-            self._files[i] = {k: a.float() if k != "images" or a.is_floating_point() else a.float() / 255
+            self._files[i] = {k: a.float() / 255 if k == "images" and not a.is_floating_point() else a.float()
                               for k, a in arrays.items()}
         return self._files[i]
 

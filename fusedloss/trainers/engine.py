@@ -116,11 +116,14 @@ class Task:
 class TrainResult:
     model: nn.Module
     records: list[dict]            # every logged record (train, val, reference checks)
-    step: int                      # steps done
+    metric: str                    # the task's validation metric
+    higher_is_better: bool
     step_ms: float                 # median wall time of an optimiser step, milliseconds
     out: Path | None
 
-    def metric_history(self, name: str) -> list[float]:
+    def metric_history(self, name: str | None = None) -> list[float]:
+        """Values of a validation metric (default: the task's) in step order."""
+        name = name or self.metric
         return [r[name] for r in self.records if r["split"] == "val" and name in r]
 
 
@@ -376,10 +379,12 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
             interval_steps += 1
             done = step + 1
             last = done == config.steps
-            if done % config.log_every == 0 or last:
+            log_now = done % config.log_every == 0 or last
+            if log_now:   # one sync per interval, before the clock stops, so the time includes the device's work
                 names = list(interval_sum)
-                values = torch.stack([interval_sum[k] for k in names]).div(interval_steps).tolist()  # one sync
-                interval_time += time.perf_counter() - tick
+                values = torch.stack([interval_sum[k] for k in names]).div(interval_steps).tolist()
+            interval_time += time.perf_counter() - tick
+            if log_now:
                 record = dict(zip(names, values))
                 if not math.isfinite(record["total"]):   # fail fast (the score loss also checks every step)
                     raise RuntimeError(f"{task.name}: the loss is NaN/Inf at step {done} ({record})")
@@ -394,8 +399,6 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
                             f"{k}: {', '.join(v)}" for k, v in found.items() if v), file=sys.stderr)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in task.summary(record).items()})
                 interval_sum, interval_steps, interval_time = {}, 0, 0.0
-            else:
-                interval_time += time.perf_counter() - tick
             bar.update(1)
             if done % config.val_every == 0 or last:
                 validate(done)
@@ -405,4 +408,5 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
         bar.close()
         log.close()
     step_ms = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    return TrainResult(model=model, records=log.records, step=config.steps, step_ms=step_ms, out=out)
+    return TrainResult(model=model, records=log.records, metric=task.metric, higher_is_better=task.higher_is_better,
+                       step_ms=step_ms, out=out)
