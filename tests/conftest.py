@@ -78,3 +78,18 @@ def assert_close(actual, expected, dtype, *, grad=False, msg=""):
     torch.testing.assert_close(
         actual.detach(), expected.detach(), rtol=rtol, atol=atol * max(scale, 1e-30), msg=lambda m: f"{msg}: {m}"
     )
+
+
+@pytest.fixture(scope="session")
+def sanitized():
+    """``sanitized(check, **kwargs)`` runs ``check(**kwargs)`` (a function of the calling test
+    module) in a worker process under AddressSanitizer + UndefinedBehaviorSanitizer, where the
+    CUDA kernels run on CPU threads (tests/simt). Returns what ``check`` returns."""
+    from simt import build, worker
+
+    reason = build.unavailable_reason()
+    if reason:
+        pytest.skip(f"simt lane: {reason}")
+    runner = worker.Worker(build.kernels_module("asan"), build.sanitizer_env("asan"))
+    yield runner.call
+    runner.close()

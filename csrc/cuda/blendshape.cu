@@ -116,10 +116,10 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
   const bool landmark = has(pb.terms, kLandmark);
   const acc_t thr = threshold<scalar_t>(in.settings[kThreshold]);
-  __shared__ acc_t e_s[kTile];
-  __shared__ acc_t scratch[kThreads / 32];
-  __shared__ acc_t final_sums[kPartials];
-  __shared__ bool is_last;
+  FL_SHARED(acc_t, e_s, [kTile]);
+  FL_SHARED(acc_t, scratch, [kThreads / 32]);
+  FL_SHARED(acc_t, final_sums, [kPartials]);
+  FL_SHARED(bool, is_last);
 
   acc_t sums[kNumSums] = {};
   acc_t colT[kPerThread] = {}, colS2[kPerThread] = {};
@@ -297,7 +297,7 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
   const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
   const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
   const bool landmark = has(pb.terms, kLandmark);
-  __shared__ acc_t e_s[kTile];
+  FL_SHARED(acc_t, e_s, [kTile]);
 
   const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
   const acc_t g_total = *static_cast<const acc_t*>(out.grad_total);
@@ -411,17 +411,16 @@ cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void*
   const dim3 grid = grid_for(in, tile, 4, true);
   auto* partials = static_cast<acc_t*>(workspace);
   acc_t* colpart = partials + size_t(grid.x) * grid.y * kPartials;
-  blendshape_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-      in, tile, static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<acc_t*>(col_stats),
-      static_cast<unsigned int*>(counter), partials, colpart);
-  return cudaGetLastError();
+  return cuda::launch(blendshape_forward_kernel<scalar_t>, grid, dim3(kThreads), stream, in, tile,
+                      static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<acc_t*>(col_stats),
+                      static_cast<unsigned int*>(counter), partials, colpart);
 }
 
 template <typename scalar_t>
 cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
   const Tile tile = tile_for(in.problem);
-  blendshape_backward_kernel<scalar_t><<<grid_for(in, tile, 4, false), kThreads, 0, stream>>>(in, out, tile);
-  return cudaGetLastError();
+  return cuda::launch(blendshape_backward_kernel<scalar_t>, grid_for(in, tile, 4, false), dim3(kThreads), stream, in,
+                      out, tile);
 }
 
 cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* col_stats, void* workspace,

@@ -1,5 +1,5 @@
-// Device helpers shared by the CUDA kernels: arithmetic types, loads and stores of every input
-// dtype, warp and block sums, the SM count. No torch headers.
+// Device helpers shared by the CUDA kernels: kernel launches and shared arrays, arithmetic types,
+// loads and stores of every input dtype, warp and block sums, the SM count. No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,9 +7,31 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <utility>
+
+// FL_SHARED(T, name, [N]...) declares the block's shared array `__shared__ T name[N]...` (or a
+// shared scalar without dimensions). With FUSEDLOSS_SIMT (tests/simt: the kernels run on CPU
+// threads) each block gets its own copy on the heap instead, poisoned with 0xFF bytes.
+#ifdef FUSEDLOSS_SIMT
+#define FL_SHARED(type, name, ...) SIMT_SHARED(type, name, __VA_ARGS__)
+#else
+#define FL_SHARED(type, name, ...) __shared__ type name __VA_ARGS__
+#endif
 
 namespace fusedloss {
 namespace cuda {
+
+// kernel<<<grid, block, 0, stream>>>(args...), then the launch's error: the one launch site of
+// every kernel (no dynamic shared memory), which the SIMT lane runs on CPU threads instead.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+#ifdef FUSEDLOSS_SIMT
+  return ::simt::launch(kernel, grid, block, stream, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+#endif
+}
 
 // Arithmetic type: double for double inputs, float otherwise.
 template <typename T> struct AccOf { using type = float; };

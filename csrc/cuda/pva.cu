@@ -110,8 +110,8 @@ pva_forward_kernel(const CudaInputs in, typename AccOf<scalar_t>::type* __restri
   }
 
   // Column sums of the block: reduce the kLanes warps.
-  __shared__ acc_t lane_sums[kNumStats][kLanes][kCols];
-  __shared__ acc_t col_sums[kNumStats][kCols];
+  FL_SHARED(acc_t, lane_sums, [kNumStats][kLanes][kCols]);
+  FL_SHARED(acc_t, col_sums, [kNumStats][kCols]);
 #pragma unroll
   for (int k = 0; k < kNumStats; ++k) lane_sums[k][ty][tx] = s[k];
   __syncthreads();
@@ -141,7 +141,7 @@ pva_forward_kernel(const CudaInputs in, typename AccOf<scalar_t>::type* __restri
   }
 
   // The last block to arrive reduces the partials of all blocks, in block order.
-  __shared__ bool is_last;
+  FL_SHARED(bool, is_last);
   __threadfence();
   __syncthreads();
   if (tx == 0 && ty == 0) is_last = atomicAdd(counter, 1u) == static_cast<unsigned int>(nblocks - 1);
@@ -180,7 +180,7 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
   const int64_t d = int64_t(blockIdx.x) * kCols + tx;
 
   // coef[stat][column]: d(loss)/d(statistic of one element), summed over the parts holding it.
-  __shared__ acc_t coef[kNumStats][kCols];
+  FL_SHARED(acc_t, coef, [kNumStats][kCols]);
   if (ty == 0) {
     acc_t c[kNumStats] = {0, 0, 0, 0, 0};
     if (d < in.D) {
@@ -278,18 +278,17 @@ template <typename scalar_t>
 cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void* workspace, void* counter,
                            cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
-  pva_forward_kernel<scalar_t><<<forward_grid(in), dim3(kCols, kLanes), 0, stream>>>(
-      in, static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<unsigned int*>(counter),
-      static_cast<acc_t*>(workspace));
-  return cudaGetLastError();
+  return cuda::launch(pva_forward_kernel<scalar_t>, forward_grid(in), dim3(kCols, kLanes), stream, in,
+                      static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<unsigned int*>(counter),
+                      static_cast<acc_t*>(workspace));
 }
 
 template <typename scalar_t>
 cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
   // A persistent grid (8 blocks per SM): each block builds its columns' coefficients once, then
   // walks many items.
-  pva_backward_kernel<scalar_t><<<grid_for(in, 8 * int64_t(sm_count())), dim3(kCols, kLanes), 0, stream>>>(in, out);
-  return cudaGetLastError();
+  return cuda::launch(pva_backward_kernel<scalar_t>, grid_for(in, 8 * int64_t(sm_count())), dim3(kCols, kLanes),
+                      stream, in, out);
 }
 
 cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* workspace, void* counter,

@@ -78,11 +78,11 @@ __global__ void __launch_bounds__(kThreads)
     score_forward_kernel(CudaInputs in, CudaOutputs out, const typename AccOf<scalar_t>::type* __restrict__ sorted,
                          double* __restrict__ partials, unsigned int* __restrict__ counter) {
   using acc_t = typename AccOf<scalar_t>::type;
-  __shared__ acc_t tile_score[kThreads];
-  __shared__ bool tile_real[kThreads];
-  __shared__ double scratch[kThreads / 32];
-  __shared__ double final_sums[kNumPartials];
-  __shared__ bool is_last;
+  FL_SHARED(acc_t, tile_score, [kThreads]);
+  FL_SHARED(bool, tile_real, [kThreads]);
+  FL_SHARED(double, scratch, [kThreads / 32]);
+  FL_SHARED(double, final_sums, [kNumPartials]);
+  FL_SHARED(bool, is_last);
   const Problem pb = in.problem;
   const int64_t B = pb.B;
   const int tid = threadIdx.x;
@@ -252,9 +252,8 @@ cudaError_t forward_cuda(const CudaInputs& in, const CudaOutputs& out, void* wor
     bytes += aligned(size_t(blocks) * kNumPartials * sizeof(double));
     auto* counts = static_cast<unsigned int*>(counter);
     if (!sorted) {
-      score_forward_kernel<scalar_t, label_t, false>
-          <<<blocks, kThreads, 0, stream>>>(in, out, nullptr, partials, counts);
-      return cudaGetLastError();
+      return cuda::launch(score_forward_kernel<scalar_t, label_t, false>, dim3(blocks), dim3(kThreads), stream, in,
+                          out, static_cast<const acc_t*>(nullptr), partials, counts);
     }
     const int64_t B = pb.B;
     auto* keys = reinterpret_cast<acc_t*>(bytes);
@@ -262,23 +261,22 @@ cudaError_t forward_cuda(const CudaInputs& in, const CudaOutputs& out, void* wor
     auto* rows = reinterpret_cast<acc_t*>(bytes);
     bytes += aligned(2 * size_t(B) * sizeof(acc_t));
     size_t temp_bytes = sort_temp_bytes<acc_t>(B);
-    score_keys_kernel<scalar_t, label_t><<<blocks, kThreads, 0, stream>>>(in, keys);
-    cudaError_t status = cudaGetLastError();
+    cudaError_t status = cuda::launch(score_keys_kernel<scalar_t, label_t>, dim3(blocks), dim3(kThreads), stream, in,
+                                      keys);
     for (int row = 0; row < 2 && status == cudaSuccess; ++row)
       status = cub::DeviceRadixSort::SortKeys(bytes, temp_bytes, keys + row * B, rows + row * B, static_cast<int>(B),
                                               0, int(sizeof(acc_t) * 8), stream);
     if (status != cudaSuccess) return status;
-    score_forward_kernel<scalar_t, label_t, true><<<blocks, kThreads, 0, stream>>>(in, out, rows, partials, counts);
-    return cudaGetLastError();
+    return cuda::launch(score_forward_kernel<scalar_t, label_t, true>, dim3(blocks), dim3(kThreads), stream, in, out,
+                        static_cast<const acc_t*>(rows), partials, counts);
   });
 }
 
 cudaError_t backward_cuda(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
   return dispatch(in, [&](auto element, auto label) -> cudaError_t {
     const int64_t blocks = std::min<int64_t>((in.problem.B + kThreads - 1) / kThreads, 8 * cuda::sm_count());
-    score_backward_kernel<decltype(element), decltype(label)>
-        <<<static_cast<int>(std::max<int64_t>(1, blocks)), kThreads, 0, stream>>>(in, out);
-    return cudaGetLastError();
+    return cuda::launch(score_backward_kernel<decltype(element), decltype(label)>,
+                        dim3(static_cast<unsigned>(std::max<int64_t>(1, blocks))), dim3(kThreads), stream, in, out);
   });
 }
 
