@@ -150,7 +150,7 @@ def _link(name: str, objects: list[Path], variant: str, shared: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         target = Path(tmp) / out.name
-        cmd = [CXX, *_flags(variant), *(["-shared"] if shared else []), *map(str, objects), "-o", str(target)]
+        cmd = [CXX, *_flags(variant), *(["-shared"] if shared else []), *map(str, objects), "-ldl", "-o", str(target)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"simt: linking {name} failed:\n{' '.join(cmd)}\n{result.stderr[-20000:]}")

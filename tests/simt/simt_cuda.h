@@ -602,7 +602,8 @@ inline void run_grid(dim3 grid, dim3 block_dim, const std::function<void()>& bod
   for (size_t r = 0; r < in_flight; ++r)
     runners.emplace_back([&, r] {
       std::vector<char*>& stacks = fiber_stacks(r);
-      for (size_t i; (i = next.fetch_add(1)) < order.size();) Block(grid, block_dim, order[i], body, stacks).run();
+      for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < order.size();)
+        Block(grid, block_dim, order[i], body, stacks).run();
     });
   for (auto& t : runners) t.join();
 }
