@@ -1,0 +1,152 @@
+"""Planted bugs in the CUDA kernels: each must make ``pytest tests -m simt`` fail.
+
+    python tests/simt/mutants.py              # every mutant: a markdown table of what caught it
+    python tests/simt/mutants.py P1 S4        # some of them
+    python tests/simt/mutants.py --list
+
+Each mutant replaces one exact piece of a ``csrc/cuda/*.cu`` file (found exactly once) in a copy
+of ``csrc/``, then runs the lane on that copy (``FUSEDLOSS_SIMT_CSRC``), the mutated family's
+tests first, stopping at the first failure. tests/test_simt_mutants.py checks in every CI run
+that each mutant still applies to the current sources, and that one of them is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # under csrc/cuda
+    bug: str
+    find: str
+    replace: str
+
+    @property
+    def family(self) -> str:
+        return Path(self.file).stem
+
+
+MUTANTS = [
+    # ---- pva.cu ----
+    Mutant("P1", "pva.cu", "barrier removed between the lane sums' writes and reads",
+           "lane_sums[k][ty][tx] = s[k];\n  __syncthreads();", "lane_sums[k][ty][tx] = s[k];\n"),
+    Mutant("P2", "pva.cu", "the last block does not reset the arrival counter",
+           "if (tx == 0 && ty == 0) atomicExch(counter, 0u);", ""),
+    Mutant("P3", "pva.cu", "off-by-one in a shared index (one lane row too many)",
+           "for (int l = 0; l < kLanes; ++l) v += lane_sums[ty][l][tx];",
+           "for (int l = 0; l <= kLanes; ++l) v += lane_sums[ty][l][tx];"),
+    Mutant("P4", "pva.cu", "warp shuffle in a divergent branch",
+           "    v = warp_sum(v);\n    if (tx == 0) partials[block * T + j] = v;",
+           "    if (inside) v = warp_sum(v);\n    if (tx == 0) partials[block * T + j] = v;"),
+    Mutant("P5", "pva.cu", "wrong stride: target read along time with pred's time stride",
+           "in.pred_strides[1], in.target_strides[1], in.L};", "in.pred_strides[1], in.pred_strides[1], in.L};"),
+    Mutant("P6", "pva.cu", "partial sums published without __threadfence",
+           "  FL_SHARED(bool, is_last);\n  __threadfence();", "  FL_SHARED(bool, is_last);\n"),
+    Mutant("P7", "pva.cu", "time chunks overlap by one row", "it.t1 = min(it.t0 + kChunk, L);",
+           "it.t1 = min(it.t0 + kChunk + 1, L);"),
+    Mutant("P8", "pva.cu", "backward: no bound check on the column", "  if (d >= in.D) return;\n", "\n"),
+    # ---- blendshape.cu ----
+    Mutant("B1", "blendshape.cu", "column partials of every batch group written to group 0's row",
+           "acc_t* part = colpart + int64_t(blockIdx.y) * 2 * C;", "acc_t* part = colpart;"),
+    Mutant("B2", "blendshape.cu", "barrier removed after the landmark loop (e_s overwritten while read)",
+           "gram_row(in.gram, e_s, idx, el.k, K);\n      }\n      __syncthreads();",
+           "gram_row(in.gram, e_s, idx, el.k, K);\n      }\n"),
+    Mutant("B3", "blendshape.cu", "d/dtarget through the importance weights misses its 1/B",
+           "w_col[C + column] / static_cast<acc_t>(B);", "w_col[C + column];"),
+    Mutant("B4", "blendshape.cu", "the last block's warp per column strides its groups by 16 (counted twice)",
+           "for (int64_t g = lane; g < groups; g += 32) {", "for (int64_t g = lane; g < groups; g += 16) {"),
+    Mutant("B5", "blendshape.cu", "the last block reads the partials without __threadfence",
+           "if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
+           "  __threadfence();\n  const int warp",
+           "if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
+           "  const int warp"),
+    Mutant("B6", "blendshape.cu", "one final sum never written (uninitialised shared memory read)",
+           "for (int s = warp; s <= kWeighted; s += kThreads / 32) {",
+           "for (int s = warp; s < kWeighted; s += kThreads / 32) {"),
+    # ---- score.cu ----
+    Mutant("S1", "score.cu", "sorted path: real scores searched in their own row",
+           "active_fakes(margin, s, sorted + B, B)", "active_fakes(margin, s, sorted, B)"),
+    Mutant("S2", "score.cu", "all-pairs path: barrier removed before a tile is overwritten",
+           "          __syncthreads();\n          if (t0 + tid < B) {", "          if (t0 + tid < B) {"),
+    Mutant("S3", "score.cu", "radix sort of one bit too few", "0, int(sizeof(acc_t) * 8), stream)",
+           "0, int(sizeof(acc_t) * 8) - 1, stream)"),
+    Mutant("S4", "score.cu", "all-pairs path: off-by-one past the tile's end",
+           "for (int i = 0; i < len; ++i) {", "for (int i = 0; i <= len; ++i) {"),
+    Mutant("S5", "score.cu", "wrong stride: the second logit read next to the first",
+           "const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);\n"
+           "      sums[kBadLogits]",
+           "const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + 1);\n"
+           "      sums[kBadLogits]"),
+    Mutant("S6", "score.cu", "a non-finite score not reported in the status", "sums[kBadScores] += !isfinite(s);", ""),
+    Mutant("S7", "score.cu", "keys kernel: reals padded with +inf in the fake row",
+           "keys[B + k] = real ? -infinity<acc_t>() : s;", "keys[B + k] = real ? infinity<acc_t>() : s;"),
+    Mutant("S8", "score.cu", "backward: a block-stride loop instead of a grid-stride one (blocks overlap)",
+           "for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {\n"
+           "    const acc_t y",
+           "for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += kThreads) {\n"
+           "    const acc_t y"),
+]
+BY_NAME = {m.name: m for m in MUTANTS}
+
+
+def apply(mutant: Mutant, csrc: Path) -> None:
+    """Plant the bug in the copy ``csrc`` of csrc/."""
+    path = csrc / "cuda" / mutant.file
+    text = path.read_text()
+    count = text.count(mutant.find)
+    if count != 1:
+        raise ValueError(f"{mutant.name}: its text occurs {count} times in {mutant.file}, not once: update the mutant")
+    path.write_text(text.replace(mutant.find, mutant.replace))
+
+
+def run(mutant: Mutant, tests: list[str] | None = None, timeout: float = 1800) -> tuple[bool, str, float]:
+    """(caught, what caught it, seconds): the lane (or ``tests``) on a copy of csrc/ with the bug."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"fusedloss-{mutant.name}-") as tmp:
+        csrc = Path(tmp) / "csrc"
+        shutil.copytree(ROOT / "csrc", csrc)
+        apply(mutant, csrc)
+        env = {**os.environ, "FUSEDLOSS_SIMT_CSRC": str(csrc)}  # objects of unchanged files come from the cache
+        family_first = [f"tests/test_simt_{mutant.family}.py"]
+        args = tests or [*family_first, "tests"]
+        result = subprocess.run([sys.executable, "-m", "pytest", *args, "-m", "simt", "-x", "-q", "-p", "no:cacheprovider"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", result.stdout, re.M)
+    caught = result.returncode != 0
+    return caught, (failed[0] if failed else result.stdout.strip().splitlines()[-1]), time.monotonic() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    chosen = [BY_NAME[n] for n in args.names] if args.names else MUTANTS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  {m.file:14s} {m.bug}")
+        return 0
+    print("| mutant | file | planted bug | caught by | seconds |\n|---|---|---|---|---:|", flush=True)
+    survivors = 0
+    for m in chosen:
+        caught, by, seconds = run(m)
+        survivors += not caught
+        print(f"| {m.name} | {m.file} | {m.bug} | {by if caught else '**not caught**'} | {seconds:.0f} |", flush=True)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
