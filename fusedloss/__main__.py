@@ -179,6 +179,21 @@ def train(args) -> int:
     return 0
 
 
+def _batches_by_family(spec: str | None, families: list[str]) -> dict[str, tuple[int, ...] | None]:
+    """``--batches``: "64,4096" takes those batch sizes of every family; "pva:64,score:4096" names a
+    family per size (a family with no size named runs no case). None: every family's own sizes."""
+    if not spec:
+        return {f: None for f in families}
+    out: dict[str, list[int]] = {f: [] for f in families}
+    for item in spec.split(","):
+        family, _, size = item.rpartition(":")
+        if family and family not in out:
+            raise SystemExit(f"--batches: unknown family {family!r} in {item!r} (families: {', '.join(families)})")
+        for f in [family] if family else families:
+            out[f].append(int(size))
+    return {f: tuple(sizes) for f, sizes in out.items()}
+
+
 def bench(args) -> int:
     from . import benchmark
     from .benchmark import blendshape as blendshape_bench
@@ -187,9 +202,10 @@ def bench(args) -> int:
 
     dtype = getattr(torch, args.dtype)
     families = {"pva": pva_bench.cases, "blendshape": blendshape_bench.cases, "score": score_bench.cases}
+    chosen = args.family.split(",")
+    batches = _batches_by_family(args.batches, chosen)
     for device in _devices(args.device):
-        batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
-        cases = [c for f in args.family.split(",") for c in families[f](device, batches)]
+        cases = [c for f in chosen if batches[f] != () for c in families[f](device, batches[f])]
         results, bandwidth = benchmark.run_cases(cases, device, dtype=dtype, modes=tuple(args.modes.split(",")),
                                                  phases=tuple(args.phases.split(",")))
         command = command_line()
@@ -242,7 +258,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="the full benchmark, written to bench/results/")
     p.add_argument("--family", default="pva,blendshape,score", help="comma-separated loss families")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes B: only the cases with these")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes B: only the cases with these; FAMILY:B for one family's")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--phases", default="forward,backward,full")
