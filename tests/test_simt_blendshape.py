@@ -36,7 +36,8 @@ def strides3(x):
 
 def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, layout="contiguous", threshold=0.1,
           grad_stride=1, mask=(True, True, True), ties=False, sms=2, min_blocks=1, min_groups=1):
-    from simt.harness import address, arrival_counter, dtype as dtype_of, forward_twice, make, poisoned, use_device, workspace
+    from simt.harness import (address, arrival_counter, assert_rounded_like, dtype as dtype_of, forward_twice, make,
+                              poisoned, use_device, workspace)
 
     from fusedloss.ops.blendshape import BlendshapeConfig, computed_terms, landmark_gram, needs_col_stats
     from fusedloss.reference import blendshape_loss_reference
@@ -108,6 +109,7 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
         if got is not None:
             want_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
             assert_close(got, want_grad, dtype, grad=True, msg=f"d/d{name}")
+            assert_rounded_like(got, want_grad, f"d/d{name}")
 
 
 CASES = {

@@ -35,7 +35,8 @@ def layout(t: torch.Tensor, how: str) -> torch.Tensor:
 
 def check(B, L, D, dtype, loss_type="l2", last_frame=True, reg=True, dim_ws=True, parts=None, pred_layout="contiguous",
           target_layout="contiguous", grad_stride=1, mask=(True, True, True), sms=2, min_blocks=1, grid_stride=False):
-    from simt.harness import address, arrival_counter, dtype as dtype_of, forward_twice, make, poisoned, use_device, workspace
+    from simt.harness import (address, arrival_counter, assert_rounded_like, dtype as dtype_of, forward_twice, make,
+                              poisoned, use_device, workspace)
 
     from fusedloss.ops.pva import PVAConfig
     from fusedloss.reference import pva_loss_reference
@@ -91,6 +92,7 @@ def check(B, L, D, dtype, loss_type="l2", last_frame=True, reg=True, dim_ws=True
     for name, got, leaf in zip(("pred", "target", "cond_frame"), grads, leaves):
         if got is not None:
             assert_close(got, leaf.grad, dtype, grad=True, msg=f"d/d{name}")
+            assert_rounded_like(got, leaf.grad, f"d/d{name}")
 
 
 CASES = {

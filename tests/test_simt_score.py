@@ -50,7 +50,8 @@ def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
 
 def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5, labels="binary", label_dtype=None,
           ties=False, strided=False, grad_stride=1, mask=(True, True), sms=2, bad=None, min_blocks=1, grid_stride=False):
-    from simt.harness import address, arrival_counter, dtype as dtype_of, forward_twice, make, poisoned, use_device, workspace
+    from simt.harness import (address, arrival_counter, assert_rounded_like, dtype as dtype_of, forward_twice, make,
+                              poisoned, use_device, workspace)
 
     from fusedloss.ops.score import ScoreConfig, status_of
     from fusedloss.reference import all_pairs_margin_ranking_reference, score_loss_reference
@@ -126,18 +127,22 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
                                          rank_scale=address(out["rank_scale"]), grad_scores=address(grad_scores),
                                          grad_logits=address(grad_logits)))
     assert error == 0, f"backward launch failed: cudaError {error}"
-    s_leaf = scores.detach().clone().requires_grad_()
-    l_leaf = logits.detach().clone().requires_grad_() if cls else None
-    r = score_loss_reference(s_leaf, l_leaf if cls else torch.zeros(B, 2, dtype=dtype), lab, config)
+    # The reference on arithmetic-dtype copies, so each gradient is rounded to the input dtype once
+    # (with 16-bit leaves, autograd would round the regression and ranking parts separately).
+    s_leaf = scores.detach().to(acc).requires_grad_()
+    l_leaf = logits.detach().to(acc).requires_grad_() if cls else None
+    r = score_loss_reference(s_leaf, l_leaf if cls else torch.zeros(B, 2, dtype=acc), lab, config)
     parts = [r["regression"], r["classification"] if cls else None,
              all_pairs_margin_ranking_reference(s_leaf, lab, margin, reduction)]
     loss = sum(part * (grad_terms[i] + w * grad_total)
                for i, (w, part) in enumerate(zip(config.weights, parts)) if terms >> i & 1)
     loss.backward()
     if grad_scores is not None:
-        assert_close(grad_scores, s_leaf.grad, dtype, grad=True, msg="d/dscores")
+        assert_close(grad_scores, s_leaf.grad.to(dtype), dtype, grad=True, msg="d/dscores")
+        assert_rounded_like(grad_scores, s_leaf.grad.to(dtype), "d/dscores")
     if grad_logits is not None:
-        assert_close(grad_logits, l_leaf.grad.contiguous(), dtype, grad=True, msg="d/dlogits")
+        assert_close(grad_logits, l_leaf.grad.to(dtype).contiguous(), dtype, grad=True, msg="d/dlogits")
+        assert_rounded_like(grad_logits, l_leaf.grad.to(dtype), "d/dlogits")
 
 
 CASES = {

@@ -35,8 +35,10 @@ class Mutant:
     replace: str
 
     @property
-    def family(self) -> str:
-        return Path(self.file).stem
+    def family(self) -> str | None:
+        """The loss family of the file, None for the shared helpers (common.cuh)."""
+        stem = Path(self.file).stem
+        return stem if stem in ("pva", "blendshape", "score") else None
 
 
 MUTANTS = [
@@ -58,6 +60,11 @@ MUTANTS = [
     Mutant("P7", "pva.cu", "time chunks overlap by one row", "it.t1 = min(it.t0 + kChunk, L);",
            "it.t1 = min(it.t0 + kChunk + 1, L);"),
     Mutant("P8", "pva.cu", "backward: no bound check on the column", "  if (d >= in.D) return;\n", "\n"),
+    Mutant("P9", "pva.cu", "the last block reads the partials without __threadfence",
+           "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n  __threadfence();\n"
+           "  for (int64_t j = ty;",
+           "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
+           "  for (int64_t j = ty;"),
     # ---- blendshape.cu ----
     Mutant("B1", "blendshape.cu", "column partials of every batch group written to group 0's row",
            "acc_t* part = colpart + int64_t(blockIdx.y) * 2 * C;", "acc_t* part = colpart;"),
@@ -93,11 +100,21 @@ MUTANTS = [
     Mutant("S6", "score.cu", "a non-finite score not reported in the status", "sums[kBadScores] += !isfinite(s);", ""),
     Mutant("S7", "score.cu", "keys kernel: reals padded with +inf in the fake row",
            "keys[B + k] = real ? -infinity<acc_t>() : s;", "keys[B + k] = real ? infinity<acc_t>() : s;"),
+    Mutant("S9", "score.cu", "partial sums published without __threadfence",
+           "  __threadfence();\n  __syncthreads();\n  if (tid == 0) is_last", "  __syncthreads();\n  if (tid == 0) is_last"),
+    Mutant("S10", "score.cu", "the last block reads the partials without __threadfence",
+           "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n  __threadfence();\n",
+           "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"),
     Mutant("S8", "score.cu", "backward: a block-stride loop instead of a grid-stride one (blocks overlap)",
            "for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {\n"
            "    const acc_t y",
            "for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += kThreads) {\n"
            "    const acc_t y"),
+    # ---- common.cuh (every family) ----
+    Mutant("C1", "common.cuh", "16-bit results truncated instead of rounded to nearest even",
+           "return __float2half_rn(x);", "return __float2half_rz(x);"),
+    Mutant("C2", "common.cuh", "block_sum: thread 0 reads the warps' sums without a barrier",
+           "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n", "  if (lane == 0) scratch[warp] = v;\n"),
 ]
 BY_NAME = {m.name: m for m in MUTANTS}
 
@@ -120,12 +137,14 @@ def run(mutant: Mutant, tests: list[str] | None = None, timeout: float = 1800) -
         shutil.copytree(ROOT / "csrc", csrc)
         apply(mutant, csrc)
         env = {**os.environ, "FUSEDLOSS_SIMT_CSRC": str(csrc)}  # objects of unchanged files come from the cache
-        family_first = [f"tests/test_simt_{mutant.family}.py"]
+        family_first = [f"tests/test_simt_{mutant.family}.py"] if mutant.family else []
         args = tests or [*family_first, "tests"]
         result = subprocess.run([sys.executable, "-m", "pytest", *args, "-m", "simt", "-x", "-q", "-p", "no:cacheprovider"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", result.stdout, re.M)
-    caught = result.returncode != 0
+    if "simt: compiling" in result.stdout:  # not a planted bug but a broken file: the mutant is wrong
+        return False, "does not compile", time.monotonic() - start
+    caught = result.returncode == 1 and bool(failed)  # tests failed (not a collection or usage error)
     return caught, (failed[0] if failed else result.stdout.strip().splitlines()[-1]), time.monotonic() - start
 
 

@@ -23,7 +23,8 @@ enum Bug : int {
   kUninitialisedShared,   // a shared value read but never written
   kGlobalOverflow,        // a read one past the input's end
   kMissingBarrier,        // shared memory written and read with no barrier between
-  kMissingFence,          // partial sums published without __threadfence
+  kMissingWriteFence,     // partial sums published without __threadfence
+  kMissingReadFence,      // the last block reads the partial sums without __threadfence
   kNoCounterReset,        // the last block does not reset the arrival counter
   kSharedTooLarge,        // 56 KiB of static shared memory
 };
@@ -57,13 +58,13 @@ __global__ void sum_kernel(const float* x, int n, float* partials, unsigned int*
     for (int w = 0; w < warps; ++w) t += scratch[w];
     partials[blockIdx.x] = t;
   }
-  if (bug != kMissingFence) __threadfence();
+  if (bug != kMissingWriteFence) __threadfence();
   __syncthreads();
   if (tid == 0) is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!is_last) return;
   if (tid == 0 && bug != kNoCounterReset) atomicExch(counter, 0u);
-  if (bug != kMissingFence) __threadfence();
+  if (bug != kMissingReadFence) __threadfence();
   if (warp == 0) {
     float t = 0;
     for (int b = lane; b < int(gridDim.x); b += 32) t += __ldcg(partials + b);
@@ -75,7 +76,8 @@ __global__ void sum_kernel(const float* x, int n, float* partials, unsigned int*
 int main(int argc, char** argv) {
   const char* names[] = {"ok", "divergent_barrier", "barrier_after_exit", "divergent_shuffle",
                          "shuffle_outside_mask", "shared_overflow", "uninitialised_shared", "global_overflow",
-                         "missing_barrier", "missing_fence", "no_counter_reset", "shared_too_large"};
+                         "missing_barrier", "missing_write_fence", "missing_read_fence", "no_counter_reset",
+                         "shared_too_large"};
   const std::string scenario = argc > 1 ? argv[1] : "";
   int bug = -1;
   for (int i = 0; i < int(sizeof(names) / sizeof(*names)); ++i)

@@ -1,33 +1,42 @@
-// simt_cuda.h: runs the project's CUDA kernels on the CPU, one OS thread per CUDA thread.
+// simt_cuda.h: runs the project's CUDA kernels on the CPU.
 //
 // build.py compiles a .cu file as C++ with this header force-included (-include simt_cuda.h) and
 // -DFUSEDLOSS_SIMT, so the kernels' own code runs, unmodified, under gcc's AddressSanitizer,
 // UndefinedBehaviorSanitizer or ThreadSanitizer. The .cu files launch through cuda::launch and
 // declare shared arrays with FL_SHARED (csrc/cuda/common.cuh); both land here.
 //
+// Execution: a block runs on one OS thread, each of its CUDA threads a fiber (its own stack) that
+// runs until it waits at a barrier or a warp collective, or exits; then the next ready one runs.
+// SIMT_BLOCKS_IN_FLIGHT blocks (default 2) run at once on their own OS threads, in a shuffled
+// order (set_seed). ThreadSanitizer sees every fiber as a thread, with happens-before only where
+// CUDA puts it: barriers and warp collectives among their threads, the kernels' atomics and fences,
+// and the end of a launch (and, as a cost of reusing stacks, between blocks run one after the other
+// on the same OS thread). Blocks in flight together are ordered by nothing but the kernel's code.
+//
 // What runs like a GPU:
-//   * a block's threads run concurrently; __syncthreads is a real barrier of the block's live
-//     threads; blocks run SIMT_BLOCKS_IN_FLIGHT at a time, in a shuffled order (set_seed);
-//   * warp shuffles, votes and __syncwarp exchange values among the lanes in their mask;
-//   * shared arrays are per block, on the heap (ASan sees overflows), filled with 0xFF bytes
-//     (NaN floats, -1 integers, invalid bools for UBSan) so a read before a write shows; at most
-//     48 KiB of them per block, as statically declared shared memory on a GPU;
-//   * atomics are relaxed, as CUDA's are. Under ThreadSanitizer __threadfence is an acquire-release
-//     operation on one device-wide atomic, which TSan understands (it models no standalone fences):
-//     a last-block reduction without its fences is a reported data race;
+//   * __syncthreads is a barrier of the block's live threads; warp shuffles, votes and __syncwarp
+//     exchange values among the lanes in their mask;
+//   * shared arrays are per block, on the heap (ASan sees overflows; UBSan an index past a bound),
+//     filled with 0xFF bytes (NaN floats, -1 integers, invalid bools for UBSan) so a read before a
+//     write shows; at most 48 KiB of them per block, as statically declared shared memory;
+//   * atomics are relaxed, as CUDA's are, and ordered by __threadfence; under ThreadSanitizer the
+//     fences are modelled (fence() below) so that a last-block reduction that publishes or reads
+//     its partials without them is a data race;
 //   * device d (cudaSetDevice) has d + 1 SMs, so the kernels' grid sizes (and whether their
 //     grid-stride loops iterate) follow set_sm_count; the default device has 2.
 // What aborts with a message naming the source line:
-//   * a divergent __syncthreads (threads of one phase at different call sites, or a thread that
-//     exits while others wait) or one that never completes (SIMT_TIMEOUT_S, default 60 s);
+//   * a divergent __syncthreads: threads of one phase at different call sites, a thread that exits
+//     while others wait, or a block whose waiting threads no thread can release (a deadlock);
 //   * a warp collective whose caller is outside its mask, whose mask names lanes that do not exist
 //     or have exited, whose lanes meet at different call sites or with different masks, or that
-//     reads a lane outside the mask.
+//     reads a lane outside the mask;
+//   * more than 48 KiB of shared arrays in a block.
 // A bad launch configuration returns cudaErrorInvalidConfiguration, as on a GPU.
-// Not modelled: weak memory ordering outside TSan builds (x86 is strongly ordered), warp-synchronous
-// code without __syncwarp (lanes are not in lockstep here, so such code fails), launch bounds,
-// dynamic shared memory, streams (everything runs at the launch), and nvcc's contraction of a*b+c
-// into FMAs (results may differ from a GPU in the last bits).
+// Not modelled: weak memory ordering outside TSan builds (x86 is strongly ordered), lanes in
+// lockstep (warp-synchronous code without __syncwarp gets wrong values here, and TSan reports it),
+// spin-waiting on another thread of the same block (it never yields), launch bounds, dynamic shared
+// memory, streams (a launch runs to completion before it returns), and nvcc's contraction of
+// a*b+c into FMAs (results may differ from a GPU's in the last bits).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -212,6 +221,7 @@ struct Fiber {
   uint3 index{};
   int lane = 0, warp = 0;
   bool ready = true, done = false;
+  bool fenced = false;  // has run a __threadfence (TSan builds: its atomics release)
   Site waiting_at;
   const char* waiting_for = nullptr;
 };
@@ -332,6 +342,7 @@ class Block {
   std::vector<std::unique_ptr<Warp>> warps;
   std::map<const void*, void*> shared;  // FL_SHARED declaration -> this block's copy
   size_t shared_bytes = 0;
+  std::vector<const void*> atomics;       // locations the block's atomics have touched (TSan builds)
 
  private:
   int next_ready() {
@@ -627,17 +638,34 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   return cudaSuccess;
 }
 
+// Memory ordering. CUDA's atomics are relaxed: a __threadfence orders a thread's writes before its
+// later atomics, and its reads after its earlier ones. TSan models no standalone fences, so under
+// TSan a fence makes the thread's later atomic operations releases (of everything the thread has
+// seen), and acquires what was released to every location the block has operated on atomically
+// so far. A last-block reduction thus needs both its fences: one before the ticket in every block
+// (else the partials are published unordered), one after it in the last block (else they are read
+// unordered), or TSan reports a data race on the partials. Elsewhere a fence is a real one.
+inline void fence() {
 #if defined(__SANITIZE_THREAD__)
-// TSan models no standalone fences: an acquire-release read-modify-write of one device-wide atomic
-// orders a fence after every earlier fence instead, which is what a last-block reduction relies on.
-inline std::atomic<unsigned>& fence_word() {
-  static std::atomic<unsigned> w{0};
-  return w;
-}
-inline void fence() { fence_word().fetch_add(0, std::memory_order_acq_rel); }
+  RuntimeSection runtime;
+  if (!current_block) return;
+  current_block->self().fenced = true;
+  for (const void* location : current_block->atomics) sync_acquire(location);
 #else
-inline void fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+  std::atomic_thread_fence(std::memory_order_seq_cst);
 #endif
+}
+inline void before_atomic(const void* location) {
+#if defined(__SANITIZE_THREAD__)
+  RuntimeSection runtime;
+  if (!current_block) return;
+  if (current_block->self().fenced) sync_release(location);
+  auto& seen = current_block->atomics;
+  if (std::find(seen.begin(), seen.end(), location) == seen.end()) seen.push_back(location);
+#else
+  (void)location;
+#endif
+}
 
 }  // namespace simt
 
@@ -676,7 +704,10 @@ template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 template <typename T> inline void __stwb(T* p, T v) { *p = v; }
 
 // Atomics: relaxed, as CUDA's (ordering comes from __threadfence).
-template <typename T> inline std::atomic_ref<T> simt_atomic(T* p) { return std::atomic_ref<T>(*p); }
+template <typename T> inline std::atomic_ref<T> simt_atomic(T* p) {
+  ::simt::before_atomic(p);
+  return std::atomic_ref<T>(*p);
+}
 constexpr auto simt_relaxed = std::memory_order_relaxed;
 template <typename T> inline T atomicAdd(T* p, std::type_identity_t<T> v) { return simt_atomic(p).fetch_add(v, simt_relaxed); }
 template <typename T> inline T atomicSub(T* p, std::type_identity_t<T> v) { return simt_atomic(p).fetch_sub(v, simt_relaxed); }
