@@ -136,12 +136,14 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA GPU here; use --dry-run to check the steps without one", file=sys.stderr)
         return 2
     dry = args.dry_run
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="gpu-check-")) if dry else ROOT / "bench/results")
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="gpu-check-")) if dry else ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-steps-"))
-    sanitizer = shutil.which("compute-sanitizer") or next(
-        (str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin/compute-sanitizer",) if p.is_file()),
-        None)
+    toolkit_sanitizer = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "compute-sanitizer"
+    sanitizer = shutil.which("compute-sanitizer") or (str(toolkit_sanitizer) if toolkit_sanitizer.is_file() else None)
     left = lambda: args.budget - (time.monotonic() - start)  # noqa: E731
 
     env_step = Step("environment", ["bash", "-c", "nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,"
@@ -195,7 +197,8 @@ def main(argv=None) -> int:
     if dry:
         table += [f"| sanitizer {tool} | skipped: needs a GPU | 0 |" for tool in SANITIZER_TOOLS]
     failed = [s for s in steps if not (s.status.startswith(("ok", "warning", "unavailable")))]
-    verdict = f"gpu_check{' --dry-run' if dry else ''}: {'FAILED: ' + ', '.join(s.name for s in failed) if failed else 'ok'}"
+    outcome = ("FAILED: " + ", ".join(s.name for s in failed)) if failed else "ok"
+    verdict = f"gpu_check{' --dry-run' if dry else ''}: {outcome}"
     log = out / f"{stem}-gpu-check.log"
     with open(log, "w") as f:
         for s in steps:

@@ -91,7 +91,8 @@ def calls(device: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--backends", default=None, help="comma-separated (default: cuda,triton on GPU; cpu,triton on CPU)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated (default: cuda,triton on GPU; cpu,triton on CPU)")
     parser.add_argument("--dtypes", default="float32,float64,float16,bfloat16")
     args = parser.parse_args(argv)
     if args.device == "cpu":

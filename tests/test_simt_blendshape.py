@@ -9,9 +9,21 @@ poisoned beforehand.
 
 import pytest
 import torch
-
 from conftest import assert_close
-from fusedloss.ops.blendshape import SEED_001_GROUPS
+from simt.harness import (
+    address,
+    arrival_counter,
+    assert_rounded_like,
+    forward_twice,
+    make,
+    poisoned,
+    use_device,
+    workspace,
+)
+from simt.harness import dtype as dtype_of
+
+from fusedloss.ops.blendshape import SEED_001_GROUPS, BlendshapeConfig, computed_terms, landmark_gram, needs_col_stats
+from fusedloss.reference import blendshape_loss_reference
 
 pytestmark = pytest.mark.simt
 
@@ -36,11 +48,7 @@ def strides3(x):
 
 def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, layout="contiguous", threshold=0.1,
           grad_stride=1, mask=(True, True, True), ties=False, sms=2, min_blocks=1, min_groups=1):
-    from simt.harness import (address, arrival_counter, assert_rounded_like, dtype as dtype_of, forward_twice, make,
-                              poisoned, use_device, workspace)
 
-    from fusedloss.ops.blendshape import BlendshapeConfig, computed_terms, landmark_gram, needs_col_stats
-    from fusedloss.reference import blendshape_loss_reference
 
     k = use_device(sms).blendshape
     g = torch.Generator().manual_seed(B * 100 + K)
@@ -103,7 +111,9 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
     assert error == 0, f"backward launch failed: cudaError {error}"
     leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (pred, target, raw_pred)]
     r = blendshape_loss_reference(leaves[0], leaves[1], leaves[2], prev_pred, config, matrix)
-    loss = r["total"] * grad_total + sum((r[n] * grad_terms[i] for i, n in enumerate(names)), torch.zeros((), dtype=acc))
+    loss = r["total"] * grad_total
+    for i, name in enumerate(names):
+        loss = loss + r[name] * grad_terms[i]
     loss.backward()
     for name, got, leaf in zip(("pred", "target", "raw_pred"), grads, leaves):
         if got is not None:

@@ -4,7 +4,6 @@ every CI run (``python tests/simt/mutants.py`` runs them all)."""
 import shutil
 
 import pytest
-
 from simt import mutants
 
 pytestmark = pytest.mark.simt

@@ -8,9 +8,21 @@ out as the case says and every output poisoned beforehand.
 
 import pytest
 import torch
-
 from conftest import assert_close
-from fusedloss.ops.pva import DITTO_PARTS
+from simt.harness import (
+    address,
+    arrival_counter,
+    assert_rounded_like,
+    forward_twice,
+    make,
+    poisoned,
+    use_device,
+    workspace,
+)
+from simt.harness import dtype as dtype_of
+
+from fusedloss.ops.pva import DITTO_PARTS, PVAConfig
+from fusedloss.reference import pva_loss_reference
 
 pytestmark = pytest.mark.simt
 
@@ -35,16 +47,13 @@ def layout(t: torch.Tensor, how: str) -> torch.Tensor:
 
 def check(B, L, D, dtype, loss_type="l2", last_frame=True, reg=True, dim_ws=True, parts=None, pred_layout="contiguous",
           target_layout="contiguous", grad_stride=1, mask=(True, True, True), sms=2, min_blocks=1, grid_stride=False):
-    from simt.harness import (address, arrival_counter, assert_rounded_like, dtype as dtype_of, forward_twice, make,
-                              poisoned, use_device, workspace)
 
-    from fusedloss.ops.pva import PVAConfig
-    from fusedloss.reference import pva_loss_reference
 
     k = use_device(sms).pva
     g = torch.Generator().manual_seed(B * 1000 + L * 10 + D)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    config = PVAConfig.build(parts or parts_for(D), use_last_frame_loss=last_frame, use_reg_loss=reg, loss_type=loss_type)
+    config = PVAConfig.build(parts or parts_for(D), use_last_frame_loss=last_frame, use_reg_loss=reg,
+                             loss_type=loss_type)
     pred = layout(torch.randn(B, L, D, generator=g).to(dtype), pred_layout)
     target = layout(torch.randn(B, L, D, generator=g).to(dtype), target_layout)
     cond = layout(torch.randn(B, D, generator=g).to(dtype), pred_layout) if last_frame else None

@@ -30,5 +30,6 @@ def race_runs():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_kernels_have_no_data_race(race_runs, family):
     output, _ = race_runs[family].communicate(timeout=900)
-    assert race_runs[family].returncode == 0, f"race_check {family} (exit {race_runs[family].returncode}):\n{output[-12000:]}"
+    code = race_runs[family].returncode
+    assert code == 0, f"race_check {family} (exit {code}):\n{output[-12000:]}"
     assert output.rstrip().endswith("ok"), output

@@ -3,6 +3,7 @@ patterns (tests/simt/selftest.cu) runs correctly, and each planted bug is report
 that is meant to catch it: simt's own aborts, ASan/UBSan, TSan, or a wrong result (the poisoned
 shared memory, the arrival counter)."""
 
+import os
 import subprocess
 
 import pytest
@@ -50,4 +51,20 @@ def selftest():
 def test_the_lane_reports_each_planted_bug(selftest, scenario, variant):
     code, output = selftest(variant, scenario)
     want_code, want_text = SCENARIOS[scenario][variant]
-    assert code == want_code and want_text in output, f"exit {code}, want {want_code} and {want_text!r}:\n{output[-6000:]}"
+    assert code == want_code and want_text in output, \
+        f"exit {code}, want {want_code} and {want_text!r}:\n{output[-6000:]}"
+
+
+def aborts():  # runs in the sanitized worker, as a simt or sanitizer abort would end it
+    print("the report", flush=True)
+    os.abort()
+
+
+def answers(x):
+    return x + 1
+
+
+def test_the_worker_reports_a_crash_and_starts_afresh(sanitized):
+    with pytest.raises(AssertionError, match=r"simt worker died \(exit code -6\) in aborts\(\{\}\):\nthe report"):
+        sanitized(aborts)
+    assert sanitized(answers, x=41) == 42

@@ -11,9 +11,21 @@ poisoned beforehand.
 
 import pytest
 import torch
-
 from conftest import assert_close
-from fusedloss.ops.score import ALL_TERMS, RANKING_ONLY
+from simt.harness import (
+    address,
+    arrival_counter,
+    assert_rounded_like,
+    forward_twice,
+    make,
+    poisoned,
+    use_device,
+    workspace,
+)
+from simt.harness import dtype as dtype_of
+
+from fusedloss.ops.score import ALL_TERMS, RANKING_ONLY, ScoreConfig, status_of
+from fusedloss.reference import all_pairs_margin_ranking_reference, score_loss_reference
 
 pytestmark = pytest.mark.simt
 
@@ -49,12 +61,9 @@ def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
 
 
 def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5, labels="binary", label_dtype=None,
-          ties=False, strided=False, grad_stride=1, mask=(True, True), sms=2, bad=None, min_blocks=1, grid_stride=False):
-    from simt.harness import (address, arrival_counter, assert_rounded_like, dtype as dtype_of, forward_twice, make,
-                              poisoned, use_device, workspace)
+          ties=False, strided=False, grad_stride=1, mask=(True, True), sms=2, bad=None, min_blocks=1,
+          grid_stride=False):
 
-    from fusedloss.ops.score import ScoreConfig, status_of
-    from fusedloss.reference import all_pairs_margin_ranking_reference, score_loss_reference
 
     k = use_device(sms).score
     g = torch.Generator().manual_seed(B + 7)

@@ -46,7 +46,8 @@ class Worker:
         __tracebackhide__ = True
         if self.process is None or self.process.poll() is not None:
             self._start()
-        self.connection.send((str(Path(sys.modules[function.__module__].__file__).resolve()), function.__name__, kwargs))
+        module_file = Path(sys.modules[function.__module__].__file__).resolve()
+        self.connection.send((str(module_file), function.__name__, kwargs))
         try:
             if not self.connection.poll(self.timeout):
                 self.close()
