@@ -206,12 +206,17 @@ def bench(args) -> int:
     batches = _batches_by_family(args.batches, chosen)
     for device in _devices(args.device):
         cases = [c for f in chosen if batches[f] != () for c in families[f](device, batches[f])]
-        results, bandwidth = benchmark.run_cases(cases, device, dtype=dtype, modes=tuple(args.modes.split(",")),
-                                                 phases=tuple(args.phases.split(",")))
         command = command_line()
-        if args.out:
-            path = benchmark.write(results, device, bandwidth, dtype, Path(args.out), command)
-            print(f"wrote {path} and {path.with_suffix('.json')}")
+        written = []
+
+        def write(results, bandwidth):  # after every case: a run cut short keeps what it measured
+            if args.out:
+                written[:] = [benchmark.write(results, device, bandwidth, dtype, Path(args.out), command)]
+
+        results, _ = benchmark.run_cases(cases, device, dtype=dtype, modes=tuple(args.modes.split(",")),
+                                         phases=tuple(args.phases.split(",")), after_case=write)
+        if written:
+            print(f"wrote {written[0]} and {written[0].with_suffix('.json')}")
         print(benchmark.summary(results))
     return 0
 

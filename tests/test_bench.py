@@ -25,3 +25,21 @@ def test_harness_writes_markdown_and_json(tmp_path):
     payload = json.loads(path.with_suffix(".json").read_text())
     assert len(payload["results"]) == len(results) and payload["copy_bandwidth_gbps"] > 0
     assert "pva [2, 80, 265]" in benchmark.summary(results)
+
+
+def test_bench_command_writes_its_files_after_every_case(tmp_path, monkeypatch):
+    """A run cut short (the GPU check's time limit) keeps the cases it measured."""
+    from fusedloss.__main__ import main
+
+    seen = []
+    real_write = benchmark.write
+
+    def write(results, *args, **kwargs):
+        seen.append(sorted({r.case for r in results}))
+        return real_write(results, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "write", write)
+    assert main(["bench", "--device", "cpu", "--family", "pva,score", "--batches", "pva:2,score:16",
+                 "--modes", "eager", "--phases", "forward", "--out", str(tmp_path)]) == 0
+    assert seen == [["pva [2, 80, 265]"], ["pva [2, 80, 265]", "score B=16"]]
+    assert "score B=16" in (tmp_path / (benchmark.file_stem(torch.device("cpu")) + ".md")).read_text()

@@ -173,7 +173,10 @@ def run_cases(
     min_run_time: float = 0.5,
     copy_mib: int = 512,
     log: Callable[[str], None] = print,
+    after_case: Callable[[list[Result], float], None] | None = None,
 ) -> tuple[list[Result], float]:
+    """Every case on every backend; ``after_case(results so far, bandwidth)`` after each case (the
+    bench command writes its files there, so a run cut short keeps what it measured)."""
     bandwidth = copy_bandwidth(device, copy_mib)
     log(f"# {device_name(device)}: measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     results: list[Result] = []
@@ -203,7 +206,9 @@ def run_cases(
                 log(f"  {case.name:>22s} {backend:9s} {mode:7s} {phase:8s} {seconds * 1e3:9.3f} ms "
                     f"{gbps:8.1f} GB/s" + (f" {peak:8.1f} MiB" if peak is not None else ""))
             del fns
-    _add_speedups(results)
+        _add_speedups(results)
+        if after_case is not None:
+            after_case(results, bandwidth)
     return results, bandwidth
 
 
