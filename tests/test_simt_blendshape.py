@@ -14,13 +14,13 @@ from simt.harness import (
     address,
     arrival_counter,
     assert_rounded_like,
+    dtype_of,
     forward_twice,
     make,
     poisoned,
     use_device,
     workspace,
 )
-from simt.harness import dtype as dtype_of
 
 from fusedloss.ops.blendshape import SEED_001_GROUPS, BlendshapeConfig, computed_terms, landmark_gram, needs_col_stats
 from fusedloss.reference import blendshape_loss_reference

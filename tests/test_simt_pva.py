@@ -13,13 +13,13 @@ from simt.harness import (
     address,
     arrival_counter,
     assert_rounded_like,
+    dtype_of,
     forward_twice,
     make,
     poisoned,
     use_device,
     workspace,
 )
-from simt.harness import dtype as dtype_of
 
 from fusedloss.ops.pva import DITTO_PARTS, PVAConfig
 from fusedloss.reference import pva_loss_reference

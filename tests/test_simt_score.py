@@ -16,13 +16,13 @@ from simt.harness import (
     address,
     arrival_counter,
     assert_rounded_like,
+    dtype_of,
     forward_twice,
     make,
     poisoned,
     use_device,
     workspace,
 )
-from simt.harness import dtype as dtype_of
 
 from fusedloss.ops.score import ALL_TERMS, RANKING_ONLY, ScoreConfig, status_of
 from fusedloss.reference import all_pairs_margin_ranking_reference, score_loss_reference
