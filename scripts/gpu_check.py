@@ -25,6 +25,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,7 +60,7 @@ class Step:
         self.log_file = open(self.log_path, "w")
         try:
             self.process = subprocess.Popen(self.command, cwd=ROOT, env={**os.environ, **self.env},
-                                            stdout=self.log_file, stderr=subprocess.STDOUT)
+                                            stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             self.process = None
             self.log_file.write(f"could not start {self.command[0]}: {e}\n")
@@ -70,8 +71,8 @@ class Step:
         if self.process is not None:
             try:
                 code = self.process.wait(timeout=max(1.0, self.timeout - (time.monotonic() - self.started)))
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+            except subprocess.TimeoutExpired:  # its children too (pytest-xdist workers, the sanitized program)
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.seconds = time.monotonic() - self.started
         self.log_file.close()

@@ -190,7 +190,7 @@ struct RuntimeSection {};
 
 // glibc's swapcontext itself: ASan's interceptor only warns that it cannot follow stack switches,
 // which the fiber switches below announce to it instead.
-inline int swap_context(ucontext_t* from, const ucontext_t* to) {
+__attribute__((no_sanitize("thread"))) inline int swap_context(ucontext_t* from, const ucontext_t* to) {
   using Swap = int (*)(ucontext_t*, const ucontext_t*);
   static const Swap real = [] {
     void* libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
@@ -255,9 +255,17 @@ struct Warp {
 
 constexpr size_t kMaxStaticShared = 48 * 1024;
 
+// What the blocks run by one OS thread reuse: the fibers' stacks and their TSan contexts. TSan
+// contexts are never destroyed: a destroyed one's id goes to a new fiber, whose accesses TSan then
+// takes to follow the old one's (which hid races between blocks).
+struct FiberPool {
+  std::vector<char*> stacks;
+  std::vector<void*> tsan;
+};
+
 class Block {
  public:
-  Block(dim3 grid, dim3 block, dim3 index, const std::function<void()>& body, std::vector<char*>& stacks)
+  Block(dim3 grid, dim3 block, dim3 index, const std::function<void()>& body, FiberPool& pool)
       : grid_(grid), dim_(block), index_(index), body_(body), fibers_(block.x * block.y * block.z) {
     RuntimeSection runtime;
     const int n = int(fibers_.size());
@@ -267,18 +275,21 @@ class Block {
       warps.push_back(std::make_unique<Warp>());
       warps.back()->exists = warps.back()->live = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
     }
-    while (int(stacks.size()) < n) stacks.push_back(new char[kFiberStack]);
+    while (int(pool.stacks.size()) < n) pool.stacks.push_back(new char[kFiberStack]);
+#if defined(__SANITIZE_THREAD__)
+    while (int(pool.tsan.size()) < n) pool.tsan.push_back(__tsan_create_fiber(0));
+#endif
     for (int tid = 0; tid < n; ++tid) {
       Fiber& f = fibers_[tid];
       f.index = uint3{unsigned(tid % block.x), unsigned((tid / block.x) % block.y), unsigned(tid / (block.x * block.y))};
       f.lane = tid % 32;
       f.warp = tid / 32;
-      f.stack = stacks[tid];
+      f.stack = pool.stacks[tid];
 #if defined(__SANITIZE_ADDRESS__)
       ASAN_UNPOISON_MEMORY_REGION(f.stack, kFiberStack);  // frames a fiber of an earlier block left
 #endif
 #if defined(__SANITIZE_THREAD__)
-      f.tsan = __tsan_create_fiber(0);
+      f.tsan = pool.tsan[tid];
 #endif
       getcontext(&f.context);
       f.context.uc_stack.ss_sp = f.stack;
@@ -291,9 +302,6 @@ class Block {
   ~Block() {
     RuntimeSection runtime;
     for (auto& kv : shared) std::free(kv.second);
-#if defined(__SANITIZE_THREAD__)
-    for (Fiber& f : fibers_) __tsan_destroy_fiber(f.tsan);
-#endif
   }
 
   // Runs every thread of the block to its end (on the calling OS thread).
@@ -306,6 +314,7 @@ class Block {
 #if defined(__SANITIZE_THREAD__)
     scheduler_tsan_ = __tsan_get_current_fiber();
 #endif
+    sync_release(&start_key_);  // what this OS thread has seen happens before the block's threads start
     switch_to(&scheduler_, next_ready());
     // Back here when no fiber is ready: all done, or a deadlock.
     current_block = nullptr;
@@ -356,32 +365,39 @@ class Block {
   void switch_to(ucontext_t* from, int to) {
     current_ = to;
     if (to >= 0) threadIdx = fibers_[to].index;
+    if (to >= 0) transfer(from, &fibers_[to].context, fibers_[to].stack, kFiberStack, fibers_[to].tsan);
+    else transfer(from, &scheduler_, scheduler_stack_, scheduler_stack_size_, scheduler_tsan_);
+  }
+
+  // The switch itself, announced to the sanitizers. Not instrumented by TSan: once TSan has moved to
+  // the next fiber, every access would be taken for that fiber's.
+  __attribute__((no_sanitize("thread"))) static void transfer(ucontext_t* from, const ucontext_t* to,
+                                                               const void* stack, size_t stack_size, void* tsan) {
+    (void)stack, (void)stack_size, (void)tsan;
 #if defined(__SANITIZE_ADDRESS__)
     void* fake_stack = nullptr;
-    if (to >= 0) __sanitizer_start_switch_fiber(&fake_stack, fibers_[to].stack, kFiberStack);
-    else __sanitizer_start_switch_fiber(&fake_stack, scheduler_stack_, scheduler_stack_size_);
+    __sanitizer_start_switch_fiber(&fake_stack, stack, stack_size);
 #endif
 #if defined(__SANITIZE_THREAD__)
-    __tsan_switch_to_fiber(to >= 0 ? fibers_[to].tsan : scheduler_tsan_, __tsan_switch_to_fiber_no_sync);
+    __tsan_switch_to_fiber(tsan, __tsan_switch_to_fiber_no_sync);
 #endif
-    swap_context(from, to >= 0 ? &fibers_[to].context : &scheduler_);
+    swap_context(from, to);
 #if defined(__SANITIZE_ADDRESS__)
     __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
   }
 
-  static void fiber_main() {
-    Block* b;
-    {
-      RuntimeSection runtime;
-      b = current_block;
+  // Not instrumented by TSan: a fiber leaves it by switching away, never by returning, and the TSan
+  // context goes on to the next block's fiber (an instrumented frame here would never be popped).
+  __attribute__((no_sanitize("thread"))) static void fiber_main() {
+    Block* b = current_block;
+    sync_acquire(&b->start_key_);
 #if defined(__SANITIZE_ADDRESS__)
-      if (!b->scheduler_stack_)  // the first switch into a fiber tells which stack the OS thread's is
-        __sanitizer_finish_switch_fiber(nullptr, &b->scheduler_stack_, &b->scheduler_stack_size_);
-      else
-        __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+    if (!b->scheduler_stack_)  // the first switch into a fiber tells which stack the OS thread's is
+      __sanitizer_finish_switch_fiber(nullptr, &b->scheduler_stack_, &b->scheduler_stack_size_);
+    else
+      __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
-    }
     b->body_();
     b->exit_current();
   }
@@ -397,7 +413,7 @@ class Block {
   const void* scheduler_stack_ = nullptr;
   size_t scheduler_stack_size_ = 0;
   void* scheduler_tsan_ = nullptr;
-  char end_key_ = 0;
+  char start_key_ = 0, end_key_ = 0;
 };
 
 inline Block& block(const char* what) {
@@ -405,7 +421,7 @@ inline Block& block(const char* what) {
   return *current_block;
 }
 
-inline void Block::exit_current() {
+__attribute__((no_sanitize("thread"))) inline void Block::exit_current() {
   ucontext_t* next;
   const void* next_stack;
   size_t next_stack_size;
@@ -592,10 +608,10 @@ inline void syncwarp(Site s, uint32_t mask = 0xffffffffu) {
 }
 
 // ---- launches -----------------------------------------------------------------------------------
-// The fiber stacks of the r-th block in flight, kept for the next launches (never freed).
-inline std::vector<char*>& fiber_stacks(size_t r) {
+// The fibers of the r-th block in flight, kept for the next launches (never freed).
+inline FiberPool& fiber_pool(size_t r) {
   static std::mutex m;
-  static auto* pools = new std::deque<std::vector<char*>>();
+  static auto* pools = new std::deque<FiberPool>();
   std::lock_guard<std::mutex> lk(m);
   while (pools->size() <= r) pools->emplace_back();
   return (*pools)[r];
@@ -608,13 +624,15 @@ inline void run_grid(dim3 grid, dim3 block_dim, const std::function<void()>& bod
       for (unsigned x = 0; x < grid.x; ++x) order.push_back(dim3(x, y, z));
   std::shuffle(order.begin(), order.end(), block_order_rng());
   const size_t in_flight = std::min<size_t>(settings().blocks_in_flight, order.size());
-  std::atomic<size_t> next{0};
-  std::vector<std::thread> runners;  // blocks in flight run concurrently, each on its own OS thread
+  // Blocks in flight run concurrently, each on its own OS thread, which takes every in_flight-th
+  // block of the order: however the threads are scheduled, blocks of different threads are
+  // ordered by nothing (a work queue would order them through its counter, or let one thread
+  // take every block when the other starts late).
+  std::vector<std::thread> runners;
   for (size_t r = 0; r < in_flight; ++r)
     runners.emplace_back([&, r] {
-      std::vector<char*>& stacks = fiber_stacks(r);
-      for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < order.size();)
-        Block(grid, block_dim, order[i], body, stacks).run();
+      FiberPool& pool = fiber_pool(r);
+      for (size_t i = r; i < order.size(); i += in_flight) Block(grid, block_dim, order[i], body, pool).run();
     });
   for (auto& t : runners) t.join();
 }
