@@ -124,8 +124,8 @@ def _headers_digest() -> str:
 def _compile(source: Path, variant: str, extra_includes: list[Path], headers: str) -> Path:
     flags = _flags(variant)
     language = ["-x", "c++"] if source.suffix == ".cu" else []
-    key = hashlib.sha256("\0".join([_compiler_version(), headers, *flags, *map(str, language)]).encode()
-                         + source.read_bytes()).hexdigest()[:20]
+    parts = [_compiler_version(), headers, *flags, *language, *map(str, extra_includes)]
+    key = hashlib.sha256("\0".join(parts).encode() + source.read_bytes()).hexdigest()[:20]
     out = build_dir() / variant / f"{source.stem}-{key}.o"
     if out.is_file():
         return out

@@ -129,15 +129,19 @@ def apply(mutant: Mutant, csrc: Path) -> None:
 def run(mutant: Mutant, tests: list[str] | None = None, timeout: float = 1800) -> tuple[bool, str, float]:
     """(caught, what caught it, seconds): the lane (or ``tests``) on a copy of csrc/ with the bug."""
     start = time.monotonic()
+    # The mutated family's tests first (pytest would run a file named before its folder in the
+    # folder's order), then the whole lane; the first run that fails says what caught the bug.
+    runs = [tests] if tests else ([[f"tests/test_simt_{mutant.family}.py"]] if mutant.family else []) + [["tests"]]
     with tempfile.TemporaryDirectory(prefix=f"fusedloss-{mutant.name}-") as tmp:
         csrc = Path(tmp) / "csrc"
         shutil.copytree(ROOT / "csrc", csrc)
         apply(mutant, csrc)
         env = {**os.environ, "FUSEDLOSS_SIMT_CSRC": str(csrc)}  # objects of unchanged files come from the cache
-        family_first = [f"tests/test_simt_{mutant.family}.py"] if mutant.family else []
-        args = tests or [*family_first, "tests"]
-        command = [sys.executable, "-m", "pytest", *args, "-m", "simt", "-x", "-q", "-p", "no:cacheprovider"]
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        for args in runs:
+            command = [sys.executable, "-m", "pytest", *args, "-m", "simt", "-x", "-q", "-p", "no:cacheprovider"]
+            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            if result.returncode != 0:
+                break
     failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", result.stdout, re.M)
     if "simt: compiling" in result.stdout:  # not a planted bug but a broken file: the mutant is wrong
         return False, "does not compile", time.monotonic() - start
