@@ -104,11 +104,6 @@ def forward_twice(launch, outputs: list[torch.Tensor]) -> list[dict]:
     return [{"grid": grid, "block": block} for grid, block in k.launches()]
 
 
-def blocks(launch: dict) -> int:
-    gx, gy, gz = launch["grid"]
-    return gx * gy * gz
-
-
 def assert_rounded_like(got: torch.Tensor, want: torch.Tensor, what: str, most: float = 0.01) -> None:
     """A 16-bit output rounded to nearest even from float32, as PyTorch's casts round, equals the
     reference's (cast by PyTorch) but where the two float32 values straddle a rounding boundary:
