@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "autograd.h"
 #include "blendshape_math.h"
 #include "macros.h"
 
@@ -554,15 +555,16 @@ Gradients empty_gradients(const Tensor& pred, std::array<bool, 3> mask, const Pr
           raw ? at::empty(pred.sizes(), pred.options()) : none()};
 }
 
-void check_grads(const Tensor& grad_terms, const Tensor& grad_total, const Tensor& col_stats, const Tensor& pred,
-                 const Problem& pb) {
+void check_grads(const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& col_stats,
+                 const Tensor& pred, const Problem& pb) {
   const auto acc = acc_type_of(pred.scalar_type());
   int n = 0;
   for (int term = 0; term < kNumTerms; ++term) n += has(pb.terms, term);
-  TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == n && grad_terms.scalar_type() == acc &&
-                  grad_terms.device() == pred.device(),
+  TORCH_CHECK(!grad_terms || (grad_terms->dim() == 1 && grad_terms->size(0) == n && grad_terms->scalar_type() == acc &&
+                              grad_terms->device() == pred.device()),
               "blendshape: grad_terms must be a [number of terms] tensor of the terms' dtype");
-  TORCH_CHECK(grad_total.dim() == 0 && grad_total.scalar_type() == acc && grad_total.device() == pred.device(),
+  TORCH_CHECK(!grad_total ||
+                  (grad_total->dim() == 0 && grad_total->scalar_type() == acc && grad_total->device() == pred.device()),
               "blendshape: grad_total must be a 0-dim tensor of the terms' dtype");
   TORCH_CHECK(col_stats.dim() == 2 && col_stats.size(0) == 2 && col_stats.is_contiguous() &&
                   col_stats.size(1) == (needs_col_stats(pb) ? pb.T * pb.K : 0) && col_stats.scalar_type() == acc,
@@ -586,7 +588,7 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_cpu(const Tensor& pred, co
 }
 
 std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cpu(
-    const Tensor& grad_terms, const Tensor& grad_total, const Tensor& col_stats, const Tensor& pred,
+    const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& col_stats, const Tensor& pred,
     const Tensor& target, const OptTensor& raw_pred, const OptTensor& prev_pred, const Tensor& settings,
     const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows, int64_t terms,
     std::array<bool, 3> output_mask) {
@@ -599,9 +601,9 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cpu(
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto in = make_inputs<scalar_t>(pred, target, raw_pred, prev_pred);
     const double* s = settings.const_data_ptr<double>();
-    const acc_t* g = grad_terms.const_data_ptr<acc_t>();
-    const int64_t gs = grad_terms.stride(0);
-    const acc_t gT = *grad_total.const_data_ptr<acc_t>();
+    const acc_t* g = static_cast<const acc_t*>(data_or_null(grad_terms));
+    const int64_t gs = stride_or_zero(grad_terms);
+    const acc_t gT = value_or_zero<acc_t>(grad_total);
     const Coefficients<acc_t> c{grad_coefficient<acc_t>(pb, kMse, g, gs, gT, s),
                                 grad_coefficient<acc_t>(pb, kL1, g, gs, gT, s),
                                 grad_coefficient<acc_t>(pb, kPerceptual, g, gs, gT, s),
@@ -706,7 +708,7 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_cuda(const Tensor& pred, c
 }
 
 std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cuda(
-    const Tensor& grad_terms, const Tensor& grad_total, const Tensor& col_stats, const Tensor& pred,
+    const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& col_stats, const Tensor& pred,
     const Tensor& target, const OptTensor& raw_pred, const OptTensor& prev_pred, const Tensor& settings,
     const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows, int64_t terms,
     std::array<bool, 3> output_mask) {
@@ -718,7 +720,7 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cuda(
   Gradients grads = empty_gradients(pred, output_mask, pb);
   if (grads.pred.numel() + grads.target.numel() + grads.raw.numel() > 0) {
     const CudaInputs in = cuda_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, pb);
-    const CudaGradients out{grad_terms.const_data_ptr(), grad_terms.stride(0), grad_total.const_data_ptr(),
+    const CudaGradients out{data_or_null(grad_terms), stride_or_zero(grad_terms), data_or_null(grad_total),
                             col_stats.const_data_ptr(),
                             grads.pred.numel() ? grads.pred.data_ptr() : nullptr,
                             grads.target.numel() ? grads.target.data_ptr() : nullptr,
@@ -730,6 +732,61 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cuda(
 }
 #endif  // WITH_CUDA
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (csrc/autograd.h): gradients of pred, target and raw_pred; prev_pred is a constant.
+// ---------------------------------------------------------------------------------------------
+
+struct BlendshapeFunction : public torch::autograd::Function<BlendshapeFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
+                               const OptTensor& raw_pred, const OptTensor& prev_pred, const Tensor& settings,
+                               const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows,
+                               int64_t terms) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    auto [out_terms, total, col_stats] =
+        FL_OPERATOR("blendshape_forward", decltype(blendshape_forward_cpu))
+            .call(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows, terms);
+    ctx->save_for_backward({col_stats, pred, target, saved_or_undefined(raw_pred), saved_or_undefined(prev_pred),
+                            settings, saved_or_undefined(group_coef), saved_or_undefined(landmark_gram)});
+    ctx->saved_data["landmark_rows"] = landmark_rows;
+    ctx->saved_data["terms"] = terms;
+    ctx->mark_non_differentiable({col_stats});
+    ctx->set_materialize_grads(false);
+    return {out_terms, total, col_stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);  // one per forward argument
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    // Edges: pred 0, target 1, then raw_pred 2 when given.
+    const bool has_raw = saved[3].defined();
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   has_raw && ctx->needs_input_grad(2)};
+    if (!mask[0] && !mask[1] && !mask[2]) return out;
+    auto [grad_pred, grad_target, grad_raw] = call_backward(
+        FL_OPERATOR("blendshape_backward", decltype(blendshape_backward_cpu)), present(grads[0]), present(grads[1]),
+        saved[0], saved[1], saved[2], present(saved[3]), present(saved[4]), saved[5], present(saved[6]),
+        present(saved[7]), ctx->saved_data["landmark_rows"].toInt(), ctx->saved_data["terms"].toInt(), mask);
+    if (mask[0]) out[0] = grad_pred;
+    if (mask[1]) out[1] = grad_target;
+    if (mask[2]) out[2] = grad_raw;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> blendshape_forward_autograd(const Tensor& pred, const Tensor& target,
+                                                               const OptTensor& raw_pred, const OptTensor& prev_pred,
+                                                               const Tensor& settings, const OptTensor& group_coef,
+                                                               const OptTensor& landmark_gram, int64_t landmark_rows,
+                                                               int64_t terms) {
+  refuse_grad("blendshape_forward", "settings", settings);
+  refuse_grad("blendshape_forward", "group_coef", group_coef);
+  refuse_grad("blendshape_forward", "landmark_gram", landmark_gram);
+  const variable_list out = BlendshapeFunction::apply(pred, target, raw_pred, prev_pred, settings, group_coef,
+                                                      landmark_gram, landmark_rows, terms);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace blendshape
 }  // namespace fusedloss
@@ -737,9 +794,14 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cuda(
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def("blendshape_forward(Tensor pred, Tensor target, Tensor? raw_pred, Tensor? prev_pred, Tensor settings, "
         "Tensor? group_coef, Tensor? landmark_gram, int landmark_rows, int terms) -> (Tensor, Tensor, Tensor)");
-  m.def("blendshape_backward(Tensor grad_terms, Tensor grad_total, Tensor col_stats, Tensor pred, Tensor target, "
+  m.def("blendshape_backward(Tensor? grad_terms, Tensor? grad_total, Tensor col_stats, Tensor pred, Tensor target, "
         "Tensor? raw_pred, Tensor? prev_pred, Tensor settings, Tensor? group_coef, Tensor? landmark_gram, "
         "int landmark_rows, int terms, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
+  m.impl("blendshape_forward", &fusedloss::blendshape::blendshape_forward_autograd);
+  m.impl("blendshape_backward", torch::CppFunction::makeFromBoxedFunction<&fusedloss::no_double_backward>());
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {

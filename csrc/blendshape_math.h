@@ -86,12 +86,14 @@ FL_HOST_DEVICE acc_t term_value(const Problem& p, int term, const acc_t* sums, a
 }
 
 // c_x = (grad_terms[index of x] + weight_x * grad_total) / count_x, or 0 for a term not computed.
+// A null grad_terms (no gradient reaches the terms) reads as 0.
 template <typename acc_t>
 FL_HOST_DEVICE acc_t grad_coefficient(const Problem& p, int term, const acc_t* grad_terms, int64_t g_stride,
                                       acc_t grad_total, const double* settings) {
   const int64_t count = term_count(p, term);
   if (!has(p.terms, term) || count <= 0) return acc_t(0);
-  const acc_t g = grad_terms[term_index(p.terms, term) * g_stride] + static_cast<acc_t>(settings[term]) * grad_total;
+  const acc_t g_term = grad_terms != nullptr ? grad_terms[term_index(p.terms, term) * g_stride] : acc_t(0);
+  const acc_t g = g_term + static_cast<acc_t>(settings[term]) * grad_total;
   return g / static_cast<acc_t>(count);
 }
 

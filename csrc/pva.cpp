@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "autograd.h"
 #include "macros.h"
 #include "pva_math.h"
 
@@ -32,6 +33,7 @@ namespace pva {
 namespace {
 
 using at::Tensor;
+using OptTensor = std::optional<Tensor>;
 
 Options parse_options(std::string_view loss_type, bool use_last_frame, bool use_reg) {
   TORCH_CHECK(loss_type == "l2" || loss_type == "l1",
@@ -91,13 +93,14 @@ std::tuple<Tensor, Tensor> empty_terms(const Tensor& pred, int64_t num_parts, co
   return {at::empty({num_parts * terms_per_part(o)}, options), at::empty({}, options)};
 }
 
-void check_grads(const Tensor& grad_terms, const Tensor& grad_total, const Tensor& pred, int64_t num_parts,
+void check_grads(const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& pred, int64_t num_parts,
                  const Options& o) {
   const auto acc = acc_type_of(pred.scalar_type());
-  TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == num_parts * terms_per_part(o) &&
-                  grad_terms.scalar_type() == acc && grad_terms.device() == pred.device(),
+  TORCH_CHECK(!grad_terms || (grad_terms->dim() == 1 && grad_terms->size(0) == num_parts * terms_per_part(o) &&
+                              grad_terms->scalar_type() == acc && grad_terms->device() == pred.device()),
               "pva: grad_terms must be a [P*K] tensor of the terms' dtype");
-  TORCH_CHECK(grad_total.dim() == 0 && grad_total.scalar_type() == acc && grad_total.device() == pred.device(),
+  TORCH_CHECK(!grad_total ||
+                  (grad_total->dim() == 0 && grad_total->scalar_type() == acc && grad_total->device() == pred.device()),
               "pva: grad_total must be a 0-dim tensor of the terms' dtype");
 }
 
@@ -330,7 +333,8 @@ std::vector<acc_t> column_coefficients(const Options& o, const double* table, in
     part_span(row, D, &s, &e);
     for (int k = 0; k < K; ++k) {
       const int stat = term_stat(k, o);
-      const acc_t g = grad_terms[(p * K + k) * g_stride] + grad_total;  // total = sum of the terms
+      // total = sum of the terms; a null grad_terms reads as 0
+      const acc_t g = (grad_terms != nullptr ? grad_terms[(p * K + k) * g_stride] : acc_t(0)) + grad_total;
       const acc_t c = g * term_factor<acc_t>(row, stat, B, L, e - s);
       const bool dim_weighted = dim_ws != nullptr && stat != kR;
       for (int64_t d = s; d < e; ++d)
@@ -422,7 +426,7 @@ std::tuple<Tensor, Tensor> pva_forward_cpu(const Tensor& pred, const Tensor& tar
 }
 
 std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
-    const Tensor& grad_terms, const Tensor& grad_total, const Tensor& pred, const Tensor& target,
+    const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& pred, const Tensor& target,
     const std::optional<Tensor>& cond_frame, const Tensor& part_table,
     const std::optional<Tensor>& dim_ws, std::string_view loss_type, bool use_last_frame,
     bool use_reg, std::array<bool, 3> output_mask) {
@@ -438,7 +442,8 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
     const auto rows = make_rows<scalar_t>(pred, target, cond_frame, o.last_frame);
     const std::vector<acc_t> coef = column_coefficients<acc_t>(
         o, part_table.const_data_ptr<double>(), P, dim_ws ? dim_ws->const_data_ptr<double>() : nullptr,
-        grad_terms.const_data_ptr<acc_t>(), grad_terms.stride(0), *grad_total.const_data_ptr<acc_t>(), B, L, D);
+        static_cast<const acc_t*>(data_or_null(grad_terms)), stride_or_zero(grad_terms),
+        value_or_zero<acc_t>(grad_total), B, L, D);
     scalar_t* gp = grads.pred.numel() ? grads.pred.data_ptr<scalar_t>() : nullptr;
     scalar_t* gq = grads.target.numel() ? grads.target.data_ptr<scalar_t>() : nullptr;
     scalar_t* gc = grads.cond.numel() ? grads.cond.data_ptr<scalar_t>() : nullptr;
@@ -501,7 +506,7 @@ std::tuple<Tensor, Tensor> pva_forward_cuda(const Tensor& pred, const Tensor& ta
 }
 
 std::tuple<Tensor, Tensor, Tensor> pva_backward_cuda(
-    const Tensor& grad_terms, const Tensor& grad_total, const Tensor& pred, const Tensor& target,
+    const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& pred, const Tensor& target,
     const std::optional<Tensor>& cond_frame, const Tensor& part_table,
     const std::optional<Tensor>& dim_ws, std::string_view loss_type, bool use_last_frame,
     bool use_reg, std::array<bool, 3> output_mask) {
@@ -512,7 +517,7 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cuda(
   Gradients grads = empty_gradients(pred, output_mask, o);
   if (grads.pred.numel() + grads.target.numel() + grads.cond.numel() > 0) {
     CudaInputs in = cuda_inputs(pred, target, cond_frame, part_table, dim_ws, o);
-    CudaGradients out{grad_terms.const_data_ptr(), grad_terms.stride(0), grad_total.const_data_ptr(),
+    CudaGradients out{data_or_null(grad_terms), stride_or_zero(grad_terms), data_or_null(grad_total),
                       grads.pred.numel() ? grads.pred.data_ptr() : nullptr,
                       grads.target.numel() ? grads.target.data_ptr() : nullptr,
                       grads.cond.numel() ? grads.cond.data_ptr() : nullptr};
@@ -523,6 +528,56 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cuda(
 }
 #endif  // WITH_CUDA
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (csrc/autograd.h): gradients of pred, target and cond_frame.
+// ---------------------------------------------------------------------------------------------
+
+struct PVAFunction : public torch::autograd::Function<PVAFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
+                               const OptTensor& cond_frame, const Tensor& part_table, const OptTensor& dim_ws,
+                               std::string_view loss_type, bool use_last_frame, bool use_reg) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    auto [terms, total] = FL_OPERATOR("pva_forward", decltype(pva_forward_cpu))
+                              .call(pred, target, cond_frame, part_table, dim_ws, loss_type, use_last_frame, use_reg);
+    ctx->save_for_backward({pred, target, saved_or_undefined(cond_frame), part_table, saved_or_undefined(dim_ws)});
+    ctx->saved_data["loss_type"] = std::string(loss_type);
+    ctx->saved_data["use_last_frame"] = use_last_frame;
+    ctx->saved_data["use_reg"] = use_reg;
+    ctx->set_materialize_grads(false);
+    return {terms, total};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);  // one per forward argument
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    // Edges: pred 0, target 1, then cond_frame 2 when given.
+    const bool has_cond = saved[2].defined();
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   has_cond && ctx->needs_input_grad(2)};
+    if (!mask[0] && !mask[1] && !mask[2]) return out;
+    const std::string loss_type = ctx->saved_data["loss_type"].toStringRef();
+    auto [grad_pred, grad_target, grad_cond] = call_backward(
+        FL_OPERATOR("pva_backward", decltype(pva_backward_cpu)), present(grads[0]), present(grads[1]), saved[0],
+        saved[1], present(saved[2]), saved[3], present(saved[4]), loss_type, ctx->saved_data["use_last_frame"].toBool(),
+        ctx->saved_data["use_reg"].toBool(), mask);
+    if (mask[0]) out[0] = grad_pred;
+    if (mask[1]) out[1] = grad_target;
+    if (mask[2]) out[2] = grad_cond;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> pva_forward_autograd(const Tensor& pred, const Tensor& target, const OptTensor& cond_frame,
+                                                const Tensor& part_table, const OptTensor& dim_ws,
+                                                std::string_view loss_type, bool use_last_frame, bool use_reg) {
+  refuse_grad("pva_forward", "part_table", part_table);
+  refuse_grad("pva_forward", "dim_ws", dim_ws);
+  const variable_list out =
+      PVAFunction::apply(pred, target, cond_frame, part_table, dim_ws, loss_type, use_last_frame, use_reg);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace pva
 }  // namespace fusedloss
@@ -530,9 +585,14 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cuda(
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def("pva_forward(Tensor pred, Tensor target, Tensor? cond_frame, Tensor part_table, "
         "Tensor? dim_ws, str loss_type, bool use_last_frame, bool use_reg) -> (Tensor, Tensor)");
-  m.def("pva_backward(Tensor grad_terms, Tensor grad_total, Tensor pred, Tensor target, Tensor? cond_frame, "
+  m.def("pva_backward(Tensor? grad_terms, Tensor? grad_total, Tensor pred, Tensor target, Tensor? cond_frame, "
         "Tensor part_table, Tensor? dim_ws, str loss_type, bool use_last_frame, bool use_reg, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
+  m.impl("pva_forward", &fusedloss::pva::pva_forward_autograd);
+  m.impl("pva_backward", torch::CppFunction::makeFromBoxedFunction<&fusedloss::no_double_backward>());
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "autograd.h"
 #include "macros.h"
 #include "score_math.h"
 
@@ -43,14 +44,15 @@ at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDo
 
 Problem check_inputs(const Tensor& scores, const OptTensor& logits, const Tensor& labels, const Tensor& settings,
                      int64_t terms, bool smooth_l1, bool ranking_sum) {
-  TORCH_CHECK(scores.dim() == 1, "score: scores must be [B]");
+  // [B] or [B, 1]: read along dim 0 (the gradient has the input's shape).
+  TORCH_CHECK(scores.dim() == 1 || (scores.dim() == 2 && scores.size(1) == 1), "score: scores must be [B] or [B, 1]");
   TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "score: scores must be floating point");
   const int64_t B = scores.size(0);
   TORCH_CHECK(B < (int64_t(1) << 31), "score: at most 2^31 - 1 scores");
   TORCH_CHECK(terms >= 0 && terms < (1 << kNumTerms), "score: bad term mask ", terms);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B && at::isFloatingType(labels.scalar_type()) &&
+  TORCH_CHECK((labels.dim() == 1 || (labels.dim() == 2 && labels.size(1) == 1)) && labels.size(0) == B && at::isFloatingType(labels.scalar_type()) &&
                   labels.device() == scores.device(),
-              "score: labels must be a floating-point [B] tensor on scores' device");
+              "score: labels must be a floating-point [B] or [B, 1] tensor on scores' device");
   if (has(terms, kClassification)) {
     TORCH_CHECK(logits.has_value(), "score: logits are required for the classification term");
     TORCH_CHECK(logits->dim() == 2 && logits->size(0) == B && logits->size(1) == 2 &&
@@ -280,13 +282,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cpu(const Tenso
   return {out.terms, out.total, out.counts, out.rank_scale, out.status};
 }
 
-void check_grads(const Tensor& grad_terms, const Tensor& grad_total, const Tensor& counts, const Tensor& rank_scale,
-                 const Tensor& scores, const Problem& pb) {
+void check_grads(const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& counts,
+                 const Tensor& rank_scale, const Tensor& scores, const Problem& pb) {
   const auto acc = acc_type_of(scores.scalar_type());
-  TORCH_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == kNumTerms && grad_terms.scalar_type() == acc &&
-                  grad_terms.device() == scores.device(),
+  TORCH_CHECK(!grad_terms || (grad_terms->dim() == 1 && grad_terms->size(0) == kNumTerms &&
+                              grad_terms->scalar_type() == acc && grad_terms->device() == scores.device()),
               "score: grad_terms must be a [3] tensor of the terms' dtype");
-  TORCH_CHECK(grad_total.dim() == 0 && grad_total.scalar_type() == acc && grad_total.device() == scores.device(),
+  TORCH_CHECK(!grad_total ||
+                  (grad_total->dim() == 0 && grad_total->scalar_type() == acc && grad_total->device() == scores.device()),
               "score: grad_total must be a 0-dim tensor of the terms' dtype");
   TORCH_CHECK(counts.dim() == 1 && counts.size(0) == (has(pb.terms, kRanking) ? pb.B : 0) &&
                   counts.scalar_type() == at::kInt && counts.is_contiguous() && counts.device() == scores.device(),
@@ -299,11 +302,11 @@ void check_grads(const Tensor& grad_terms, const Tensor& grad_total, const Tenso
 std::tuple<Tensor, Tensor> empty_gradients(const Tensor& scores, const OptTensor& logits, const Problem& pb,
                                            std::array<bool, 2> mask) {
   const bool cls = mask[1] && has(pb.terms, kClassification);
-  return {at::empty({mask[0] ? pb.B : 0}, scores.options()),
+  return {mask[0] ? at::empty(scores.sizes(), scores.options()) : at::empty({0}, scores.options()),
           cls ? at::empty({pb.B, 2}, logits->options()) : at::empty({0}, scores.options())};
 }
 
-std::tuple<Tensor, Tensor> score_backward_cpu(const Tensor& grad_terms, const Tensor& grad_total,
+std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const OptTensor& grad_total,
                                               const Tensor& counts, const Tensor& rank_scale, const Tensor& scores,
                                               const OptTensor& logits, const Tensor& labels_in,
                                               const Tensor& settings, int64_t terms, bool smooth_l1,
@@ -317,9 +320,11 @@ std::tuple<Tensor, Tensor> score_backward_cpu(const Tensor& grad_terms, const Te
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     // d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the term's count.
     const double* w = settings.const_data_ptr<double>();
-    const acc_t* gt = grad_terms.const_data_ptr<acc_t>();
-    const acc_t g_total = *grad_total.const_data_ptr<acc_t>();
-    auto coef = [&](int t) { return gt[t * grad_terms.stride(0)] + static_cast<acc_t>(w[t]) * g_total; };
+    // A missing gradient reads as 0.
+    const acc_t* gt = static_cast<const acc_t*>(data_or_null(grad_terms));
+    const int64_t g_stride = stride_or_zero(grad_terms);
+    const acc_t g_total = value_or_zero<acc_t>(grad_total);
+    auto coef = [&](int t) { return (gt != nullptr ? gt[t * g_stride] : acc_t(0)) + static_cast<acc_t>(w[t]) * g_total; };
     const acc_t inv_B = acc_t(1) / static_cast<acc_t>(pb.B);
     const acc_t c_reg = has(pb.terms, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
     const acc_t c_cls = coef(kClassification) * inv_B;
@@ -408,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cuda(const Tens
   return {out.terms, out.total, out.counts, out.rank_scale, out.status};
 }
 
-std::tuple<Tensor, Tensor> score_backward_cuda(const Tensor& grad_terms, const Tensor& grad_total,
+std::tuple<Tensor, Tensor> score_backward_cuda(const OptTensor& grad_terms, const OptTensor& grad_total,
                                                const Tensor& counts, const Tensor& rank_scale, const Tensor& scores,
                                                const OptTensor& logits, const Tensor& labels_in,
                                                const Tensor& settings, int64_t terms, bool smooth_l1,
@@ -420,7 +425,7 @@ std::tuple<Tensor, Tensor> score_backward_cuda(const Tensor& grad_terms, const T
   auto [grad_scores, grad_logits] = empty_gradients(scores, logits, pb, output_mask);
   if (grad_scores.numel() + grad_logits.numel() > 0) {
     const CudaInputs in = cuda_inputs(scores, logits, labels, settings, pb);
-    const CudaGradients g{grad_terms.const_data_ptr(), grad_terms.stride(0), grad_total.const_data_ptr(),
+    const CudaGradients g{data_or_null(grad_terms), stride_or_zero(grad_terms), data_or_null(grad_total),
                           has(pb.terms, kRanking) ? counts.const_data_ptr<int32_t>() : nullptr,
                           rank_scale.const_data_ptr<double>(),
                           grad_scores.numel() ? grad_scores.data_ptr() : nullptr,
@@ -432,6 +437,55 @@ std::tuple<Tensor, Tensor> score_backward_cuda(const Tensor& grad_terms, const T
 }
 #endif  // WITH_CUDA
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (csrc/autograd.h): gradients of scores and logits; labels are targets (constants).
+// ---------------------------------------------------------------------------------------------
+
+struct ScoreFunction : public torch::autograd::Function<ScoreFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& scores, const OptTensor& logits,
+                               const Tensor& labels, const Tensor& settings, int64_t terms, bool smooth_l1,
+                               bool ranking_sum) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    auto [values, total, counts, rank_scale, status] =
+        FL_OPERATOR("score_forward", decltype(score_forward_cpu))
+            .call(scores, logits, labels, settings, terms, smooth_l1, ranking_sum);
+    ctx->save_for_backward({counts, rank_scale, scores, saved_or_undefined(logits), labels, settings});
+    ctx->saved_data["terms"] = terms;
+    ctx->saved_data["smooth_l1"] = smooth_l1;
+    ctx->saved_data["ranking_sum"] = ranking_sum;
+    ctx->mark_non_differentiable({counts, rank_scale, status});
+    ctx->set_materialize_grads(false);
+    return {values, total, counts, rank_scale, status};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);  // one per forward argument
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    // Edges: scores 0, then logits 1 when given.
+    const bool has_logits = saved[3].defined();
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), has_logits && ctx->needs_input_grad(1)};
+    if (!mask[0] && !mask[1]) return out;
+    auto [grad_scores, grad_logits] = call_backward(
+        FL_OPERATOR("score_backward", decltype(score_backward_cpu)), present(grads[0]), present(grads[1]), saved[0],
+        saved[1], saved[2], present(saved[3]), saved[4], saved[5], ctx->saved_data["terms"].toInt(),
+        ctx->saved_data["smooth_l1"].toBool(), ctx->saved_data["ranking_sum"].toBool(), mask);
+    if (mask[0]) out[0] = grad_scores;
+    if (mask[1]) out[1] = grad_logits;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_autograd(const Tensor& scores,
+                                                                          const OptTensor& logits,
+                                                                          const Tensor& labels,
+                                                                          const Tensor& settings, int64_t terms,
+                                                                          bool smooth_l1, bool ranking_sum) {
+  refuse_grad("score_forward", "settings", settings);
+  const variable_list out = ScoreFunction::apply(scores, logits, labels, settings, terms, smooth_l1, ranking_sum);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 }  // namespace
 }  // namespace score
 }  // namespace fusedloss
@@ -439,9 +493,14 @@ std::tuple<Tensor, Tensor> score_backward_cuda(const Tensor& grad_terms, const T
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def("score_forward(Tensor scores, Tensor? logits, Tensor labels, Tensor settings, int terms, bool smooth_l1, "
         "bool ranking_sum) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("score_backward(Tensor grad_terms, Tensor grad_total, Tensor counts, Tensor rank_scale, Tensor scores, "
+  m.def("score_backward(Tensor? grad_terms, Tensor? grad_total, Tensor counts, Tensor rank_scale, Tensor scores, "
         "Tensor? logits, Tensor labels, Tensor settings, int terms, bool smooth_l1, bool ranking_sum, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
+  m.impl("score_forward", &fusedloss::score::score_forward_autograd);
+  m.impl("score_backward", torch::CppFunction::makeFromBoxedFunction<&fusedloss::no_double_backward>());
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {

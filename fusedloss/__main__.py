@@ -4,8 +4,9 @@ demo   the three seed systems trained briefly on their built-in data with the fu
        with the reference loss, for the step time), the fused losses checked against the
        reference during training and on every backend, then the speed table of this machine.
 train  one seed system's full trainer: ``fusedloss train {blendshape,motion,score} --steps 500``.
-bench  the full loss benchmark: every backend, eager and torch.compile, forward / backward /
-       full, written as markdown and JSON to bench/results/<device>.
+bench  the full loss benchmark: the seed systems' shapes against one F.mse_loss
+       (bench/results/<device>-seed-shapes), then every case on every backend, eager and
+       torch.compile, forward / backward / full (bench/results/<device>), markdown and JSON.
 """
 
 from __future__ import annotations
@@ -200,13 +201,23 @@ def bench(args) -> int:
     from .benchmark import pva as pva_bench
     from .benchmark import score as score_bench
 
+    from .benchmark import seed_shapes
+
     dtype = getattr(torch, args.dtype)
     families = {"pva": pva_bench.cases, "blendshape": blendshape_bench.cases, "score": score_bench.cases}
     chosen = args.family.split(",")
     batches = _batches_by_family(args.batches, chosen)
     for device in _devices(args.device):
-        cases = [c for f in chosen if batches[f] != () for c in families[f](device, batches[f])]
         command = command_line()
+        if args.section in ("all", "seed-shapes"):
+            print(f"# seed shapes on {benchmark.device_name(device)}: fused vs one F.mse_loss (forward+backward)")
+            rows = seed_shapes.run(device)
+            if args.out:
+                path = seed_shapes.write(rows, device, Path(args.out), command)
+                print(f"wrote {path} and {path.with_suffix('.json')}")
+            if args.section == "seed-shapes":
+                continue
+        cases = [c for f in chosen if batches[f] != () for c in families[f](device, batches[f])]
         written = []
 
         def write(results, bandwidth):  # after every case: a run cut short keeps what it measured
@@ -269,6 +280,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--phases", default="forward,backward,full")
     p.add_argument("--out", default="bench/results", help="folder for <device>.md/.json ('' to skip)")
+    p.add_argument("--section", default="all", choices=["all", "seed-shapes", "cases"],
+                   help="seed-shapes: the seed systems' shapes against one F.mse_loss (<device>-seed-shapes.md); "
+                        "cases: the families' cases, every backend and phase; all (default): both")
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)

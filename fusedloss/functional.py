@@ -6,11 +6,12 @@ Each function takes the same arguments as its module's constructor, plus the ten
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from . import _checks, backends
+from ._terms import Terms
 from .ops import blendshape as blendshape_ops
 from .ops import pva as pva_ops
 from .ops import score as score_ops
@@ -69,10 +70,19 @@ def pva_loss_from_config(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``pva_loss`` for a validated configuration (``PVALoss`` keeps its part table on the device)."""
+    run = pva_plan(pred, target, cond_frame, config, part_table=part_table, dim_ws=dim_ws, backend=backend)
+    return run(pred, target, cond_frame)
+
+
+def pva_plan(pred, target, cond_frame, config: pva_ops.PVAConfig, *, part_table=None, dim_ws=None,
+             backend: str = "auto") -> Callable:
+    """Validate one call's metadata (types, shapes, dtypes, devices) and choose the backend; returns
+    ``run(pred, target, cond_frame) -> (total, terms)`` for every call with the same metadata
+    (``PVALoss`` caches it, so that a training step pays only for the operator call)."""
     pva_ops.check_inputs(config, pred, target, cond_frame, dim_ws)
     name = backends.resolve(backend, pred.device.type)
     if name == "reference":
-        return pva_loss_reference(pred, target, cond_frame, config, dim_ws)
+        return lambda pred, target, cond_frame: pva_loss_reference(pred, target, cond_frame, config, dim_ws)
     if dim_ws is not None and dim_ws.requires_grad:
         raise ValueError(
             f"dim_ws requires grad, but the {name!r} backend treats dim_ws as a constant; "
@@ -84,12 +94,16 @@ def pva_loss_from_config(
     part_table = part_table.to(pred.device, non_blocking=True)
     if dim_ws is not None:
         dim_ws = dim_ws.to(torch.float64).contiguous()
-    cond_frame = cond_frame if config.use_last_frame else None
-    terms, total = pva_ops.forward_op(name)(
-        pred, target, cond_frame, part_table, dim_ws,
-        config.loss_type, config.use_last_frame, config.use_reg,
-    )
-    return total, dict(zip(config.term_names(), terms.unbind(0)))
+    op = pva_ops.forward_op(name, eager=_eager(pred))
+    names = config.term_names()
+    loss_type, use_last_frame, use_reg = config.loss_type, config.use_last_frame, config.use_reg
+
+    def run(pred, target, cond_frame):
+        terms, total = op(pred, target, cond_frame if use_last_frame else None, part_table, dim_ws,
+                          loss_type, use_last_frame, use_reg)
+        return total, _terms_of(names, terms)
+
+    return run
 
 
 def blendshape_loss(
@@ -154,14 +168,33 @@ def blendshape_loss_from_config(
     backend: str = "auto",
     components: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The terms (and "total") for a validated configuration; only "total" without ``components``.
-    ``BlendshapeLoss`` passes its device buffers (settings, group_coef, landmark_gram) and which
-    weights are non-zero, so that changing a weight's value touches only the settings buffer."""
+    """The terms (and "total") for a validated configuration; only "total" without ``components``."""
+    run = blendshape_plan(pred, target, raw_pred, prev_pred, config, nonzero=nonzero, settings=settings,
+                          group_coef=group_coef, landmark_matrix=landmark_matrix, landmark_gram=landmark_gram,
+                          backend=backend)
+    total, terms = run(pred, target, raw_pred, prev_pred)
+    out = dict(terms) if components else {}
+    out["total"] = total
+    return out
+
+
+def blendshape_plan(pred, target, raw_pred, prev_pred, config: blendshape_ops.BlendshapeConfig, *,
+                    nonzero: tuple[bool, ...] | None = None, settings=None, group_coef=None, landmark_matrix=None,
+                    landmark_gram=None, backend: str = "auto") -> Callable:
+    """Validate one call's metadata and choose the backend; returns ``run(pred, target, raw_pred,
+    prev_pred) -> (total, terms)`` (``terms``: the computed terms, unweighted) for every call with
+    the same metadata. ``BlendshapeLoss`` passes its device buffers (settings, group_coef,
+    landmark_gram) and which weights are non-zero, so that changing a weight's value touches only
+    the settings buffer, and caches the plan."""
     nonzero = nonzero if nonzero is not None else tuple(w != 0 for w in config.weights)
     blendshape_ops.check_inputs(config, pred, target, raw_pred, prev_pred, landmark_matrix, nonzero)
     name = backends.resolve(backend, pred.device.type)
     if name == "reference" or pred.shape[0] == 0:
-        return blendshape_loss_reference(pred, target, raw_pred, prev_pred, config, landmark_matrix)
+        def run_reference(pred, target, raw_pred, prev_pred):
+            terms = blendshape_loss_reference(pred, target, raw_pred, prev_pred, config, landmark_matrix)
+            return terms.pop("total"), terms
+
+        return run_reference
     computed, mask = blendshape_ops.computed_terms(nonzero, pred.dim(), raw_pred is not None, prev_pred is not None)
     # Tiny tables: asynchronous copies (from pageable memory, staged at once) never sync.
     settings = (settings if settings is not None else config.settings()).to(pred.device, non_blocking=True)
@@ -176,15 +209,16 @@ def blendshape_loss_from_config(
             landmark_gram = blendshape_ops.landmark_gram(landmark_matrix)
     else:
         landmark_gram = None
-    terms, total, _ = blendshape_ops.forward_op(name)(
-        pred, target,
-        raw_pred if "smoothing" in computed else None,
-        prev_pred.detach() if "consistency" in computed else None,
-        settings, group_coef, landmark_gram, landmark_rows, mask,
-    )
-    out = dict(zip(computed, terms.unbind(0))) if components else {}
-    out["total"] = total
-    return out
+    op = blendshape_ops.forward_op(name, eager=_eager(pred))
+    smoothing, consistency = "smoothing" in computed, "consistency" in computed
+
+    def run(pred, target, raw_pred, prev_pred):
+        # prev_pred is a constant of the loss: the operators give it no gradient.
+        terms, total, _ = op(pred, target, raw_pred if smoothing else None, prev_pred if consistency else None,
+                             settings, group_coef, landmark_gram, landmark_rows, mask)
+        return total, _terms_of(computed, terms)
+
+    return run
 
 
 def combined_loss(
@@ -258,28 +292,67 @@ def score_loss_from_config(
 ) -> dict[str, torch.Tensor]:
     """The terms and "total" for a validated configuration (``CombinedLoss`` passes its settings
     buffer). ``terms`` is ALL_TERMS or RANKING_ONLY (no logits)."""
+    run = score_plan(scores, logits, labels, config, settings=settings, terms=terms, check_finite=check_finite,
+                     backend=backend)
+    return dict(run(scores, logits, labels)[1])
+
+
+def score_plan(scores, logits, labels, config: score_ops.ScoreConfig, *, settings=None,
+               terms: int = score_ops.ALL_TERMS, check_finite: bool = False, backend: str = "auto") -> Callable:
+    """Validate one call's metadata and choose the backend; returns ``run(scores, logits, labels) ->
+    (total, terms)`` (``terms`` with "total") for every call with the same metadata
+    (``CombinedLoss`` caches it)."""
     with_logits = terms == score_ops.ALL_TERMS
-    scores, labels = score_ops.check_inputs(scores, logits, labels, need_logits=with_logits)
-    labels = labels.detach()
-    logits = logits if with_logits else None
+    score_ops.check_inputs(scores, logits, labels, need_logits=with_logits)
     name = backends.resolve(backend, scores.device.type)
     if name == "reference" or scores.shape[0] == 0:
+        def run_reference(scores, logits, labels):
+            if with_logits:
+                out = score_loss_reference(scores, logits, labels, config)
+            else:
+                ranking = all_pairs_margin_ranking_reference(scores, labels, config.margin, config.reduction)
+                out = {"ranking": ranking, "total": ranking}
+            if check_finite:
+                status = score_ops.status_of(scores, logits, out["total"])
+                out["total"] = score_ops.finite_or_raise(out["total"], status)
+            return out["total"], out
+
+        return run_reference
+    # A tiny table: an asynchronous copy (from pageable memory, staged at once) never syncs.
+    settings = (settings if settings is not None else config.settings()).to(scores.device, non_blocking=True)
+    op = score_ops.forward_op(name, eager=_eager(scores))
+    smooth_l1, ranking_sum = config.regression_type == "smoothl1", config.reduction == "sum"
+
+    # Scores and labels go to the operators as given, [B] or [B, 1]; labels are targets (constants
+    # of the loss): the operators give them no gradient.
+    def run(scores, logits, labels):
+        values, total, _, _, status = op(scores, logits if with_logits else None, labels, settings, terms, smooth_l1,
+                                         ranking_sum)
         if with_logits:
-            out = score_loss_reference(scores, logits, labels, config)
-        else:
-            ranking = all_pairs_margin_ranking_reference(scores, labels, config.margin, config.reduction)
-            out = {"ranking": ranking, "total": ranking}
-        status = score_ops.status_of(scores, logits, out["total"]) if check_finite else None
-    else:
-        # A tiny table: an asynchronous copy (from pageable memory, staged at once) never syncs.
-        settings = (settings if settings is not None else config.settings()).to(scores.device, non_blocking=True)
-        values, total, _, _, status = score_ops.forward_op(name)(
-            scores, logits, labels, settings, terms, config.regression_type == "smoothl1", config.reduction == "sum")
-        if with_logits:
-            out = dict(zip(score_ops.TERMS, values.unbind(0)))
-            out["total"] = total
-        else:
-            out = {"ranking": values[2], "total": values[2]}
-    if check_finite:
-        out["total"] = score_ops.finite_or_raise(out["total"], status)
-    return out
+            if check_finite:
+                total = score_ops.finite_or_raise(total, status)
+            return total, _terms_of(score_ops.TERMS, values, {"total": total})
+        ranking = values[2]  # (the total of the ranking alone is the unweighted ranking)
+        if check_finite:
+            ranking = score_ops.finite_or_raise(ranking, status)
+        return ranking, {"ranking": ranking, "total": ranking}
+
+    return run
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` runs eagerly on real tensors (not traced, not fake)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and not is_fake(x)
+
+
+def _terms_of(names: tuple[str, ...], values: torch.Tensor, extra: dict | None = None):
+    """The named rows of ``values`` (then ``extra``): made lazily in eager mode (``Terms``), a plain
+    dict under torch.compile."""
+    if torch.compiler.is_compiling():
+        out = dict(zip(names, values.unbind(0)))
+        if extra:
+            out.update(extra)
+        return out
+    return Terms(names, values, extra)

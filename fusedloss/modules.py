@@ -22,6 +22,50 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def _meta(x):
+    """What validating a call looks at in one input: its type, shape, dtype and device (an
+    AttributeError for an object that is not a tensor)."""
+    return None if x is None else (type(x), x.shape, x.dtype, x.device)
+
+
+class _FusedLoss(nn.Module):
+    """What every loss module shares: its float64 tables (buffers) and its cache of call plans.
+
+    A plan (``functional.*_plan``) is a call's validation and backend choice, done once per
+    signature of the inputs (``_meta`` of each) and kept, so that an eager training step runs
+    little more Python than the operator call. Under torch.compile nothing is cached: the plan is
+    made while tracing, once. A changed setting, ``.to()``/``.cuda()``/``.half()`` and the like
+    drop the plans.
+    """
+
+    _TABLES: tuple[str, ...] = ()  # float64 buffers the kernels read
+    _MAX_PLANS = 64  # e.g. one per sequence length; beyond that the cache starts afresh
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._plans: dict = {}
+
+    def _remember(self, key, run):
+        if key is not None and not torch.compiler.is_compiling():
+            plans = self._plans
+            if len(plans) >= self._MAX_PLANS:
+                plans.clear()
+            plans[key] = run
+        return run
+
+    def _apply(self, fn, recurse=True):
+        tables = {name: self._buffers.get(name) for name in self._TABLES}
+        out = super()._apply(fn, recurse)
+        # The tables follow the device but stay float64 (and exact) whatever a module's .half() or
+        # .to(dtype) does to its buffers.
+        for name, table in tables.items():
+            moved = self._buffers.get(name)
+            if table is not None and moved is not None and moved.dtype != torch.float64:
+                self._buffers[name] = table.to(moved.device)
+        self._plans.clear()
+        return out
+
+
 def _buffers_on(module: nn.Module, names: tuple[str, ...], device: torch.device) -> list[torch.Tensor | None]:
     """The module's buffers on ``device``. A module left on another device moves them there for
     good on its first (eager) call, with asynchronous copies."""
@@ -35,7 +79,7 @@ def _buffers_on(module: nn.Module, names: tuple[str, ...], device: torch.device)
     return out
 
 
-class PVALoss(nn.Module):
+class PVALoss(_FusedLoss):
     """Ditto's per-part position / velocity / acceleration loss (SPEC §1), fused.
 
     ``forward(pred [B, L, D], target [B, L, D], cond_frame [B, D] | None) -> (total, terms)``;
@@ -46,6 +90,8 @@ class PVALoss(nn.Module):
     The part table and ``dim_ws`` are (non-persistent) buffers: they follow ``.to(device)``, and a
     module left on the CPU moves them to the inputs' device on its first call.
     """
+
+    _TABLES = ("part_table", "dim_ws")
 
     def __init__(
         self,
@@ -72,8 +118,6 @@ class PVALoss(nn.Module):
         if part not in self.config.names:
             raise ValueError(f"part must be one of {list(self.config.names)}, got {part!r}")
         i = self.config.names.index(part)
-        from . import _checks
-
         weights, regs = list(self.config.weights), list(self.config.reg_weights)
         if weight is not None:
             weights[i] = _checks.real("weight", weight)
@@ -81,17 +125,27 @@ class PVALoss(nn.Module):
         if reg_weight is not None:
             regs[i] = _checks.real("reg_weight", reg_weight)
             self.part_table[i, 3] = regs[i]
-        self.config = PVAConfig(**{**self.config.__dict__, "weights": tuple(weights), "reg_weights": tuple(regs)})
+        self.config = dataclasses.replace(self.config, weights=tuple(weights), reg_weights=tuple(regs))
+        self._plans.clear()
 
     def forward(
         self, pred: torch.Tensor, target: torch.Tensor, cond_frame: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        key = None
+        if not torch.compiler.is_compiling():
+            try:
+                key = (_meta(pred), _meta(target), _meta(cond_frame))
+            except AttributeError:  # not a tensor: the plan below says so
+                pass
+            run = self._plans.get(key)
+            if run is not None:
+                return run(pred, target, cond_frame)
         if not isinstance(pred, torch.Tensor):
             raise TypeError(f"pred must be a torch.Tensor [B, L, D], got {type(pred).__name__}")
         table, dim_ws = _buffers_on(self, ("part_table", "dim_ws"), pred.device)
-        return functional.pva_loss_from_config(
-            pred, target, cond_frame, self.config, part_table=table, dim_ws=dim_ws, backend=self.backend
-        )
+        run = functional.pva_plan(pred, target, cond_frame, self.config, part_table=table, dim_ws=dim_ws,
+                                  backend=self.backend)
+        return self._remember(key, run)(pred, target, cond_frame)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -101,7 +155,7 @@ class PVALoss(nn.Module):
         )
 
 
-class BlendshapeLoss(nn.Module):
+class BlendshapeLoss(_FusedLoss):
     """KoeMorph's MSE + L1 + perceptual loss with the optional temporal, landmark, smoothing and
     consistency terms (SPEC §2), fused.
 
@@ -116,6 +170,7 @@ class BlendshapeLoss(nn.Module):
     """
 
     _SETTINGS = tuple(f"{t}_weight" for t in TERMS) + ("threshold",)
+    _TABLES = ("settings", "group_coef", "landmark_gram")
 
     def __init__(
         self,
@@ -178,20 +233,32 @@ class BlendshapeLoss(nn.Module):
                 self.__dict__["_nonzero"] = nonzero
         self.settings[BlendshapeLoss._SETTINGS.index(name)] = value
         self.__dict__["_config"] = config
+        self._plans.clear()
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, raw_pred: torch.Tensor | None = None,
                 prev_pred: torch.Tensor | None = None, return_components: bool = False):
+        key = None
+        if not torch.compiler.is_compiling():
+            try:
+                key = (_meta(pred), _meta(target), _meta(raw_pred), _meta(prev_pred))
+            except AttributeError:  # not a tensor: the plan below says so
+                pass
+            run = self._plans.get(key)
+            if run is not None:
+                total, terms = run(pred, target, raw_pred, prev_pred)
+                if return_components is False:
+                    return total
+                return _with_total(total, terms, return_components)
         if not isinstance(pred, torch.Tensor):
             raise TypeError(f"pred must be a torch.Tensor [B, K] or [B, T, K], got {type(pred).__name__}")
         settings, group_coef, matrix, gram = _buffers_on(
             self, ("settings", "group_coef", "landmark_matrix", "landmark_gram"), pred.device)
-        components = _checks.flag("return_components", return_components)
-        terms = functional.blendshape_loss_from_config(
+        run = functional.blendshape_plan(
             pred, target, raw_pred, prev_pred, self._config, nonzero=self._nonzero, settings=settings,
             group_coef=group_coef, landmark_matrix=matrix, landmark_gram=gram, backend=self.backend,
-            components=components,
         )
-        return (terms["total"], terms) if components else terms["total"]
+        total, terms = self._remember(key, run)(pred, target, raw_pred, prev_pred)
+        return _with_total(total, terms, return_components)
 
     def extra_repr(self) -> str:
         c = self._config
@@ -200,7 +267,16 @@ class BlendshapeLoss(nn.Module):
         return f"{weights}, threshold={c.threshold}{groups}, backend={self.backend!r}"
 
 
-class CombinedLoss(nn.Module):
+def _with_total(total: torch.Tensor, terms, return_components):
+    """``BlendshapeLoss``'s result: total, or (total, terms with "total") with return_components."""
+    if not _checks.flag("return_components", return_components):
+        return total
+    out = dict(terms)
+    out["total"] = total
+    return total, out
+
+
+class CombinedLoss(_FusedLoss):
     """TIGAS's regression + classification + all-pairs margin ranking loss (SPEC §3), fused.
 
     ``forward(scores [B] | [B, 1], logits [B, 2], labels [B] | [B, 1]) -> (total, terms)`` with
@@ -213,6 +289,7 @@ class CombinedLoss(nn.Module):
     """
 
     _SETTINGS = tuple(f"{t}_weight" for t in score_ops.TERMS) + ("margin",)
+    _TABLES = ("settings",)
 
     def __init__(
         self,
@@ -255,17 +332,30 @@ class CombinedLoss(nn.Module):
                 config = dataclasses.replace(config, weights=tuple(weights))
             self.settings[index] = value
             self.__dict__["_config"] = config
+            self._plans.clear()
+        elif name == "check_finite" and "_plans" in self.__dict__:
+            super().__setattr__(name, _checks.flag("check_finite", value))
+            self._plans.clear()
         else:
             super().__setattr__(name, value)
 
     def forward(self, scores: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        key = None
+        if not torch.compiler.is_compiling():
+            try:
+                key = (_meta(scores), _meta(logits), _meta(labels))
+            except AttributeError:  # not a tensor: the plan below says so
+                pass
+            run = self._plans.get(key)
+            if run is not None:
+                return run(scores, logits, labels)
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"scores must be a torch.Tensor [B] or [B, 1], got {type(scores).__name__}")
         (settings,) = _buffers_on(self, ("settings",), scores.device)
-        terms = functional.score_loss_from_config(scores, logits, labels, self._config, settings=settings,
-                                                  check_finite=self.check_finite, backend=self.backend)
-        return terms["total"], terms
+        run = functional.score_plan(scores, logits, labels, self._config, settings=settings,
+                                    check_finite=self.check_finite, backend=self.backend)
+        return self._remember(key, run)(scores, logits, labels)
 
     def extra_repr(self) -> str:
         c = self._config
@@ -274,13 +364,15 @@ class CombinedLoss(nn.Module):
                 f"check_finite={self.check_finite}, backend={self.backend!r}")
 
 
-class AllPairsMarginRankingLoss(nn.Module):
+class AllPairsMarginRankingLoss(_FusedLoss):
     """``max(0, margin - (s_i - s_j))`` over every pair of a real score s_i (label > 0.5) and a
     fake score s_j, averaged over the pairs (``"mean"``) or summed (``"sum"``): SPEC §3's ranking
     term alone, exact in O(B log B) time and O(B) memory.
 
     ``forward(scores [B] | [B, 1], labels [B] | [B, 1]) -> 0-dim tensor``.
     """
+
+    _TABLES = ("settings",)
 
     def __init__(self, margin: float = 0.5, reduction: str = "mean", backend: str = "auto") -> None:
         super().__init__()
@@ -298,17 +390,28 @@ class AllPairsMarginRankingLoss(nn.Module):
         value = _checks.real("margin", value)
         self.settings[score_ops.MARGIN] = value
         self._config = dataclasses.replace(self._config, margin=value)
+        self._plans.clear()
 
     @property
     def reduction(self) -> str:
         return self._config.reduction
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        key = None
+        if not torch.compiler.is_compiling():
+            try:
+                key = (_meta(scores), _meta(labels))
+            except AttributeError:  # not a tensor: the plan below says so
+                pass
+            run = self._plans.get(key)
+            if run is not None:
+                return run(scores, None, labels)[0]
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"scores must be a torch.Tensor [B] or [B, 1], got {type(scores).__name__}")
         (settings,) = _buffers_on(self, ("settings",), scores.device)
-        return functional.score_loss_from_config(scores, None, labels, self._config, settings=settings,
-                                                 terms=score_ops.RANKING_ONLY, backend=self.backend)["ranking"]
+        run = functional.score_plan(scores, None, labels, self._config, settings=settings,
+                                    terms=score_ops.RANKING_ONLY, backend=self.backend)
+        return self._remember(key, run)(scores, None, labels)[0]
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, reduction={self.reduction!r}, backend={self.backend!r}"

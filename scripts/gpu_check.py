@@ -14,8 +14,10 @@ Steps, each with its own time limit inside one budget:
                scripts/gpu_kernels.py (every CUDA and Triton kernel of the three families), in
                parallel with the tests; errors in fusedloss's kernels fail the step, errors only in
                other kernels (PyTorch's) are reported as warnings. The dry run runs the script on the CPU
-  bench        bench/run.py on a reduced case list, alone on the GPU: <out>/<gpu>.md and .json
-               (written after every case, so a run out of time keeps what it measured)
+  bench        bench/run.py, alone on the GPU: first the seed-shapes table (fused vs one F.mse_loss,
+               kernel launches per step: <out>/<gpu>-seed-shapes.md and .json), then a reduced case
+               list: <out>/<gpu>.md and .json (written after every case, so a run out of time keeps
+               what it measured); the dry run skips the seed shapes (tests/test_bench.py runs them)
 Everything goes to <out>/<gpu>-gpu-check.log, the summary table last. Exit status 1 if a step failed.
 """
 
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
                                                   "--print-limit", "30", *kernels], 210,
                             env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}) for tool in SANITIZER_TOOLS]
     bench = Step("bench", [PY, "bench/run.py", "--device", "cuda" if has_gpu else "cpu", "--batches", BENCH_BATCHES,
-                           "--out", str(out), *(["--modes", "eager", "--phases", "full"] if dry else [])], 150)
+                           "--out", str(out), *(["--modes", "eager", "--phases", "full", "--section", "cases"] if dry else [])],
+                 150)
 
     stages = [[env_step], [build], [backends_step], [tests, *sanitizers], [bench]]
     for stage in stages:

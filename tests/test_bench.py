@@ -40,6 +40,23 @@ def test_bench_command_writes_its_files_after_every_case(tmp_path, monkeypatch):
 
     monkeypatch.setattr(benchmark, "write", write)
     assert main(["bench", "--device", "cpu", "--family", "pva,score", "--batches", "pva:2,score:16",
-                 "--modes", "eager", "--phases", "forward", "--out", str(tmp_path)]) == 0
+                 "--modes", "eager", "--phases", "forward", "--section", "cases", "--out", str(tmp_path)]) == 0
     assert seen == [["pva [2, 80, 265]"], ["pva [2, 80, 265]", "score B=16"]]
     assert "score B=16" in (tmp_path / (benchmark.file_stem(torch.device("cpu")) + ".md")).read_text()
+
+
+def test_seed_shapes_table(tmp_path):
+    """The seed-shapes section: every variant of a case timed, its ratio to one F.mse_loss, files."""
+    from fusedloss.benchmark import seed_shapes
+
+    device = torch.device("cpu")
+    rows = seed_shapes.run(device, rounds=1, min_run_time=0.01, cases=seed_shapes.CASES[1:3], log=lambda line: None)
+    variants = {(r.case, r.variant) for r in rows}
+    for case in ("blendshape [4, 52]", "score B=64"):
+        for variant in ("fused cpu", "mse_loss", "reference eager", "reference compile"):
+            assert (case, variant) in variants
+    assert all(r.median_us > 0 for r in rows)
+    assert all(r.vs_mse_loss == 1.0 for r in rows if r.variant == "mse_loss")
+    path = seed_shapes.write(rows, device, tmp_path, "test")
+    assert "| blendshape [4, 52] | fused cpu |" in path.read_text()
+    assert len(json.loads(path.with_suffix(".json").read_text())["rows"]) == len(rows)

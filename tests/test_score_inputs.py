@@ -276,10 +276,10 @@ MALFORMED = {
     "settings-float32": dict(settings=torch.tensor([1.0, 0.3, 0.2, 0.5])),
     "settings-2d": dict(settings=torch.tensor([[1.0, 0.3, 0.2, 0.5]], dtype=torch.float64)),
     "settings-strided": dict(settings=torch.zeros(8, dtype=torch.float64)[::2]),
-    "scores-2d": dict(scores=torch.rand(B, 1, dtype=torch.float64)),
+    "scores-B2": dict(scores=torch.rand(B, 2, dtype=torch.float64)),  # ([B, 1] is accepted)
     "scores-int": dict(scores=torch.arange(B)),
     "labels-short": dict(labels=Y[: B - 1].double()),
-    "labels-2d": dict(labels=Y[:, None].double()),
+    "labels-B2": dict(labels=torch.stack([Y, Y], 1).double()),
     "labels-int": dict(labels=Y.long()),
     "logits-missing": dict(logits=None),
     "logits-B3": dict(logits=torch.randn(B, 3, dtype=torch.float64)),

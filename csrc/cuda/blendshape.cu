@@ -300,7 +300,7 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
   FL_SHARED(acc_t, e_s, [kTile]);
 
   const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
-  const acc_t g_total = *static_cast<const acc_t*>(out.grad_total);
+  const acc_t g_total = out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);
   const int64_t gs = out.grad_terms_stride;
   const acc_t c_mse = grad_coefficient<acc_t>(pb, kMse, g, gs, g_total, in.settings);
   const acc_t c_l1 = grad_coefficient<acc_t>(pb, kL1, g, gs, g_total, in.settings);

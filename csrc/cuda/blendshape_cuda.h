@@ -31,9 +31,9 @@ struct CudaInputs {
 };
 
 struct CudaGradients {
-  const void* grad_terms;      // [number of computed terms], arithmetic type, any stride
+  const void* grad_terms;      // [number of computed terms], arithmetic type, any stride; null = 0
   int64_t grad_terms_stride;
-  const void* grad_total;      // []
+  const void* grad_total;      // [], or null = 0
   const void* col_stats;       // [2, T*K]: importance weights and column sums of e^2 (default form)
   void* grad_pred;             // contiguous like pred, or null
   void* grad_target;

@@ -185,8 +185,9 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
     acc_t c[kNumStats] = {0, 0, 0, 0, 0};
     if (d < in.D) {
       const acc_t colw = in.dim_ws != nullptr ? acc_t(in.dim_ws[d]) : acc_t(1);
+      // total = sum of the terms; a null gradient reads as 0.
       const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
-      const acc_t g_total = *static_cast<const acc_t*>(out.grad_total);  // total = sum of the terms
+      const acc_t g_total = out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);
       const int K = terms_per_part(o);
       for (int64_t p = 0; p < in.num_parts; ++p) {
         const double* row = in.table + p * kTableCols;
@@ -195,8 +196,8 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
         if (d < s0 || d >= e0) continue;
         for (int k = 0; k < K; ++k) {
           const int stat = term_stat(k, o);
-          const acc_t f = (g[(p * K + k) * out.grad_terms_stride] + g_total) *
-                          term_factor<acc_t>(row, stat, in.B, in.L, e0 - s0);
+          const acc_t g_term = g != nullptr ? g[(p * K + k) * out.grad_terms_stride] : acc_t(0);
+          const acc_t f = (g_term + g_total) * term_factor<acc_t>(row, stat, in.B, in.L, e0 - s0);
           c[stat] += stat == kR ? f : f * colw;
         }
       }

@@ -33,9 +33,9 @@ struct CudaInputs {
 };
 
 struct CudaGradients {
-  const void* grad_terms;      // [num_parts * K] of the arithmetic type
+  const void* grad_terms;      // [num_parts * K] of the arithmetic type; null = 0
   int64_t grad_terms_stride;   // 0 when it is a broadcast scalar
-  const void* grad_total;      // [] of the arithmetic type; d(loss)/d(term) = grad_terms + grad_total
+  const void* grad_total;      // [] of the arithmetic type, or null = 0; d(loss)/d(term) = grad_terms + grad_total
   void* grad_pred;             // [B, L, D] contiguous, or null when not wanted
   void* grad_target;           // [B, L, D] contiguous, or null
   void* grad_cond;             // [B, D] contiguous, or null

@@ -184,9 +184,12 @@ __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in,
   const Problem pb = in.problem;
   const int64_t B = pb.B;
   // d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the term's count.
-  const acc_t g_total = *static_cast<const acc_t*>(g.grad_total);
+  // A null gradient reads as 0.
+  const acc_t g_total = g.grad_total != nullptr ? *static_cast<const acc_t*>(g.grad_total) : acc_t(0);
   const acc_t* gt = static_cast<const acc_t*>(g.grad_terms);
-  auto coef = [&](int t) { return gt[t * g.grad_terms_stride] + static_cast<acc_t>(in.settings[t]) * g_total; };
+  auto coef = [&](int t) {
+    return (gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0)) + static_cast<acc_t>(in.settings[t]) * g_total;
+  };
   const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
   const acc_t c_reg = has(pb.terms, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
   const acc_t c_cls = has(pb.terms, kClassification) ? coef(kClassification) * inv_B : acc_t(0);

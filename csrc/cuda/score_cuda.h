@@ -37,9 +37,9 @@ struct CudaOutputs {
 };
 
 struct CudaGradients {
-  const void* grad_terms;      // [kNumTerms], arithmetic type, any stride
+  const void* grad_terms;      // [kNumTerms], arithmetic type, any stride; null = 0
   int64_t grad_terms_stride;
-  const void* grad_total;      // []
+  const void* grad_total;      // [], or null = 0
   const int32_t* counts;       // the forward's counts, or null without ranking
   const double* rank_scale;    // the forward's rank_scale
   void* grad_scores;           // [B] contiguous, or null

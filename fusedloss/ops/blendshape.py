@@ -15,7 +15,6 @@ perceptual form, else [2, 0]); the backward reuses them.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +83,6 @@ def parse_groups(groups):
     return tuple(parsed)
 
 
-@functools.lru_cache(maxsize=256)
 def computed_terms(nonzero: tuple[bool, ...], pred_dim: int, has_raw: bool,
                    has_prev: bool) -> tuple[tuple[str, ...], int]:
     """The terms a call computes (weight non-zero and inputs present; temporal needs [B, T, K]),
@@ -174,24 +172,28 @@ def backward_fake(grad_terms, grad_total, col_stats, pred, target, raw_pred, pre
     return empty_gradients(pred, output_mask, raw_pred is not None)
 
 
-# pred, target and raw_pred receive gradients; prev_pred is detached by the caller.
+# pred, target and raw_pred receive gradients; prev_pred (3) is a constant of the loss (no gradient).
 GRAD_INPUTS = (0, 1, 2)
 
 
-def register_backend_ops(forward_op, backward_op, *, fake: bool) -> None:
-    if fake:
-        torch.library.register_fake(forward_op)(forward_fake)
-        torch.library.register_fake(backward_op)(backward_fake)
-    register_terms_autograd(forward_op, backward_op, GRAD_INPUTS, num_aux=1)
-
-
 def register_cpp() -> None:
-    register_backend_ops("fusedloss::blendshape_forward", "fusedloss::blendshape_backward", fake=True)
+    """Fake implementations of the C++ operators ``fusedloss::blendshape_forward`` / ``blendshape_backward``
+    (their autograd is registered in C++: csrc/autograd.h)."""
+    torch.library.register_fake("fusedloss::blendshape_forward")(forward_fake)
+    torch.library.register_fake("fusedloss::blendshape_backward")(backward_fake)
 
 
-def forward_op(backend: str):
+def register_triton(forward_op, backward_op):
+    """Autograd of the Triton operators (ops/_autograd.py); returns their eager form."""
+    return register_terms_autograd(forward_op, backward_op, GRAD_INPUTS, num_aux=1, constants=(3,))
+
+
+def forward_op(backend: str, *, eager: bool = False):
+    """The forward operator of a fused backend (autograd, fake tensors and compile included).
+    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
+    ops/_autograd.py)."""
     if backend == "triton":
         from ..triton import blendshape as triton_blendshape
 
-        return triton_blendshape.blendshape_forward
+        return triton_blendshape.blendshape_forward_eager if eager else triton_blendshape.blendshape_forward
     return torch.ops.fusedloss.blendshape_forward.default

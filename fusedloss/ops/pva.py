@@ -190,23 +190,24 @@ def backward_fake(grad_terms, grad_total, pred, target, cond_frame, part_table, 
 GRAD_INPUTS = (0, 1, 2)
 
 
-def register_backend_ops(forward_op, backward_op, *, fake: bool) -> None:
-    """Fake implementations (when the operator has none yet) and the shared autograd formula."""
-    if fake:
-        torch.library.register_fake(forward_op)(forward_fake)
-        torch.library.register_fake(backward_op)(backward_fake)
-    register_terms_autograd(forward_op, backward_op, GRAD_INPUTS)
-
-
 def register_cpp() -> None:
-    """Python-side pieces of the C++ operators ``fusedloss::pva_forward`` / ``pva_backward``."""
-    register_backend_ops("fusedloss::pva_forward", "fusedloss::pva_backward", fake=True)
+    """Fake implementations of the C++ operators ``fusedloss::pva_forward`` / ``pva_backward``
+    (their autograd is registered in C++: csrc/autograd.h)."""
+    torch.library.register_fake("fusedloss::pva_forward")(forward_fake)
+    torch.library.register_fake("fusedloss::pva_backward")(backward_fake)
 
 
-def forward_op(backend: str):
-    """The forward operator of a fused backend (autograd, fake tensors and compile included)."""
+def register_triton(forward_op, backward_op):
+    """Autograd of the Triton operators (ops/_autograd.py); returns their eager form."""
+    return register_terms_autograd(forward_op, backward_op, GRAD_INPUTS)
+
+
+def forward_op(backend: str, *, eager: bool = False):
+    """The forward operator of a fused backend (autograd, fake tensors and compile included).
+    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
+    ops/_autograd.py)."""
     if backend == "triton":
         from ..triton import pva as triton_pva
 
-        return triton_pva.pva_forward
+        return triton_pva.pva_forward_eager if eager else triton_pva.pva_forward
     return torch.ops.fusedloss.pva_forward.default

@@ -53,17 +53,14 @@ class ScoreConfig:
         return torch.tensor(self.weights + (self.margin,), dtype=torch.float64)
 
 
-def flat(name: str, value: torch.Tensor, B: int) -> torch.Tensor:
-    """A [B] or [B, 1] tensor viewed as [B] (no copy)."""
-    if value.dim() == 2 and value.shape[1] == 1 and value.shape[0] == B:
-        return value[:, 0]
-    if value.dim() != 1 or value.shape[0] != B:
+def check_flat(name: str, value: torch.Tensor, B: int) -> None:
+    """``value`` must be [B] or [B, 1] (every backend reads both along dim 0)."""
+    if not (value.dim() == 1 or (value.dim() == 2 and value.shape[1] == 1)) or value.shape[0] != B:
         raise ValueError(f"{name} must be [B] or [B, 1] with B = {B}, got shape {tuple(value.shape)}")
-    return value
 
 
-def check_inputs(scores, logits, labels, *, need_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate one call's tensors (metadata only, no sync); returns scores and labels as [B]."""
+def check_inputs(scores, logits, labels, *, need_logits: bool) -> None:
+    """Validate one call's tensors (metadata only, no sync)."""
     _checks.tensor("scores", scores, shape_doc="[B] or [B, 1]")
     if scores.dim() not in (1, 2) or (scores.dim() == 2 and scores.shape[1] != 1):
         raise ValueError(f"scores must be [B] or [B, 1], got shape {tuple(scores.shape)}")
@@ -71,7 +68,7 @@ def check_inputs(scores, logits, labels, *, need_logits: bool) -> tuple[torch.Te
     _checks.tensor("labels", labels, shape_doc="[B] or [B, 1] of floats in [0, 1]")
     if labels.device != scores.device:
         raise ValueError(f"labels must be on scores' device {scores.device}, got {labels.device}")
-    labels = flat("labels", labels, B)
+    check_flat("labels", labels, B)
     if need_logits:
         _checks.tensor("logits", logits, rank=2, shape_doc="[B, 2]")
         _checks.same_tensor_kind("logits", logits, "scores", scores)
@@ -79,7 +76,6 @@ def check_inputs(scores, logits, labels, *, need_logits: bool) -> tuple[torch.Te
             raise ValueError(f"logits must be [B, 2] with B = {B}, got shape {tuple(logits.shape)}")
     if B >= 2**31:
         raise ValueError(f"scores may hold at most 2^31 - 1 values, got {B}")
-    return flat("scores", scores, B), labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,24 +143,28 @@ def backward_fake(grad_terms, grad_total, counts, rank_scale, scores, logits, la
             logits.new_empty((scores.shape[0], 2)) if with_logits else scores.new_empty((0,)))
 
 
-# scores and logits receive gradients; labels are targets (the caller detaches them).
+# scores and logits receive gradients; labels (2) are targets, constants of the loss (no gradient).
 GRAD_INPUTS = (0, 1)
 
 
-def register_backend_ops(forward_op, backward_op, *, fake: bool) -> None:
-    if fake:
-        torch.library.register_fake(forward_op)(forward_fake)
-        torch.library.register_fake(backward_op)(backward_fake)
-    register_terms_autograd(forward_op, backward_op, GRAD_INPUTS, num_aux=2)
-
-
 def register_cpp() -> None:
-    register_backend_ops("fusedloss::score_forward", "fusedloss::score_backward", fake=True)
+    """Fake implementations of the C++ operators ``fusedloss::score_forward`` / ``score_backward``
+    (their autograd is registered in C++: csrc/autograd.h)."""
+    torch.library.register_fake("fusedloss::score_forward")(forward_fake)
+    torch.library.register_fake("fusedloss::score_backward")(backward_fake)
 
 
-def forward_op(backend: str):
+def register_triton(forward_op, backward_op):
+    """Autograd of the Triton operators (ops/_autograd.py); returns their eager form."""
+    return register_terms_autograd(forward_op, backward_op, GRAD_INPUTS, num_aux=2, constants=(2,))
+
+
+def forward_op(backend: str, *, eager: bool = False):
+    """The forward operator of a fused backend (autograd, fake tensors and compile included).
+    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
+    ops/_autograd.py)."""
     if backend == "triton":
         from ..triton import score as triton_score
 
-        return triton_score.score_forward
+        return triton_score.score_forward_eager if eager else triton_score.score_forward
     return torch.ops.fusedloss.score_forward.default

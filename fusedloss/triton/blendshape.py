@@ -485,4 +485,4 @@ def blendshape_backward(
     return grad_pred, grad_target, grad_raw
 
 
-glue.register_backend_ops(blendshape_forward, blendshape_backward, fake=False)
+blendshape_forward_eager = glue.register_triton(blendshape_forward, blendshape_backward)

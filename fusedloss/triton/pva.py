@@ -400,4 +400,4 @@ def pva_backward(
     return grad_pred, grad_target, grad_cond
 
 
-glue.register_backend_ops(pva_forward, pva_backward, fake=False)
+pva_forward_eager = glue.register_triton(pva_forward, pva_backward)
