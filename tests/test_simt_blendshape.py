@@ -47,7 +47,7 @@ def strides3(x):
 
 
 def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, layout="contiguous", threshold=0.1,
-          grad_stride=1, mask=(True, True, True), ties=False, sms=2, min_blocks=1, min_groups=1):
+          grad_stride=1, mask=(True, True, True), ties=False, sms=2, min_blocks=1, min_groups=1, null=""):
 
 
     k = use_device(sms).blendshape
@@ -102,10 +102,16 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
     else:
         grad_terms = torch.randn(len(names) * grad_stride, generator=g, dtype=acc)[::grad_stride]
     grad_total = torch.tensor(0.7, dtype=acc)
+    # null="terms" | "total": no gradient reaches them, a null pointer the kernel reads as 0.
+    if null == "terms":
+        grad_terms = torch.zeros((), dtype=acc).expand(len(names))
+    if null == "total":
+        grad_total = torch.tensor(0.0, dtype=acc)
     wanted = (mask[0], mask[1], mask[2] and raw and "smoothing" in names)
     grads = [poisoned(shape, dtype) if want else None for want in wanted]
-    error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=address(grad_terms),
-                                         grad_terms_stride=grad_terms.stride(0), grad_total=address(grad_total),
+    error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=0 if null == "terms" else address(grad_terms),
+                                         grad_terms_stride=grad_terms.stride(0),
+                                         grad_total=0 if null == "total" else address(grad_total),
                                          col_stats=address(col_stats), grad_pred=address(grads[0]),
                                          grad_target=address(grads[1]), grad_raw=address(grads[2])))
     assert error == 0, f"backward launch failed: cudaError {error}"
@@ -136,6 +142,8 @@ CASES = {
     "T=1, 3-D (empty temporal)": dict(B=3, T=1, K=19, dtype=torch.float32, layout="sliced"),
     "B=1": dict(B=1, T=4, K=10, dtype=torch.float32),
     "ties at the threshold, zero grad_terms": dict(B=10, T=4, K=31, dtype=torch.float32, ties=True, grad_stride=0),
+    "no grad_terms (null)": dict(B=5, T=6, K=20, dtype=torch.float32, null="terms"),
+    "no grad_total (null)": dict(B=5, T=6, K=20, dtype=torch.float64, null="total"),
     "bf16 ties": dict(B=5, T=4, K=12, dtype=torch.bfloat16, J=2, ties=True),
     "only d/dtarget": dict(B=9, T=3, K=40, dtype=torch.float32, mask=(False, True, False)),
     "only d/draw_pred": dict(B=4, T=3, K=17, dtype=torch.float16, mask=(False, False, True)),

@@ -46,7 +46,8 @@ def layout(t: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def check(B, L, D, dtype, loss_type="l2", last_frame=True, reg=True, dim_ws=True, parts=None, pred_layout="contiguous",
-          target_layout="contiguous", grad_stride=1, mask=(True, True, True), sms=2, min_blocks=1, grid_stride=False):
+          target_layout="contiguous", grad_stride=1, mask=(True, True, True), sms=2, min_blocks=1, grid_stride=False,
+          null=""):
 
 
     k = use_device(sms).pva
@@ -86,11 +87,17 @@ def check(B, L, D, dtype, loss_type="l2", last_frame=True, reg=True, dim_ws=True
     if grad_stride == 0:
         grad_terms = torch.tensor(0.8, dtype=acc).expand(len(names))
     grad_total = torch.tensor(-0.3, dtype=acc)
+    # null="terms" | "total": no gradient reaches them, a null pointer the kernel reads as 0.
+    if null == "terms":
+        grad_terms = torch.zeros((), dtype=acc).expand(len(names))
+    if null == "total":
+        grad_total = torch.tensor(0.0, dtype=acc)
     wanted = (mask[0], mask[1], mask[2] and last_frame)
     grads = [poisoned(shape, dtype) if want else None
              for shape, want in zip(((B, L, D), (B, L, D), (B, D)), wanted)]
-    error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=address(grad_terms),
-                                         grad_terms_stride=grad_terms.stride(0), grad_total=address(grad_total),
+    error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=0 if null == "terms" else address(grad_terms),
+                                         grad_terms_stride=grad_terms.stride(0),
+                                         grad_total=0 if null == "total" else address(grad_total),
                                          grad_pred=address(grads[0]), grad_target=address(grads[1]),
                                          grad_cond=address(grads[2])))
     assert error == 0, f"backward launch failed: cudaError {error}"
@@ -116,6 +123,8 @@ CASES = {
                                             target_layout="strided"),
     "strided pred fp64": dict(B=3, L=18, D=34, dtype=torch.float64, pred_layout="strided", loss_type="l1"),
     "grad_terms broadcast": dict(B=2, L=9, D=37, dtype=torch.float32, grad_stride=0),
+    "no grad_terms (null)": dict(B=2, L=9, D=37, dtype=torch.float32, null="terms"),
+    "no grad_total (null)": dict(B=2, L=9, D=37, dtype=torch.float64, null="total"),
     "only d/dtarget": dict(B=2, L=19, D=33, dtype=torch.float32, mask=(False, True, False)),
     "only d/dcond": dict(B=3, L=5, D=40, dtype=torch.float16, mask=(False, False, True)),
     "only d/dpred, l1, no last frame": dict(B=2, L=4, D=50, dtype=torch.bfloat16, loss_type="l1", last_frame=False,

@@ -62,7 +62,7 @@ def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
 
 def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5, labels="binary", label_dtype=None,
           ties=False, strided=False, grad_stride=1, mask=(True, True), sms=2, bad=None, min_blocks=1,
-          grid_stride=False):
+          grid_stride=False, null=""):
 
 
     k = use_device(sms).score
@@ -128,10 +128,16 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
     else:
         grad_terms = torch.randn(3 * grad_stride, generator=g, dtype=acc)[::grad_stride]
     grad_total = torch.tensor(0.6, dtype=acc)
+    # null="terms" | "total": no gradient reaches them, a null pointer the kernel reads as 0.
+    if null == "terms":
+        grad_terms = torch.zeros((), dtype=acc).expand(3)
+    if null == "total":
+        grad_total = torch.tensor(0.0, dtype=acc)
     grad_scores = poisoned((B,), dtype) if mask[0] else None
     grad_logits = poisoned((B, 2), dtype) if mask[1] and cls else None
-    error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=address(grad_terms),
-                                         grad_terms_stride=grad_terms.stride(0), grad_total=address(grad_total),
+    error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=0 if null == "terms" else address(grad_terms),
+                                         grad_terms_stride=grad_terms.stride(0),
+                                         grad_total=0 if null == "total" else address(grad_total),
                                          counts=address(out["counts"]) if rank else 0,
                                          rank_scale=address(out["rank_scale"]), grad_scores=address(grad_scores),
                                          grad_logits=address(grad_logits)))
@@ -170,6 +176,8 @@ CASES = {
     "largest all-pairs, fp64 strided": dict(B=ALL_PAIRS_MAX, dtype=torch.float64, ties=True, strided=True,
                                             label_dtype=torch.float64, min_blocks=8),
     "negative margin, grad_terms stride 3": dict(B=150, dtype=torch.float64, margin=-0.25, ties=True, grad_stride=3),
+    "no grad_terms (null)": dict(B=150, dtype=torch.float32, null="terms"),
+    "no grad_total (null)": dict(B=150, dtype=torch.float64, null="total"),
     "only d/dscores": dict(B=90, dtype=torch.float32, mask=(True, False)),
     "only d/dlogits, strided": dict(B=90, dtype=torch.bfloat16, mask=(False, True), strided=True),
     "no ranking, B > 2048": dict(B=2200, dtype=torch.float32, terms=0b011),

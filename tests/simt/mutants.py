@@ -65,6 +65,9 @@ MUTANTS = [
            "  for (int64_t j = ty;",
            "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
            "  for (int64_t j = ty;"),
+    Mutant("P10", "pva.cu", "a missing (null) grad_total read as 1 instead of 0",
+           "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);",
+           "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(1);"),
     # ---- blendshape.cu ----
     Mutant("B1", "blendshape.cu", "column partials of every batch group written to group 0's row",
            "acc_t* part = colpart + int64_t(blockIdx.y) * 2 * C;", "acc_t* part = colpart;"),
@@ -83,6 +86,9 @@ MUTANTS = [
     Mutant("B6", "blendshape.cu", "one final sum never written (uninitialised shared memory read)",
            "for (int s = warp; s <= kWeighted; s += kThreads / 32) {",
            "for (int s = warp; s < kWeighted; s += kThreads / 32) {"),
+    Mutant("B7", "blendshape.cu", "a missing (null) grad_total read as 1 instead of 0",
+           "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);",
+           "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(1);"),
     # ---- score.cu ----
     Mutant("S1", "score.cu", "sorted path: real scores searched in their own row",
            "active_fakes(margin, s, sorted + B, B)", "active_fakes(margin, s, sorted, B)"),
@@ -107,6 +113,8 @@ MUTANTS = [
     Mutant("S8", "score.cu", "backward: a block-stride loop instead of a grid-stride one (blocks overlap)",
            "k < B; k += int64_t(gridDim.x) * kThreads) {\n    const acc_t y",
            "k < B; k += kThreads) {\n    const acc_t y"),
+    Mutant("S11", "score.cu", "a missing (null) grad_terms read as 1 instead of 0",
+           "(gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0))", "(gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(1))"),
     # ---- common.cuh (every family) ----
     Mutant("C1", "common.cuh", "16-bit results truncated instead of rounded to nearest even",
            "return __float2half_rn(x);", "return __float2half_rz(x);"),
