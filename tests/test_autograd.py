@@ -270,3 +270,28 @@ def test_reduce_overhead_compile_of_a_training_step(backend, family):
         torch.testing.assert_close(loss, expected, msg=lambda m: f"step {i}: {m}")
     for p, q in zip(model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_warnings_eager_or_compiled(family):
+    """Our code triggers no warning, eagerly or while torch.compile traces it (Dynamo warns about
+    traced lru_cache wrappers, autograd about missing kernels, ...)."""
+    import warnings
+
+    from torch._dynamo.utils import warn_once
+
+    torch._dynamo.reset()
+    getattr(warn_once, "cache_clear", lambda: None)()  # (it warns once per process)
+    g = torch.Generator().manual_seed(5)
+    consts = constants(family, "cpu", g)
+    loss_fn = make_loss(family, "cpu")
+    leaf = torch.randn(pred_shape(family), generator=g, dtype=torch.float64).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(family, loss_fn, leaf * 1.0, consts).backward()
+        compiled = torch.compile(lambda x: call(family, loss_fn, x * 1.0, consts), fullgraph=True)
+        compiled(leaf).backward()
+    # Ours: raised in fusedloss, or about it (Dynamo's and autograd's warnings name our code).
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+            if "fusedloss" in w.filename or "fusedloss" in str(w.message)]
+    assert not ours, ours
