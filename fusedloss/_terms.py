@@ -4,7 +4,9 @@ A fused forward returns its terms as one tensor; making one 0-dim view per term 
 microsecond each (Ditto's loss has 18 to 30 terms), which a training step that only
 backpropagates the total would pay on every call. ``Terms`` is a mutable mapping with the same
 keys, values and order as the dict it stands for; the views are made (with one ``unbind``) the
-first time a value is read, and the mapping then behaves as that dict.
+first time a value is read, and the mapping then behaves as that dict. ``Terms(mapping)``
+builds one like ``dict(mapping)`` (as DataParallel's gather and Lightning rebuild mappings), and
+torch's pytree flattens it as a dict. It is not a ``dict`` subclass: ``dict(terms)`` makes one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ class Terms(MutableMapping):
 
     __slots__ = ("_names", "_values", "_extra", "_dict")
 
-    def __init__(self, names: tuple[str, ...], values: torch.Tensor, extra: dict | None = None) -> None:
+    def __init__(self, names=(), values: torch.Tensor | None = None, extra: dict | None = None) -> None:
+        if values is None:  # Terms(mapping or pairs), as dict(...): how generic code rebuilds a mapping
+            self._names, self._values, self._extra, self._dict = (), None, None, dict(names)
+            return
         self._names = names
         self._values = values
         self._extra = extra
@@ -28,7 +33,10 @@ class Terms(MutableMapping):
     def _items(self) -> dict:
         items = self._dict
         if items is None:
-            items = dict(zip(self._names, self._values.unbind(0)))
+            # The views get the grad mode of the forward, not of the first read (e.g. logging
+            # under no_grad before the terms are summed and backpropagated).
+            with torch.inference_mode(False), torch.enable_grad():
+                items = dict(zip(self._names, self._values.unbind(0)))
             if self._extra:
                 items.update(self._extra)
             self._dict = items
@@ -69,3 +77,19 @@ class Terms(MutableMapping):
 
     def __reduce__(self):
         return dict, (self._items(),)
+
+
+def _flatten(terms: Terms):
+    items = terms._items()
+    return list(items.values()), list(items.keys())
+
+
+def _unflatten(values, keys) -> Terms:
+    return Terms(zip(keys, values))
+
+
+torch.utils._pytree.register_pytree_node(
+    Terms, _flatten, _unflatten, serialized_type_name="fusedloss._terms.Terms",
+    flatten_with_keys_fn=lambda terms: ([(torch.utils._pytree.MappingKey(k), v) for k, v in terms._items().items()],
+                                        list(terms._items().keys())),
+)

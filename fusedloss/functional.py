@@ -213,9 +213,10 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: blendshape_ops.Bl
     smoothing, consistency = "smoothing" in computed, "consistency" in computed
 
     def run(pred, target, raw_pred, prev_pred):
-        # prev_pred is a constant of the loss: the operators give it no gradient.
-        terms, total, _ = op(pred, target, raw_pred if smoothing else None, prev_pred if consistency else None,
-                             settings, group_coef, landmark_gram, landmark_rows, mask)
+        # prev_pred is a constant of the loss: detached, so backward never walks into its history.
+        prev = (_constant(prev_pred) if consistency else None)
+        terms, total, _ = op(pred, target, raw_pred if smoothing else None, prev, settings, group_coef,
+                             landmark_gram, landmark_rows, mask)
         return total, _terms_of(computed, terms)
 
     return run
@@ -324,10 +325,10 @@ def score_plan(scores, logits, labels, config: score_ops.ScoreConfig, *, setting
     smooth_l1, ranking_sum = config.regression_type == "smoothl1", config.reduction == "sum"
 
     # Scores and labels go to the operators as given, [B] or [B, 1]; labels are targets (constants
-    # of the loss): the operators give them no gradient.
+    # of the loss): detached.
     def run(scores, logits, labels):
-        values, total, _, _, status = op(scores, logits if with_logits else None, labels, settings, terms, smooth_l1,
-                                         ranking_sum)
+        values, total, _, _, status = op(scores, logits if with_logits else None, _constant(labels), settings, terms,
+                                         smooth_l1, ranking_sum)
         if with_logits:
             if check_finite:
                 total = score_ops.finite_or_raise(total, status)
@@ -338,6 +339,11 @@ def score_plan(scores, logits, labels, config: score_ops.ScoreConfig, *, setting
         return ranking, {"ranking": ranking, "total": ranking}
 
     return run
+
+
+def _constant(x: torch.Tensor) -> torch.Tensor:
+    """A constant of the loss (a previous prediction, labels) with no autograd history."""
+    return x.detach() if x.requires_grad else x
 
 
 def _eager(x: torch.Tensor) -> bool:

@@ -45,6 +45,18 @@ class _FusedLoss(nn.Module):
         super().__init__()
         self._plans: dict = {}
 
+    def __setattr__(self, name, value):
+        # A new backend, configuration or table (buffer) invalidates the plans made with the old.
+        plans = self.__dict__.get("_plans")
+        if plans and (name in ("backend", "config", "check_finite") or name in self._TABLES):
+            plans.clear()
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        # Plans hold closures over this module's tables: a copy (pickle, deepcopy) makes its own.
+        state = super().__getstate__()
+        return {**state, "_plans": {}}
+
     def _remember(self, key, run):
         if key is not None and not torch.compiler.is_compiling():
             plans = self._plans
@@ -335,7 +347,6 @@ class CombinedLoss(_FusedLoss):
             self._plans.clear()
         elif name == "check_finite" and "_plans" in self.__dict__:
             super().__setattr__(name, _checks.flag("check_finite", value))
-            self._plans.clear()
         else:
             super().__setattr__(name, value)
 

@@ -295,3 +295,76 @@ def test_no_warnings_eager_or_compiled(family):
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
             if "fusedloss" in w.filename or "fusedloss" in str(w.message)]
     assert not ours, ours
+
+
+@pytest.mark.parametrize("family", ["blendshape", "score", "ranking"])
+@pytest.mark.parametrize("case", BACKENDS)
+def test_constants_with_a_freed_history(family, case):
+    """prev_pred (blendshape) and labels (score) are constants of the loss: a tensor with an
+    autograd history that was already backpropagated (last step's prediction) gets no gradient
+    and its history is never walked again."""
+    backend, device = case
+    g = torch.Generator().manual_seed(6)
+    source = torch.rand(pred_shape(family), generator=g, dtype=torch.float64).to(device).requires_grad_()
+    history = source * 1.0
+    history.sum().backward()  # frees history's graph
+    leaf = torch.randn(pred_shape(family), generator=g, dtype=torch.float64).to(device).requires_grad_()
+    if family == "blendshape":
+        loss_fn = BlendshapeLoss(consistency_weight=0.5, backend=backend)
+        loss = loss_fn(leaf, torch.rand_like(leaf), prev_pred=history)
+    else:
+        labels = (history[:, :1] > 0.5).to(history.dtype) + history[:, :1] * 0  # labels with a history
+        loss_fn = make_loss(family, backend).to(device)
+        loss = call(family, loss_fn, leaf, (labels,))
+    loss.backward()  # would raise if it walked into the freed graph
+    assert leaf.grad is not None and torch.equal(source.grad, torch.ones_like(source))
+
+
+def test_triton_eager_double_backward_raises():
+    from fusedloss import backends
+
+    reason = backends.unavailable_reason("triton", "cpu")
+    if reason:
+        pytest.skip(reason)
+    leaf = torch.randn(pred_shape("blendshape"), dtype=torch.float64).requires_grad_()
+    loss = call("blendshape", make_loss("blendshape", "triton"), leaf * 1.0, constants("blendshape", "cpu",
+                                                                                       torch.Generator()))
+    (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (grad.sum() + leaf.sum()).backward()  # (with another term: no silent zero either)
+
+
+def test_module_copies_and_backend_changes_do_not_share_plans():
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(7)
+    pred, target = torch.rand(4, 6, 9, generator=g, dtype=torch.float64), torch.rand(4, 6, 9, generator=g,
+                                                                                      dtype=torch.float64)
+    loss_fn = BlendshapeLoss(temporal_weight=0.2, backend="cpu")
+    before = loss_fn(pred, target)
+    twin = copy.deepcopy(loss_fn)
+    pickle.loads(pickle.dumps(loss_fn))  # (plans are closures: not pickled)
+    loss_fn.temporal_weight = 3.0
+    torch.testing.assert_close(twin(pred, target), before, msg="a deep copy follows its original's settings")
+    loss_fn.backend = "reference"
+    assert not loss_fn._plans
+    torch.testing.assert_close(loss_fn(pred, target), BlendshapeLoss(temporal_weight=3.0, backend="reference")(
+        pred, target))
+
+
+def test_terms_read_first_under_no_grad_stay_differentiable():
+    import torch.utils._pytree as pytree
+
+    leaf = torch.randn(3, 7, 11, dtype=torch.float64).requires_grad_()
+    g = torch.Generator().manual_seed(8)
+    total, terms = make_loss("pva", "cpu")(leaf, *constants("pva", "cpu", g))
+    assert type(terms) is not dict  # (the lazy mapping)
+    with torch.no_grad():
+        logged = {k: float(v) for k, v in terms.items()}  # e.g. logging first
+    sum(terms.values()).backward()
+    assert leaf.grad is not None and len(logged) == len(terms)
+    rebuilt = type(terms)((k, v * 2) for k, v in terms.items())  # as DataParallel's gather does
+    assert list(rebuilt) == list(terms)
+    leaves, spec = pytree.tree_flatten(terms)
+    assert len(leaves) == len(terms) and list(pytree.tree_unflatten(leaves, spec)) == list(terms)

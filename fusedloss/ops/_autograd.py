@@ -54,7 +54,7 @@ def register_terms_autograd(forward_op, backward_op, grad_inputs: tuple[int, ...
     schema = _overload(forward_op)._schema
     setup_context, backward = _formula(schema, backward_op, grad_inputs, num_aux, constants)
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-    _, eager_backward = _formula(schema, backward_op._init_fn, grad_inputs, num_aux, constants)
+    _, eager_backward = _formula(schema, backward_op._init_fn, grad_inputs, num_aux, constants, eager=True)
     launcher = forward_op._init_fn
 
     class Eager(torch.autograd.Function):
@@ -68,8 +68,28 @@ def register_terms_autograd(forward_op, backward_op, grad_inputs: tuple[int, ...
     return Eager.apply
 
 
-def _formula(schema, backward_call, grad_inputs: tuple[int, ...], num_aux: int, constants: tuple[int, ...]):
-    """(setup_context, backward) of the convention above, the backward calling ``backward_call``."""
+class _NoDerivative(torch.autograd.Function):
+    """A gradient of the eager Triton path with create_graph=True: differentiating it raises
+    (the launchers build no graph, so it would otherwise count as 0)."""
+
+    @staticmethod
+    def forward(grad, *inputs):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the fused backends do not support double backward (differentiating a gradient of "
+                           "this loss); use backend='reference' for that")
+
+
+def _formula(schema, backward_call, grad_inputs: tuple[int, ...], num_aux: int, constants: tuple[int, ...],
+             eager: bool = False):
+    """(setup_context, backward) of the convention above, the backward calling ``backward_call``
+    (``eager``: the launcher itself, whose gradients get _NoDerivative under create_graph=True)."""
     num_inputs = len(schema.arguments)
     # Positions of the tensor arguments (saved for backward), and of the tables among them: the
     # arguments without a gradient that are not constants of the loss by its contract (targets).
@@ -111,9 +131,10 @@ def _formula(schema, backward_call, grad_inputs: tuple[int, ...], num_aux: int, 
             grad_total = _zero(dtype, like)
         grads = backward_call(grad_terms, grad_total, *saved[:num_aux], *args, mask)
         result = [None] * num_inputs
+        inputs = [args[i] for i in grad_inputs if args[i] is not None]
         for position, wanted, grad in zip(grad_inputs, mask, grads):
             if wanted:
-                result[position] = grad
+                result[position] = _NoDerivative.apply(grad, *inputs) if eager and torch.is_grad_enabled() else grad
         return tuple(result)
 
     return setup_context, backward
