@@ -305,4 +305,6 @@ def test_step_time_benchmark_rows():
     assert all(r["reference_err"] < 1e-4 for r in rows if r["backend"] == "cpu")
     assert all(r["reference_err"] is None for r in rows if r["backend"] == "reference")
     table = trainer_bench.markdown(rows, "test CPU", "pytest")
-    assert "| score | reference |" in table and table.count("1.00x") == 2
+    reference_lines = [line for line in table.splitlines() if "| reference |" in line]
+    assert len(reference_lines) == 2 and all("| 1.00x |" in line for line in reference_lines)
+    # (a fused row may show 1.00x too: at these tiny models the loss is a small part of a step)
