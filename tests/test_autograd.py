@@ -252,7 +252,7 @@ def test_cuda_graph_of_a_training_step(backend, family):
         graph.replay()
         expected = reference_step(x, consts)
         torch.cuda.synchronize()
-        torch.testing.assert_close(captured_loss, expected, msg=lambda m: f"replay {i}: {m}")
+        torch.testing.assert_close(captured_loss, expected, msg=lambda m, i=i: f"replay {i}: {m}")
     for p, q in zip(model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -267,7 +267,7 @@ def test_reduce_overhead_compile_of_a_training_step(backend, family):
     for i in range(4):
         loss = compiled(x, consts).clone()
         expected = reference_step(x, consts)
-        torch.testing.assert_close(loss, expected, msg=lambda m: f"step {i}: {m}")
+        torch.testing.assert_close(loss, expected, msg=lambda m, i=i: f"step {i}: {m}")
     for p, q in zip(model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -358,7 +358,7 @@ def test_terms_read_first_under_no_grad_stay_differentiable():
 
     leaf = torch.randn(3, 7, 11, dtype=torch.float64).requires_grad_()
     g = torch.Generator().manual_seed(8)
-    total, terms = make_loss("pva", "cpu")(leaf, *constants("pva", "cpu", g))
+    _, terms = make_loss("pva", "cpu")(leaf, *constants("pva", "cpu", g))
     assert type(terms) is not dict  # (the lazy mapping)
     with torch.no_grad():
         logged = {k: float(v) for k, v in terms.items()}  # e.g. logging first

@@ -182,8 +182,8 @@ def markdown(rows: list[SeedRow], device: torch.device, command: str) -> str:
         f"# fusedloss at the seed systems' shapes: {device_name(device)}",
         "",
         f"- torch {torch.__version__} (CUDA {torch.version.cuda}), float32, {torch.get_num_threads()} CPU threads",
-        "- forward+backward of one call (torch.autograd.grad w.r.t. the predictions), minimum over interleaved "
-        "rounds of the median; x mse_loss = time / one F.mse_loss(pred, target) forward+backward on the same inputs",
+        ("- forward+backward of one call (torch.autograd.grad w.r.t. the predictions), minimum over interleaved "
+         "rounds of the median; x mse_loss = time / one F.mse_loss(pred, target) forward+backward on the same inputs"),
         "- launches: device activities (kernels, memsets, copies) of one fused forward / backward (GPU only)",
         f"- command: `{command}`",
         "",
