@@ -45,7 +45,7 @@ setup(
               "fusedloss.csrc", "fusedloss.csrc.cuda"],
     # The C++/CUDA sources travel with the package for the build-on-first-use fallback.
     package_dir={"fusedloss.csrc": "csrc", "fusedloss.csrc.cuda": "csrc/cuda"},
-    package_data={"fusedloss.csrc": ["*.cpp", "*.h"], "fusedloss.csrc.cuda": ["*.cu", "*.h"]},
+    package_data={"fusedloss.csrc": ["*.cpp", "*.h"], "fusedloss.csrc.cuda": ["*.cu", "*.cuh", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
