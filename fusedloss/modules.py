@@ -57,6 +57,17 @@ class _FusedLoss(nn.Module):
         state = super().__getstate__()
         return {**state, "_plans": {}}
 
+    def _cached(self, *inputs):
+        """(key, cached plan or None) of a call on ``inputs``; no key while torch.compile traces or
+        for an input that is not a tensor (the plan made then says what is wrong)."""
+        if torch.compiler.is_compiling():
+            return None, None
+        try:
+            key = tuple(map(_meta, inputs))
+        except AttributeError:
+            return None, None
+        return key, self._plans.get(key)
+
     def _remember(self, key, run):
         if key is not None and not torch.compiler.is_compiling():
             plans = self._plans
@@ -143,15 +154,9 @@ class PVALoss(_FusedLoss):
     def forward(
         self, pred: torch.Tensor, target: torch.Tensor, cond_frame: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        key = None
-        if not torch.compiler.is_compiling():
-            try:
-                key = (_meta(pred), _meta(target), _meta(cond_frame))
-            except AttributeError:  # not a tensor: the plan below says so
-                pass
-            run = self._plans.get(key)
-            if run is not None:
-                return run(pred, target, cond_frame)
+        key, run = self._cached(pred, target, cond_frame)
+        if run is not None:
+            return run(pred, target, cond_frame)
         if not isinstance(pred, torch.Tensor):
             raise TypeError(f"pred must be a torch.Tensor [B, L, D], got {type(pred).__name__}")
         table, dim_ws = _buffers_on(self, ("part_table", "dim_ws"), pred.device)
@@ -249,18 +254,12 @@ class BlendshapeLoss(_FusedLoss):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, raw_pred: torch.Tensor | None = None,
                 prev_pred: torch.Tensor | None = None, return_components: bool = False):
-        key = None
-        if not torch.compiler.is_compiling():
-            try:
-                key = (_meta(pred), _meta(target), _meta(raw_pred), _meta(prev_pred))
-            except AttributeError:  # not a tensor: the plan below says so
-                pass
-            run = self._plans.get(key)
-            if run is not None:
-                total, terms = run(pred, target, raw_pred, prev_pred)
-                if return_components is False:
-                    return total
-                return _with_total(total, terms, return_components)
+        key, run = self._cached(pred, target, raw_pred, prev_pred)
+        if run is not None:
+            total, terms = run(pred, target, raw_pred, prev_pred)
+            if return_components is False:
+                return total
+            return _with_total(total, terms, return_components)
         if not isinstance(pred, torch.Tensor):
             raise TypeError(f"pred must be a torch.Tensor [B, K] or [B, T, K], got {type(pred).__name__}")
         settings, group_coef, matrix, gram = _buffers_on(
@@ -352,15 +351,9 @@ class CombinedLoss(_FusedLoss):
 
     def forward(self, scores: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        key = None
-        if not torch.compiler.is_compiling():
-            try:
-                key = (_meta(scores), _meta(logits), _meta(labels))
-            except AttributeError:  # not a tensor: the plan below says so
-                pass
-            run = self._plans.get(key)
-            if run is not None:
-                return run(scores, logits, labels)
+        key, run = self._cached(scores, logits, labels)
+        if run is not None:
+            return run(scores, logits, labels)
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"scores must be a torch.Tensor [B] or [B, 1], got {type(scores).__name__}")
         (settings,) = _buffers_on(self, ("settings",), scores.device)
@@ -408,15 +401,9 @@ class AllPairsMarginRankingLoss(_FusedLoss):
         return self._config.reduction
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        key = None
-        if not torch.compiler.is_compiling():
-            try:
-                key = (_meta(scores), _meta(labels))
-            except AttributeError:  # not a tensor: the plan below says so
-                pass
-            run = self._plans.get(key)
-            if run is not None:
-                return run(scores, None, labels)[0]
+        key, run = self._cached(scores, labels)
+        if run is not None:
+            return run(scores, None, labels)[0]
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"scores must be a torch.Tensor [B] or [B, 1], got {type(scores).__name__}")
         (settings,) = _buffers_on(self, ("settings",), scores.device)
