@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+from torch._subclasses.fake_tensor import is_fake  # (loaded by torch itself)
 
 from . import _checks, backends
 from ._terms import Terms
@@ -348,8 +349,6 @@ def _constant(x: torch.Tensor) -> torch.Tensor:
 
 def _eager(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` runs eagerly on real tensors (not traced, not fake)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return not torch.compiler.is_compiling() and not is_fake(x)
 
 

@@ -24,6 +24,7 @@ nothing but the backward kernel.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake  # (loaded by torch itself)
 
 _ZEROS: dict = {}
 
@@ -31,8 +32,6 @@ _ZEROS: dict = {}
 def _zero(dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A 0-dim zero on ``like``'s device, cached per (dtype, device) for eager use on real tensors
     (never written to); a fresh one while tracing or on fake tensors."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if torch.compiler.is_compiling() or is_fake(like):
         return torch.zeros((), dtype=dtype, device=like.device)
     key = (dtype, like.device)
