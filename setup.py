@@ -9,9 +9,18 @@ import os
 import sys
 from pathlib import Path
 
+import importlib.util
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+
+
+def load_build_module():
+    """fusedloss/core/build.py (sources and flags), without importing the package."""
+    spec = importlib.util.spec_from_file_location("fusedloss_build", ROOT / "fusedloss" / "core" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_modules():
@@ -19,7 +28,12 @@ def extension_modules():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import (
+            CUDA_HOME,
+            BuildExtension,
+            CppExtension,
+            CUDAExtension,
+        )
     except ImportError:
         print("fusedloss: torch is not importable at build time; the C++ extension will be "
               "compiled on first use instead (install with --no-build-isolation to build it now)",
@@ -27,25 +41,26 @@ def extension_modules():
         return [], {}
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("FUSEDLOSS_NO_CUDA") != "1")
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fopenmp-simd"]
+    build = load_build_module()
+    sources = [str(p.relative_to(ROOT)) for p in [ROOT / "csrc" / "module.cpp", *build.op_sources(ROOT / "csrc", with_cuda)]]
     if with_cuda:
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         ext = CUDAExtension("fusedloss._C", sources, extra_compile_args={
-            "cxx": cxx + ["-DWITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "-DWITH_CUDA"]})
+            "cxx": build.cxx_flags(True), "nvcc": build.nvcc_flags()})
     else:
-        ext = CppExtension("fusedloss._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fusedloss._C", sources, extra_compile_args={"cxx": build.cxx_flags(False)})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["fusedloss", "fusedloss.ops", "fusedloss.triton", "fusedloss.benchmark", "fusedloss.trainers",
-              "fusedloss.csrc", "fusedloss.csrc.cuda"],
-    # The C++/CUDA sources travel with the package for the build-on-first-use fallback.
-    package_dir={"fusedloss.csrc": "csrc", "fusedloss.csrc.cuda": "csrc/cuda"},
-    package_data={"fusedloss.csrc": ["*.cpp", "*.h"], "fusedloss.csrc.cuda": ["*.cu", "*.cuh", "*.h"]},
+    packages=["fusedloss", "fusedloss.core", "fusedloss.pva", "fusedloss.blendshape", "fusedloss.score",
+              "fusedloss.benchmark", "fusedloss.trainers",
+              "fusedloss.csrc"],
+    # The C++/CUDA sources travel with the package for the build-on-first-use fallback
+    # (tests/test_packaging.py builds a wheel and compiles them from it).
+    package_dir={"fusedloss.csrc": "csrc"},
+    package_data={"fusedloss.csrc": ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu", "*/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -7,7 +7,9 @@
 
 from . import backends, functional
 from .backends import BackendUnavailableError
-from .modules import AllPairsMarginRankingLoss, BlendshapeLoss, CombinedLoss, PVALoss
+from .blendshape import BlendshapeLoss
+from .pva import PVALoss
+from .score import AllPairsMarginRankingLoss, CombinedLoss
 
 __version__ = "0.1.0"
 

@@ -200,7 +200,6 @@ def bench(args) -> int:
     from .benchmark import blendshape as blendshape_bench
     from .benchmark import pva as pva_bench
     from .benchmark import score as score_bench
-
     from .benchmark import seed_shapes
 
     dtype = getattr(torch, args.dtype)

@@ -1,7 +1,7 @@
 """Which backends exist, which are available here, and which one ``"auto"`` picks.
 
 Backends:
-  "reference"  pure PyTorch (``fusedloss.reference``), any device
+  "reference"  pure PyTorch (each family's ``reference.py``), any device
   "cpu"        C++ CPU kernels of the compiled extension, CPU tensors
   "cuda"       CUDA kernels of the compiled extension, CUDA tensors
   "triton"     Triton kernels, CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``)
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from . import _extension
+from .core import extension
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
@@ -56,10 +56,10 @@ def _triton_reason(device_type: str) -> str | None:
 
 
 def _extension_reason() -> str | None:
-    if _extension.load():
+    if extension.load():
         return None
     return (
-        f"the fusedloss C++ extension could not be built or loaded ({_extension.error()}); "
+        f"the fusedloss C++ extension could not be built or loaded ({extension.error()}); "
         "install with `pip install --no-build-isolation -e .` from a source checkout "
         "(needs a C++ compiler, and nvcc for the CUDA kernels)"
     )
@@ -81,7 +81,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
         reason = _extension_reason()
         if reason:
             return reason
-        if not _extension.has_kernel("pva_forward", "CUDA"):
+        if not extension.has_kernel("pva_forward", "CUDA"):
             return (
                 f"the fusedloss extension was built without CUDA kernels (torch {torch.__version__}, "
                 f"CUDA {torch.version.cuda}); rebuild it where torch has CUDA and nvcc is on PATH: "
@@ -94,7 +94,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
 def _prepare(backend: str) -> None:
     """Import what a backend's operators need before they are called (and traced)."""
     if backend == "triton":
-        from .ops import import_triton_ops
+        from .core.registry import import_triton_ops
 
         import_triton_ops()
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 from fusedloss import backends
-
-from conftest import HAS_CUDA
 
 ROOT = Path(__file__).resolve().parent.parent
 

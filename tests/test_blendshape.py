@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import FUSED, assert_close, interpreted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedloss
 from fusedloss import functional as F
-from fusedloss.ops.blendshape import SEED_001_GROUPS
-
-from conftest import FUSED, assert_close, interpreted
+from fusedloss.blendshape.config import SEED_001_GROUPS
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPTIONAL = {
@@ -257,7 +256,7 @@ def test_triton_many_programs(monkeypatch):
     runnable = [p.values[0] for p in FUSED if not p.marks and p.values[0][0] == "triton"]
     if not runnable:
         pytest.skip("the Triton backend is not available here")
-    import fusedloss.triton.blendshape as triton_blendshape
+    import fusedloss.blendshape.triton as triton_blendshape
 
     backend, device = runnable[0]
     if device == "cpu":

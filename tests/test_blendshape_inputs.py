@@ -5,7 +5,7 @@ import torch
 
 import fusedloss
 from fusedloss import functional as F
-from fusedloss.ops import blendshape as glue
+from fusedloss.blendshape import functional as blendshape_functional
 
 
 @pytest.fixture
@@ -13,8 +13,8 @@ def no_kernel(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("a backend ran before the input was rejected")
 
-    monkeypatch.setattr(glue, "forward_op", reached)
-    monkeypatch.setattr(F, "blendshape_loss_reference", reached)
+    monkeypatch.setattr(blendshape_functional, "forward_op", reached)
+    monkeypatch.setattr(blendshape_functional, "blendshape_loss_reference", reached)
 
 
 P = torch.rand(4, 52)
@@ -71,7 +71,7 @@ def test_bad_input_is_rejected_before_any_kernel(no_kernel, error, words, call):
 
 
 def test_terms_that_lack_their_input_are_not_computed():
-    """SPEC: a term is computed when its weight is non-zero *and its inputs are given*."""
+    """docs/losses.md §2.2: a term is computed when its weight is non-zero *and its inputs are given*."""
     total, terms = F.blendshape_loss(P, T, smoothing_weight=0.1, consistency_weight=0.2, temporal_weight=0.3,
                                      return_components=True)
     assert list(terms) == ["mse", "l1", "perceptual", "total"]

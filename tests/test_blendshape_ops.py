@@ -2,32 +2,33 @@
 
 import pytest
 import torch
+from conftest import FUSED, HAS_CUDA, assert_close
 
 import fusedloss
 from fusedloss import backends
 from fusedloss import functional as F
-from fusedloss.ops import blendshape as glue
-from fusedloss.ops.blendshape import SEED_001_GROUPS
+from fusedloss.blendshape import config as blendshape_config
+from fusedloss.blendshape import functional as blendshape_functional
+from fusedloss.blendshape import layout as blendshape_layout
+from fusedloss.blendshape.config import SEED_001_GROUPS
 
-from conftest import FUSED, HAS_CUDA, assert_close
 
-
-def op_args(device, dtype=torch.float64, *, shape=(3, 4, 9), groups=None, terms=glue.TERMS):
+def op_args(device, dtype=torch.float64, *, shape=(3, 4, 9), groups=None, terms=blendshape_layout.TERMS):
     g = torch.Generator().manual_seed(0)
     pred, target, raw, prev = (torch.rand(shape, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(4))
-    weights = {f"{t}_weight": (0.7 if t in terms else 0.0) for t in glue.TERMS}
-    config = glue.BlendshapeConfig.build(**weights, perceptual_groups=groups)
+    weights = {f"{t}_weight": (0.7 if t in terms else 0.0) for t in blendshape_layout.TERMS}
+    config = blendshape_config.BlendshapeConfig.build(**weights, perceptual_groups=groups)
     matrix = torch.randn(5, shape[-1], generator=g, dtype=torch.float64).to(device)
-    computed, _ = glue.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
+    computed, _ = blendshape_config.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
     group_coef = config.group_coef().to(device) if groups else None
     args = (pred, target, raw, prev, config.settings().to(device), group_coef,
-            glue.landmark_gram(matrix) if "landmark" in computed else None,
-            5 if "landmark" in computed else 0, glue.term_mask(computed))
+            blendshape_config.landmark_gram(matrix) if "landmark" in computed else None,
+            5 if "landmark" in computed else 0, blendshape_config.term_mask(computed))
     return config, matrix, args
 
 
 def ops_of(backend, device):
-    glue.forward_op(backends.resolve(backend, device))
+    blendshape_functional.forward_op(backends.resolve(backend, device))
     namespace = torch.ops.fusedloss_triton if backend == "triton" else torch.ops.fusedloss
     return namespace.blendshape_forward.default, namespace.blendshape_backward.default
 

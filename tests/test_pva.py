@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import FUSED, assert_close, interpreted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedloss
 from fusedloss import functional as F
-from fusedloss.ops.pva import DITTO_PARTS
-
-from conftest import FUSED, assert_close, interpreted
+from fusedloss.pva.config import DITTO_PARTS
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -257,7 +256,7 @@ def test_triton_many_programs_per_column_block(monkeypatch):
     runnable = [p.values[0] for p in FUSED if not p.marks and p.values[0][0] == "triton"]
     if not runnable:
         pytest.skip("the Triton backend is not available here")
-    import fusedloss.triton.pva as triton_pva
+    import fusedloss.pva.triton as triton_pva
 
     backend, device = runnable[0]
     if device == "cpu":  # the interpreter's default budget gives one row group at D = 265

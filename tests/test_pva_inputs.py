@@ -5,7 +5,8 @@ import torch
 
 import fusedloss
 from fusedloss import functional as F
-from fusedloss.ops import pva as glue
+from fusedloss.pva import config as pva_config
+from fusedloss.pva import functional as pva_functional
 
 
 @pytest.fixture
@@ -15,8 +16,8 @@ def no_kernel(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("a backend ran before the input was rejected")
 
-    monkeypatch.setattr(glue, "forward_op", reached)
-    monkeypatch.setattr(F, "pva_loss_reference", reached)
+    monkeypatch.setattr(pva_functional, "forward_op", reached)
+    monkeypatch.setattr(pva_functional, "pva_loss_reference", reached)
 
 
 def good(B=2, L=5, D=265, dtype=torch.float32):
@@ -94,7 +95,7 @@ def cpp_ops():
 
 def test_operator_refuses_inputs_it_cannot_differentiate(cpp_ops):
     """Called directly, the operator raises instead of dropping the gradient of part_table."""
-    config = glue.PVAConfig.build()
+    config = pva_config.PVAConfig.build()
     table = config.part_table().requires_grad_()
     with pytest.raises(RuntimeError, match="no gradient"):
         torch.ops.fusedloss.pva_forward(P, T, None, table, None, "l2", False, False)
@@ -102,8 +103,8 @@ def test_operator_refuses_inputs_it_cannot_differentiate(cpp_ops):
 
 def test_operator_checks_at_the_cpp_boundary(cpp_ops):
     """The C++ operator validates its own arguments too (no crash on a direct call)."""
-    table = glue.PVAConfig.build({"a": (0, 300, 1.0)}).part_table()
+    table = pva_config.PVAConfig.build({"a": (0, 300, 1.0)}).part_table()
     with pytest.raises(RuntimeError, match="not inside"):
         torch.ops.fusedloss.pva_forward(P, T, None, table, None, "l2", False, False)
     with pytest.raises(RuntimeError, match="loss_type"):
-        torch.ops.fusedloss.pva_forward(P, T, None, glue.PVAConfig.build().part_table(), None, "l3", False, False)
+        torch.ops.fusedloss.pva_forward(P, T, None, pva_config.PVAConfig.build().part_table(), None, "l3", False, False)

@@ -2,18 +2,18 @@
 
 import pytest
 import torch
+from conftest import HAS_CUDA, assert_close
 
 import fusedloss
 from fusedloss import backends
 from fusedloss import functional as F
-from fusedloss.ops import pva as glue
-
-from conftest import HAS_CUDA, assert_close
+from fusedloss.pva import config as pva_config
+from fusedloss.pva import functional as pva_functional
 
 
 def op_args(device, dtype=torch.float64, *, last=True, reg=True, dim_ws=True, B=2, L=5, D=9):
     g = torch.Generator().manual_seed(0)
-    config = glue.PVAConfig.build({"a": (0, 4, 1.0), "b": (3, 0, 0.5)}, last, reg)
+    config = pva_config.PVAConfig.build({"a": (0, 4, 1.0), "b": (3, 0, 0.5)}, last, reg)
     pred, target = (torch.randn(B, L, D, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
     cond = torch.randn(B, D, generator=g, dtype=torch.float64).to(device, dtype) if last else None
     w = torch.rand(D, generator=g, dtype=torch.float64).to(device) if dim_ws else None
@@ -21,7 +21,7 @@ def op_args(device, dtype=torch.float64, *, last=True, reg=True, dim_ws=True, B=
 
 
 def ops_of(backend):
-    glue.forward_op(backends.resolve(backend, "cpu" if backend != "cuda" else "cuda"))  # registers them
+    pva_functional.forward_op(backends.resolve(backend, "cpu" if backend != "cuda" else "cuda"))  # registers them
     if backend == "triton":
         return torch.ops.fusedloss_triton.pva_forward.default, torch.ops.fusedloss_triton.pva_backward.default
     return torch.ops.fusedloss.pva_forward.default, torch.ops.fusedloss.pva_backward.default
@@ -51,7 +51,7 @@ def test_gradcheck_cpp_cpu():
     pred, target, cond = (x.clone().requires_grad_() for x in args[:3])
     w = args[4]
     for loss_type in ("l2", "l1"):
-        cfg = glue.PVAConfig(**{**config.__dict__, "loss_type": loss_type})
+        cfg = pva_config.PVAConfig(**{**config.__dict__, "loss_type": loss_type})
 
         def fn(p, t, c, cfg=cfg):
             total, terms = F.pva_loss_from_config(p, t, c, cfg, dim_ws=w, backend="cpu")

@@ -181,7 +181,7 @@ def test_sorted_path_of_triton(fused, monkeypatch):
     backend, device = fused
     if backend != "triton":
         pytest.skip("Triton only")
-    import fusedloss.triton.score as triton_score
+    import fusedloss.score.triton as triton_score
 
     monkeypatch.setattr(triton_score, "ALL_PAIRS_MAX", 0)
     for B in (1, 2, 3, 64, 257):

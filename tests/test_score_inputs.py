@@ -7,7 +7,8 @@ import torch
 import fusedloss
 from fusedloss import backends
 from fusedloss import functional as F
-from fusedloss.ops import score as glue
+from fusedloss.score import functional as score_functional
+from fusedloss.score import layout as score_layout
 
 
 @pytest.fixture
@@ -15,9 +16,9 @@ def no_kernel(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("a backend ran before the input was rejected")
 
-    monkeypatch.setattr(glue, "forward_op", reached)
-    monkeypatch.setattr(F, "score_loss_reference", reached)
-    monkeypatch.setattr(F, "all_pairs_margin_ranking_reference", reached)
+    monkeypatch.setattr(score_functional, "forward_op", reached)
+    monkeypatch.setattr(score_functional, "score_loss_reference", reached)
+    monkeypatch.setattr(score_functional, "all_pairs_margin_ranking_reference", reached)
 
 
 def need_cpu_backend():
@@ -263,7 +264,7 @@ def test_labels_requiring_grad_get_none(backend):
 def op_args():
     scores, logits, labels = score_inputs()
     settings = torch.tensor([1.0, 0.3, 0.2, 0.5], dtype=torch.float64)
-    return dict(scores=scores, logits=logits, labels=labels, settings=settings, terms=glue.ALL_TERMS,
+    return dict(scores=scores, logits=logits, labels=labels, settings=settings, terms=score_layout.ALL_TERMS,
                 smooth_l1=False, ranking_sum=False)
 
 

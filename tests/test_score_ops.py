@@ -12,23 +12,25 @@ from test_score import make_inputs
 import fusedloss
 from fusedloss import backends
 from fusedloss import functional as F
-from fusedloss.ops import score as glue
+from fusedloss.score import config as score_config
+from fusedloss.score import functional as score_functional
+from fusedloss.score import layout as score_layout
 
 
 def ops_of(backend, device):
-    glue.forward_op(backends.resolve(backend, device))
+    score_functional.forward_op(backends.resolve(backend, device))
     namespace = torch.ops.fusedloss_triton if backend == "triton" else torch.ops.fusedloss
     return namespace.score_forward.default, namespace.score_backward.default
 
 
-@pytest.mark.parametrize("terms", [glue.ALL_TERMS, glue.RANKING_ONLY], ids=["all", "ranking"])
+@pytest.mark.parametrize("terms", [score_layout.ALL_TERMS, score_layout.RANKING_ONLY], ids=["all", "ranking"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(fused, dtype, terms):
     backend, device = fused
     forward, backward = ops_of(backend, device)
     scores, logits, labels = make_inputs(40, dtype, device)
-    settings = glue.ScoreConfig.build().settings().to(device)
-    logits = logits if terms == glue.ALL_TERMS else None
+    settings = score_config.ScoreConfig.build().settings().to(device)
+    logits = logits if terms == score_layout.ALL_TERMS else None
     for smooth_l1, ranking_sum in ((False, False), (True, True)):
         args = (scores, logits, labels, settings, terms, smooth_l1, ranking_sum)
         grad_args = (scores.clone().requires_grad_(), None if logits is None else logits.clone().requires_grad_())
@@ -152,7 +154,7 @@ def test_nonfinite_scores_never_crash_the_search(fused, monkeypatch):
     """check_finite=False with NaN and Inf among the scores: a non-finite result, no crash or hang."""
     backend, device = fused
     if backend == "triton":
-        import fusedloss.triton.score as triton_score
+        import fusedloss.score.triton as triton_score
 
         monkeypatch.setattr(triton_score, "ALL_PAIRS_MAX", 0)
     scores, logits, labels = make_inputs(2000, torch.float32, device)

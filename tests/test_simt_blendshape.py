@@ -1,5 +1,5 @@
-"""The blendshape CUDA kernels (csrc/cuda/blendshape.cu), run on CPU threads under ASan + UBSan
-(tests/simt), against fusedloss.reference: every computed term, the total, the column statistics
+"""The blendshape CUDA kernels (csrc/blendshape/blendshape.cu), run on CPU threads under ASan + UBSan
+(tests/simt), against the family's reference: every computed term, the total, the column statistics
 and the gradients of pred, target (through the importance weights too) and raw_pred.
 
 Each case launches the forward twice in two block orders (bitwise equal, arrival counter back to
@@ -22,8 +22,14 @@ from simt.harness import (
     workspace,
 )
 
-from fusedloss.ops.blendshape import SEED_001_GROUPS, BlendshapeConfig, computed_terms, landmark_gram, needs_col_stats
-from fusedloss.reference import blendshape_loss_reference
+from fusedloss.blendshape.config import (
+    SEED_001_GROUPS,
+    BlendshapeConfig,
+    computed_terms,
+    landmark_gram,
+)
+from fusedloss.blendshape.ops import needs_col_stats
+from fusedloss.blendshape.reference import blendshape_loss_reference
 
 pytestmark = pytest.mark.simt
 
@@ -40,7 +46,7 @@ def make_input(shape, dtype, g, layout):
 
 
 def strides3(x):
-    """(b, t, k) strides as csrc/blendshape.cpp's strides3: t stride 0 for [B, K]."""
+    """(b, t, k) strides as csrc/blendshape/blendshape.cpp's strides3: t stride 0 for [B, K]."""
     if x is None:
         return [0, 0, 0]
     return list(x.stride()) if x.dim() == 3 else [x.stride(0), 0, x.stride(1)]
@@ -67,7 +73,7 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
     matrix = torch.randn(J, K, generator=g, dtype=torch.float64).to(dtype) if "landmark" in names else None
     gram = landmark_gram(matrix).contiguous() if matrix is not None else None
     Tn = 1 if T is None else T
-    # As csrc/blendshape.cpp's cuda_inputs fills it.
+    # As csrc/blendshape/blendshape.cpp's cuda_inputs fills it.
     inputs = make(k.CudaInputs, pred=address(pred), target=address(target), raw_pred=address(raw_pred),
                   prev_pred=address(prev_pred), strides=[strides3(x) for x in (pred, target, raw_pred, prev_pred)],
                   settings=address(settings), group_coef=address(group_coef),

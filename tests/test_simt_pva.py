@@ -1,5 +1,5 @@
-"""The PVA CUDA kernels (csrc/cuda/pva.cu), run on CPU threads under ASan + UBSan (tests/simt),
-against fusedloss.reference: every term, the total and the gradient of every input.
+"""The PVA CUDA kernels (csrc/pva/pva.cu), run on CPU threads under ASan + UBSan (tests/simt),
+against the family's reference: every term, the total and the gradient of every input.
 
 Each case launches the forward twice in two block orders (bitwise equal, arrival counter back to
 0) and the backward once, through the host functions the torch dispatch calls, with inputs laid
@@ -21,8 +21,8 @@ from simt.harness import (
     workspace,
 )
 
-from fusedloss.ops.pva import DITTO_PARTS, PVAConfig
-from fusedloss.reference import pva_loss_reference
+from fusedloss.pva.config import DITTO_PARTS, PVAConfig
+from fusedloss.pva.reference import pva_loss_reference
 
 pytestmark = pytest.mark.simt
 
@@ -60,7 +60,7 @@ def check(B, L, D, dtype, loss_type="l2", last_frame=True, reg=True, dim_ws=True
     cond = layout(torch.randn(B, D, generator=g).to(dtype), pred_layout) if last_frame else None
     w = torch.rand(D, generator=g, dtype=torch.float64) + 0.5 if dim_ws else None
     table = config.part_table()
-    # As csrc/pva.cpp's cuda_inputs fills it.
+    # As csrc/pva/pva.cpp's cuda_inputs fills it.
     inputs = make(k.CudaInputs, pred=address(pred), target=address(target), pred_strides=pred.stride(),
                   target_strides=target.stride(), table=address(table), num_parts=table.shape[0], dim_ws=address(w),
                   B=B, L=L, D=D, dtype=dtype_of(pred),

@@ -1,5 +1,5 @@
-"""The score CUDA kernels (csrc/cuda/score.cu), run on CPU threads under ASan + UBSan
-(tests/simt), against fusedloss.reference: the three terms, the total, the signed pair counts
+"""The score CUDA kernels (csrc/score/score.cu), run on CPU threads under ASan + UBSan
+(tests/simt), against the family's reference: the three terms, the total, the signed pair counts
 (exactly, against the pair matrix), the ranking scale, the status bits and the gradients of
 scores and logits. Both forward paths run: all pairs in shared-memory tiles (B <= 2048) and the
 sorted one (keys kernel, CUB radix sort stood in for on the host, binary searches).
@@ -24,12 +24,18 @@ from simt.harness import (
     workspace,
 )
 
-from fusedloss.ops.score import ALL_TERMS, RANKING_ONLY, ScoreConfig, status_of
-from fusedloss.reference import all_pairs_margin_ranking_reference, score_loss_reference
+from fusedloss.score.config import ScoreConfig
+from fusedloss.score import layout as score_layout
+from fusedloss.score.layout import ALL_TERMS, RANKING_ONLY
+from fusedloss.score.ops import status_of
+from fusedloss.score.reference import (
+    all_pairs_margin_ranking_reference,
+    score_loss_reference,
+)
 
 pytestmark = pytest.mark.simt
 
-ALL_PAIRS_MAX = 2048  # csrc/cuda/score.cu kAllPairsMax: beyond, the forward sorts
+ALL_PAIRS_MAX = score_layout.ALL_PAIRS_MAX["cuda"]  # beyond, the CUDA forward sorts
 
 
 def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
@@ -78,7 +84,7 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
         scores[0] = torch.finfo(dtype).max
     config = ScoreConfig.build(regression_type="smoothl1" if smooth else "mse", margin=margin, reduction=reduction)
     settings = config.settings()
-    # As csrc/score.cpp's cuda_inputs fills it.
+    # As csrc/score/score.cpp's cuda_inputs fills it.
     inputs = make(k.CudaInputs, scores=address(scores), scores_stride=scores.stride(0), labels=address(lab),
                   labels_stride=lab.stride(0), labels_in_acc=lab.dtype != scores.dtype, logits=address(logits),
                   logits_strides=list(logits.stride()) if cls else [0, 0], settings=address(settings),

@@ -20,12 +20,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedloss.ops import blendshape as blendshape_glue  # noqa: E402
-from fusedloss.ops import pva as glue  # noqa: E402
-from fusedloss.ops import score as score_glue  # noqa: E402
-from fusedloss.triton import blendshape as triton_blendshape  # noqa: E402
-from fusedloss.triton import pva as triton_pva  # noqa: E402
-from fusedloss.triton import score as triton_score  # noqa: E402
+from fusedloss.blendshape import config as blendshape_config  # noqa: E402
+from fusedloss.blendshape import triton as triton_blendshape  # noqa: E402
+from fusedloss.pva import config as pva_config  # noqa: E402
+from fusedloss.pva import ops as pva_ops  # noqa: E402
+from fusedloss.pva import triton as triton_pva  # noqa: E402
+from fusedloss.score import config as score_config  # noqa: E402
+from fusedloss.score import layout as score_layout  # noqa: E402
+from fusedloss.score import triton as triton_score  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
@@ -89,14 +91,14 @@ def blendshape_kernels():
         [False, True],
     ):
         weights = dict(temporal_weight=0.2, landmark_weight=0.1, smoothing_weight=0.1, consistency_weight=0.1) if everything else {}
-        config = blendshape_glue.BlendshapeConfig.build(perceptual_groups=groups, **weights)
+        config = blendshape_config.BlendshapeConfig.build(perceptual_groups=groups, **weights)
         pred, target, raw, prev = (torch.rand(shape, dtype=dtype) for _ in range(4))
-        computed, _ = blendshape_glue.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
+        computed, _ = blendshape_config.computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), True, True)
         K = shape[-1]
-        gram = blendshape_glue.landmark_gram(matrix[:, :K]) if "landmark" in computed else None
+        gram = blendshape_config.landmark_gram(matrix[:, :K]) if "landmark" in computed else None
         args = (pred, target, raw if "smoothing" in computed else None, prev if "consistency" in computed else None,
                 config.settings(), config.group_coef() if groups else None, gram, 7 if gram is not None else 0,
-                blendshape_glue.term_mask(computed))
+                blendshape_config.term_mask(computed))
         terms, total, col_stats = forward(*args)
         grad_total = torch.ones((), dtype=total.dtype)
         backward(torch.zeros_like(grad_total).expand(terms.shape[0]), grad_total, col_stats, *args, [True, True, True])
@@ -108,14 +110,14 @@ def score_kernels():
     triton_score._all_pairs_tile = lambda device: (64, 128)  # a GPU launch's tile
     forward = triton_score.score_forward._opoverload
     backward = triton_score.score_backward._opoverload
-    settings = score_glue.ScoreConfig.build().settings()
+    settings = score_config.ScoreConfig.build().settings()
     # B: one score (a constant 1), the all-pairs forward, the sorted one; float32 labels with bfloat16 scores.
     for B, dtype, terms, flags in itertools.product(
         [1, 16, 100_000], [torch.float32, torch.float64, torch.float16, torch.bfloat16],
-        [score_glue.ALL_TERMS, score_glue.RANKING_ONLY], [(False, False), (True, True)],
+        [score_layout.ALL_TERMS, score_layout.RANKING_ONLY], [(False, False), (True, True)],
     ):
         scores = torch.rand(B, 2, dtype=dtype)[:, 0]
-        logits = torch.randn(B, 2, dtype=dtype) if terms == score_glue.ALL_TERMS else None
+        logits = torch.randn(B, 2, dtype=dtype) if terms == score_layout.ALL_TERMS else None
         labels = torch.rand(B, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
         args = (scores, logits, labels, settings, terms, *flags)
         out_terms, total, counts, rank_scale, _ = forward(*args)
@@ -136,7 +138,7 @@ def pva_kernels():
     for (B, L, D), dtype, flags in itertools.product(shapes, dtypes, [(True, True, True, True), (False, False, False, False)]):
         l1, last, reg, weighted = flags
         parts = {"all": (0, D, 1.0)} if D < 5 else {"a": (0, 3, 1.0), "b": (2, 0, 2.0)}
-        config = glue.PVAConfig.build(parts, last, reg, "l1" if l1 else "l2")
+        config = pva_config.PVAConfig.build(parts, last, reg, "l1" if l1 else "l2")
         pred = torch.randn(B, D, L, dtype=dtype).transpose(1, 2) if B == 3 else torch.randn(B, L, D, dtype=dtype)
         target = torch.randn(B, L, D, dtype=dtype)
         cond = torch.randn(B, D, dtype=dtype) if last else None
@@ -144,8 +146,8 @@ def pva_kernels():
         dim_ws = torch.rand(D, dtype=torch.float64) if weighted else None
         args = (pred, target, cond, table, dim_ws, config.loss_type, last, reg)
         forward(*args)
-        T = table.shape[0] * glue.terms_per_part(last, reg)
-        grad_total = torch.ones((), dtype=glue.acc_dtype(dtype))
+        T = table.shape[0] * pva_ops.terms_per_part(last, reg)
+        grad_total = torch.ones((), dtype=pva_ops.acc_dtype(dtype))
         for mask in ([True, True, True], [True, False, False], [False, True, False]):
             backward(torch.zeros_like(grad_total).expand(T), grad_total, *args, mask)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..modules import BlendshapeLoss
-from ..ops.blendshape import SEED_001_GROUPS
+from ..blendshape import BlendshapeLoss
+from ..blendshape.config import SEED_001_GROUPS
 from . import Case
 
 # (label, shape, loss arguments)

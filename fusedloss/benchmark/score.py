@@ -18,10 +18,9 @@ inactive there; it is a timing baseline, not an oracle.)
 from __future__ import annotations
 
 import torch
-
 import torch.nn.functional as F
 
-from ..modules import CombinedLoss
+from ..score import CombinedLoss
 from . import Case
 
 BATCHES = (16, 256, 4096, 65536, 1_000_000)

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import backends
-from ..modules import BlendshapeLoss, CombinedLoss, PVALoss
-from ..ops.blendshape import SEED_001_GROUPS
+from .. import BlendshapeLoss, CombinedLoss, PVALoss, backends
+from ..blendshape.config import SEED_001_GROUPS
 from . import device_name, file_stem
 
 

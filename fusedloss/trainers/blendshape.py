@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules import BlendshapeLoss
+from ..blendshape import BlendshapeLoss
 from . import data
 from .engine import Task, TrainConfig
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from ..modules import PVALoss
+from ..pva import PVALoss
 from . import data
 from .engine import Task, TrainConfig
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules import CombinedLoss
+from ..score import CombinedLoss
 from . import data
 from .engine import Task, TrainConfig
 

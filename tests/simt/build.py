@@ -1,6 +1,6 @@
 """Compile the project's CUDA kernels for the CPU (simt_cuda.h), with sanitizers.
 
-Each ``csrc/cuda/*.cu`` file is compiled as C++ exactly as it is, with ``simt_cuda.h``
+Each ``csrc/<family>/*.cu`` file is compiled as C++ exactly as it is, with ``simt_cuda.h``
 force-included and ``-DFUSEDLOSS_SIMT``, and linked into:
 
 - ``kernels_module("asan")``: the Python module ``simt_kernels`` (``kernels.cpp``, pybind11), under
@@ -47,7 +47,7 @@ def csrc() -> Path:
 
 
 def cuda_sources() -> list[Path]:
-    return sorted((csrc() / "cuda").glob("*.cu"))
+    return sorted(csrc().glob("*/*.cu"))
 
 
 def build_dir() -> Path:
@@ -102,7 +102,7 @@ def _flags(variant: str) -> list[str]:
 
 def _includes(extra: list[Path]) -> list[str]:
     # simt first: its cub/ stands in for CUDA's CUB.
-    dirs = [SIMT, csrc() / "cuda", csrc(), cuda_include(), *extra]
+    dirs = [SIMT, csrc(), cuda_include(), *extra]
     return [f"-I{d}" for d in dirs]
 
 
@@ -117,7 +117,7 @@ def _headers_digest() -> str:
     for folder in (csrc(), SIMT):
         for path in sorted(folder.rglob("*")):
             if path.suffix in (".h", ".cuh", ".hpp") and path.is_file():
-                h.update(path.name.encode() + b"\0" + path.read_bytes())
+                h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 

@@ -1,4 +1,4 @@
-// simt_kernels: the host launch functions of csrc/cuda/*.cu, running on the CPU (simt_cuda.h),
+// simt_kernels: the host launch functions of csrc/<family>/<family>.cu, running on the CPU (simt_cuda.h),
 // for Python tests. Each family's structs (CudaInputs, CudaGradients, ...) are bound field by
 // field with the names they have in C++, so Python fills exactly what the torch dispatch code
 // (csrc/<family>.cpp, cuda_inputs) fills; pointers are passed as addresses (tensor.data_ptr()).
@@ -9,9 +9,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "blendshape_cuda.h"
-#include "pva_cuda.h"
-#include "score_cuda.h"
+#include "blendshape/blendshape_cuda.h"
+#include "pva/pva_cuda.h"
+#include "score/score_cuda.h"
 
 namespace py = pybind11;
 using namespace fusedloss;

@@ -15,9 +15,9 @@
 #include <string>
 #include <vector>
 
-#include "blendshape_cuda.h"
-#include "pva_cuda.h"
-#include "score_cuda.h"
+#include "blendshape/blendshape_cuda.h"
+#include "pva/pva_cuda.h"
+#include "score/score_cuda.h"
 
 using namespace fusedloss;
 

@@ -1,0 +1,440 @@
+// Blendshape loss CUDA kernels. The math (sums, counts, gradients) is blendshape_math.h's.
+//
+// Layout: inputs viewed as [B, T, K]. A block owns a tile of SB batch rows x ST time rows x all K
+// columns (at most kTile elements, kPerThread per thread, element i of the tile fixed to a thread),
+// and walks down the batch in steps of SB rows for its block of ST time rows. A thread therefore
+// keeps the column sums (over b) of its elements in registers, and a whole row's e is in the block
+// for the landmark term e^T G e (through shared memory).
+//
+// forward:  each block writes its partial sums and column sums; the last block to finish (atomic
+//           ticket) reduces them in block order (deterministic): terms, weighted total, and the
+//           column statistics (importance weights w = target.mean(0), sum_b e^2). One launch.
+// backward: each block computes the gradient coefficients, then writes d/dpred, d/dtarget (with
+//           the path through w) and d/draw_pred of its elements. One launch.
+#include <algorithm>
+
+#include "blendshape_cuda.h"
+#include "../common/cuda_helpers.cuh"
+
+namespace fusedloss {
+namespace blendshape {
+namespace {
+
+using cuda::AccOf;
+using cuda::block_sum;
+using cuda::from_acc;
+using cuda::to_acc;
+using cuda::warp_sum;
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 8;
+constexpr int kTile = kThreads * kPerThread;  // elements of a tile: SB x ST x K
+constexpr int kPartials = 16;                 // per block: the kNumSums sums, the weighted sum, padding
+constexpr int kWeighted = kNumSums;
+constexpr int64_t kColumnPartialsMax = int64_t(1) << 17;
+static_assert(kNumSums + 1 <= kPartials, "partials row too short");
+
+struct Tile {
+  int ST, SB;  // time rows and batch rows of a tile
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ typename AccOf<scalar_t>::type load(const void* x, const int64_t* s, int64_t b, int64_t t,
+                                                               int64_t k) {
+  return to_acc(static_cast<const scalar_t*>(x)[b * s[0] + t * s[1] + k * s[2]]);
+}
+
+// The threshold rounded to the inputs' dtype (double -> float -> dtype, as PyTorch compares a tensor
+// with a Python float); blendshape_math.h's threshold_as, with the conversions torch's CUDA flags allow.
+template <typename scalar_t>
+__device__ __forceinline__ typename AccOf<scalar_t>::type threshold(double value) {
+  if constexpr (sizeof(scalar_t) == 8) return value;
+  else return to_acc(from_acc<scalar_t>(static_cast<float>(value)));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sign_of(acc_t x) {
+  return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0));
+}
+
+// This block's time rows: the first, and the tile's columns (t, k) and elements per batch step.
+struct BlockTile {
+  int64_t t0;
+  int tile_cols, n;
+};
+__device__ __forceinline__ BlockTile block_tile(const Problem& pb, const Tile& tile) {
+  BlockTile bt;
+  bt.t0 = int64_t(blockIdx.x) * tile.ST;
+  bt.tile_cols = static_cast<int>((tile.ST < pb.T - bt.t0 ? tile.ST : pb.T - bt.t0) * pb.K);
+  bt.n = tile.SB * bt.tile_cols;
+  return bt;
+}
+
+// Element i of a step: batch row, time row and column of the tile; false past the tile or batch.
+struct Element {
+  int64_t b, t, k;
+  int c;  // column (t - t0, k) of the tile: c = (t - t0) * K + k
+  bool ok;
+};
+__device__ __forceinline__ Element element(int idx, int n, int tile_cols, int64_t K, int64_t b0, int64_t t0, int64_t B) {
+  Element el{};
+  if (idx >= n) return el;
+  const int sb = idx / tile_cols;
+  el.c = idx % tile_cols;
+  el.k = el.c % K;
+  el.t = t0 + el.c / K;
+  el.b = b0 + sb;
+  el.ok = el.b < B;
+  return el;
+}
+
+// (G e)[k] of element idx's row, e of the step in shared memory (row starts at idx - k).
+template <typename acc_t>
+__device__ __forceinline__ acc_t gram_row(const double* gram, const acc_t* e_s, int idx, int64_t k, int64_t K) {
+  const acc_t* row = e_s + (idx - k);
+  const double* g = gram + k * K;
+  acc_t v = 0;
+  for (int64_t j = 0; j < K; ++j) v += static_cast<acc_t>(__ldg(g + j)) * row[j];
+  return v;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<scalar_t>::type* __restrict__ terms,
+                          typename AccOf<scalar_t>::type* __restrict__ total,
+                          typename AccOf<scalar_t>::type* __restrict__ col_stats, unsigned int* __restrict__ counter,
+                          typename AccOf<scalar_t>::type* __restrict__ partials,
+                          typename AccOf<scalar_t>::type* __restrict__ colpart) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Problem& pb = in.problem;
+  const int64_t B = pb.B, T = pb.T, K = pb.K, C = T * K;
+  const int tid = threadIdx.x;
+  const BlockTile bt = block_tile(pb, tile);
+  const int64_t t0 = bt.t0;
+  const int tile_cols = bt.tile_cols, n = bt.n;
+  const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
+  const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
+  const bool landmark = has(pb.terms, kLandmark);
+  const acc_t thr = threshold<scalar_t>(in.settings[kThreshold]);
+  FL_SHARED(acc_t, e_s, [kTile]);
+  FL_SHARED(acc_t, scratch, [kThreads / 32]);
+  FL_SHARED(acc_t, final_sums, [kPartials]);
+  FL_SHARED(bool, is_last);
+
+  acc_t sums[kNumSums] = {};
+  acc_t colT[kPerThread] = {}, colS2[kPerThread] = {};
+  for (int64_t b0 = int64_t(blockIdx.y) * tile.SB; b0 < B; b0 += int64_t(gridDim.y) * tile.SB) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int idx = tid + i * kThreads;
+      const Element el = element(idx, n, tile_cols, K, b0, t0, B);
+      acc_t e = 0;
+      if (el.ok) {
+        const acc_t p = load<scalar_t>(in.pred, in.strides[0], el.b, el.t, el.k);
+        const acc_t q = load<scalar_t>(in.target, in.strides[1], el.b, el.t, el.k);
+        e = p - q;
+        sums[kSqErr] += e * e;
+        sums[kAbsErr] += fabs(e);
+        sums[kActive] += acc_t((p > thr) != (q > thr));
+        if (groups && el.k < in.group_len) sums[kGroupSq] += static_cast<acc_t>(in.group_coef[el.k]) * e * e;
+        if (cols) {
+          colT[i] += q;
+          colS2[i] += e * e;
+        }
+        if (has(pb.terms, kTemporal) && el.t + 1 < T) {
+          const acc_t e1 = load<scalar_t>(in.pred, in.strides[0], el.b, el.t + 1, el.k) -
+                           load<scalar_t>(in.target, in.strides[1], el.b, el.t + 1, el.k);
+          sums[kTemporalSq] += (e1 - e) * (e1 - e);
+        }
+        if (has(pb.terms, kSmoothing)) sums[kSmoothAbs] += fabs(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
+        if (has(pb.terms, kConsistency)) {
+          const acc_t d = p - load<scalar_t>(in.prev_pred, in.strides[3], el.b, el.t, el.k);
+          sums[kConsistencySq] += d * d;
+        }
+      }
+      if (landmark && idx < n) e_s[idx] = e;  // 0 past the batch
+    }
+    if (landmark) {
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int idx = tid + i * kThreads;
+        const Element el = element(idx, n, tile_cols, K, b0, t0, B);
+        if (el.ok) sums[kLandmarkSq] += e_s[idx] * gram_row(in.gram, e_s, idx, el.k, K);
+      }
+      __syncthreads();
+    }
+  }
+
+  // Column sums of the tile: combine the batch rows of the tile (in order), then finish the columns
+  // here when this block is the only one over them, else leave them to the last block.
+  const int64_t block = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  const int64_t nblocks = int64_t(gridDim.x) * gridDim.y;
+  const bool single_group = gridDim.y == 1;
+  acc_t weighted = 0;
+  if (cols) {
+    acc_t ct[kPerThread] = {}, cs[kPerThread] = {};
+    for (int pass = 0; pass < 2; ++pass) {
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i)
+        if (tid + i * kThreads < n) e_s[tid + i * kThreads] = pass == 0 ? colT[i] : colS2[i];
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int c = tid + j * kThreads;
+        if (c >= tile_cols) continue;
+        acc_t v = 0;
+        for (int sb = 0; sb < tile.SB; ++sb) v += e_s[sb * tile_cols + c];
+        if (pass == 0) ct[j] = v;
+        else cs[j] = v;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int c = tid + j * kThreads;
+      if (c >= tile_cols) continue;
+      const int64_t column = t0 * K + c;
+      if (single_group) {
+        const acc_t w = B > 0 ? ct[j] / static_cast<acc_t>(B) : acc_t(0);
+        col_stats[column] = w;
+        col_stats[C + column] = cs[j];
+        weighted += w * w * cs[j];
+      } else {
+        acc_t* part = colpart + int64_t(blockIdx.y) * 2 * C;
+        part[column] = ct[j];
+        part[C + column] = cs[j];
+      }
+    }
+  }
+  __syncthreads();
+  for (int s = 0; s < kNumSums; ++s) {
+    const acc_t v = block_sum(sums[s], scratch);
+    if (tid == 0) partials[block * kPartials + s] = v;
+  }
+  {
+    const acc_t v = block_sum(weighted, scratch);
+    if (tid == 0) partials[block * kPartials + kWeighted] = v;
+  }
+
+  // The last block to arrive reduces the partials of all blocks, in block order.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(counter, 1u) == static_cast<unsigned int>(nblocks - 1);
+  __syncthreads();
+  if (!is_last) return;
+  if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch
+  __threadfence();
+  const int warp = tid / 32, lane = tid % 32;
+  for (int s = warp; s <= kWeighted; s += kThreads / 32) {
+    acc_t v = 0;
+    for (int64_t blk = lane; blk < nblocks; blk += 32) v += __ldcg(partials + blk * kPartials + s);
+    v = warp_sum(v);
+    if (lane == 0) final_sums[s] = v;
+  }
+  __syncthreads();
+  if (cols && !single_group) {
+    // Each column summed over the batch groups in a fixed order: a warp per column (lanes over the
+    // groups) when there are many groups, else a thread per column.
+    const int64_t groups = gridDim.y;
+    const acc_t inv_B = B > 0 ? acc_t(1) / static_cast<acc_t>(B) : acc_t(0);
+    acc_t local = 0;
+    if (groups >= 32) {
+      for (int64_t c = warp; c < C; c += kThreads / 32) {
+        acc_t ct = 0, cs = 0;
+        for (int64_t g = lane; g < groups; g += 32) {
+          ct += __ldcg(colpart + g * 2 * C + c);
+          cs += __ldcg(colpart + g * 2 * C + C + c);
+        }
+        ct = warp_sum(ct);
+        cs = warp_sum(cs);
+        if (lane == 0) {
+          const acc_t w = ct * inv_B;
+          col_stats[c] = w;
+          col_stats[C + c] = cs;
+          local += w * w * cs;
+        }
+      }
+    } else {
+      for (int64_t c = tid; c < C; c += kThreads) {
+        acc_t ct = 0, cs = 0;
+        for (int64_t g = 0; g < groups; ++g) {
+          ct += __ldcg(colpart + g * 2 * C + c);
+          cs += __ldcg(colpart + g * 2 * C + C + c);
+        }
+        const acc_t w = ct * inv_B;
+        col_stats[c] = w;
+        col_stats[C + c] = cs;
+        local += w * w * cs;
+      }
+    }
+    const acc_t v = block_sum(local, scratch);
+    if (tid == 0) final_sums[kWeighted] = v;
+    __syncthreads();
+  }
+  if (tid == 0) {
+    acc_t sum = 0;
+    for (int term = 0; term < kNumTerms; ++term) {
+      if (!has(pb.terms, term)) continue;
+      const acc_t value = term_value<acc_t>(pb, term, final_sums, final_sums[kWeighted]);
+      terms[term_index(pb.terms, term)] = value;
+      sum += static_cast<acc_t>(in.settings[term]) * value;
+    }
+    *total = sum;
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const Tile tile) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Problem& pb = in.problem;
+  const int64_t B = pb.B, T = pb.T, K = pb.K, C = T * K;
+  const int tid = threadIdx.x;
+  const BlockTile bt = block_tile(pb, tile);
+  const int64_t t0 = bt.t0;
+  const int tile_cols = bt.tile_cols, n = bt.n;
+  const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
+  const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
+  const bool landmark = has(pb.terms, kLandmark);
+  FL_SHARED(acc_t, e_s, [kTile]);
+
+  const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
+  const acc_t g_total = out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);
+  const int64_t gs = out.grad_terms_stride;
+  const acc_t c_mse = grad_coefficient<acc_t>(pb, kMse, g, gs, g_total, in.settings);
+  const acc_t c_l1 = grad_coefficient<acc_t>(pb, kL1, g, gs, g_total, in.settings);
+  const acc_t c_perc = grad_coefficient<acc_t>(pb, kPerceptual, g, gs, g_total, in.settings);
+  const acc_t c_temporal = grad_coefficient<acc_t>(pb, kTemporal, g, gs, g_total, in.settings);
+  const acc_t c_landmark = grad_coefficient<acc_t>(pb, kLandmark, g, gs, g_total, in.settings);
+  const acc_t c_smooth = grad_coefficient<acc_t>(pb, kSmoothing, g, gs, g_total, in.settings);
+  const acc_t c_cons = grad_coefficient<acc_t>(pb, kConsistency, g, gs, g_total, in.settings);
+  const acc_t* w_col = static_cast<const acc_t*>(out.col_stats);
+  scalar_t* grad_pred = static_cast<scalar_t*>(out.grad_pred);
+  scalar_t* grad_target = static_cast<scalar_t*>(out.grad_target);
+  scalar_t* grad_raw = static_cast<scalar_t*>(out.grad_raw);
+
+  for (int64_t b0 = int64_t(blockIdx.y) * tile.SB; b0 < B; b0 += int64_t(gridDim.y) * tile.SB) {
+    if (landmark) {  // this step's e, for the rows' G e
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int idx = tid + i * kThreads;
+        const Element el = element(idx, n, tile_cols, K, b0, t0, B);
+        if (idx < n)
+          e_s[idx] = el.ok ? load<scalar_t>(in.pred, in.strides[0], el.b, el.t, el.k) -
+                                 load<scalar_t>(in.target, in.strides[1], el.b, el.t, el.k)
+                           : acc_t(0);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int idx = tid + i * kThreads;
+      const Element el = element(idx, n, tile_cols, K, b0, t0, B);
+      if (!el.ok) continue;
+      const acc_t p = load<scalar_t>(in.pred, in.strides[0], el.b, el.t, el.k);
+      const acc_t e = p - load<scalar_t>(in.target, in.strides[1], el.b, el.t, el.k);
+      const int64_t column = el.t * K + el.k;
+      acc_t ge = acc_t(2) * c_mse * e + c_l1 * sign_of(e);
+      if (groups) ge += acc_t(2) * c_perc * (el.k < in.group_len ? static_cast<acc_t>(in.group_coef[el.k]) : acc_t(0)) * e;
+      if (cols) ge += acc_t(2) * c_perc * w_col[column] * w_col[column] * e;
+      if (has(pb.terms, kTemporal)) {
+        if (el.t >= 1)
+          ge += acc_t(2) * c_temporal * (e - (load<scalar_t>(in.pred, in.strides[0], el.b, el.t - 1, el.k) -
+                                               load<scalar_t>(in.target, in.strides[1], el.b, el.t - 1, el.k)));
+        if (el.t + 1 < T)
+          ge -= acc_t(2) * c_temporal * ((load<scalar_t>(in.pred, in.strides[0], el.b, el.t + 1, el.k) -
+                                          load<scalar_t>(in.target, in.strides[1], el.b, el.t + 1, el.k)) - e);
+      }
+      if (landmark) ge += acc_t(2) * c_landmark * gram_row(in.gram, e_s, idx, el.k, K);
+      const int64_t at = (el.b * T + el.t) * K + el.k;
+      if (grad_target) {
+        acc_t gq = -ge;
+        if (cols) gq += acc_t(2) * c_perc * w_col[column] * w_col[C + column] / static_cast<acc_t>(B);  // B > 0 here
+        grad_target[at] = from_acc<scalar_t>(gq);
+      }
+      acc_t gp = ge;
+      if (has(pb.terms, kSmoothing)) {
+        const acc_t s = c_smooth * sign_of(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
+        gp += s;
+        if (grad_raw) grad_raw[at] = from_acc<scalar_t>(-s);
+      }
+      if (has(pb.terms, kConsistency))
+        gp += acc_t(2) * c_cons * (p - load<scalar_t>(in.prev_pred, in.strides[3], el.b, el.t, el.k));
+      if (grad_pred) grad_pred[at] = from_acc<scalar_t>(gp);
+    }
+    if (landmark) __syncthreads();
+  }
+}
+
+size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
+
+// As many time rows as fit, but short enough tiles for one per SM when T is long; then batch rows.
+Tile tile_for(const Problem& pb) {
+  Tile t;
+  int64_t st = std::max<int64_t>(1, std::min<int64_t>(pb.T, kTile / pb.K));
+  const int64_t sms = cuda::sm_count();
+  while (st > 1 && (pb.T + st - 1) / st < sms) st = (st + 1) / 2;
+  t.ST = static_cast<int>(st);
+  t.SB = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(pb.B, 1), kTile / (st * pb.K))));
+  return t;
+}
+
+// (time blocks, batch groups): about per_sm blocks per SM; few batch groups when the column
+// sums of several must be combined by the last block.
+dim3 grid_for(const CudaInputs& in, const Tile& tile, int per_sm, bool forward) {
+  const Problem& pb = in.problem;
+  const int64_t t_blocks = (pb.T + tile.ST - 1) / tile.ST;
+  int64_t groups = std::max<int64_t>(1, (pb.B + tile.SB - 1) / tile.SB);
+  groups = std::min<int64_t>({groups, std::max<int64_t>(1, per_sm * cuda::sm_count() / t_blocks), 65535});
+  if (forward && has(pb.terms, kPerceptual) && !pb.group_form && groups > 1)
+    groups = std::max<int64_t>(1, std::min<int64_t>(groups, kColumnPartialsMax / (2 * pb.T * pb.K)));
+  return dim3(static_cast<unsigned>(t_blocks), static_cast<unsigned>(groups));
+}
+
+}  // namespace
+
+size_t forward_workspace_bytes(const CudaInputs& in) {
+  const Problem& pb = in.problem;
+  const dim3 grid = grid_for(in, tile_for(pb), 4, true);
+  const size_t acc = acc_size(in.dtype);
+  const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
+  const size_t columns = cols && grid.y > 1 ? size_t(grid.y) * 2 * pb.T * pb.K : 0;
+  return size_t(grid.x) * grid.y * kPartials * acc + columns * acc;
+}
+
+template <typename scalar_t>
+cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void* col_stats, void* workspace,
+                           void* counter, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Tile tile = tile_for(in.problem);
+  const dim3 grid = grid_for(in, tile, 4, true);
+  auto* partials = static_cast<acc_t*>(workspace);
+  acc_t* colpart = partials + size_t(grid.x) * grid.y * kPartials;
+  return cuda::launch(blendshape_forward_kernel<scalar_t>, grid, dim3(kThreads), stream, in, tile,
+                      static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<acc_t*>(col_stats),
+                      static_cast<unsigned int*>(counter), partials, colpart);
+}
+
+template <typename scalar_t>
+cudaError_t launch_backward(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
+  const Tile tile = tile_for(in.problem);
+  return cuda::launch(blendshape_backward_kernel<scalar_t>, grid_for(in, tile, 4, false), dim3(kThreads), stream, in,
+                      out, tile);
+}
+
+cudaError_t forward_cuda(const CudaInputs& in, void* terms, void* total, void* col_stats, void* workspace,
+                         void* counter, cudaStream_t stream) {
+  if (in.problem.K > kTile) return cudaErrorInvalidValue;  // checked (with a message) by the caller
+  return cuda::dispatch(in.dtype, [&](auto element) {
+    return launch_forward<decltype(element)>(in, terms, total, col_stats, workspace, counter, stream);
+  });
+}
+
+cudaError_t backward_cuda(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
+  if (in.problem.K > kTile) return cudaErrorInvalidValue;
+  return cuda::dispatch(in.dtype, [&](auto element) { return launch_backward<decltype(element)>(in, out, stream); });
+}
+
+}  // namespace blendshape
+}  // namespace fusedloss

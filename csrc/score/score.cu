@@ -1,0 +1,287 @@
+// Score loss CUDA kernels. The math (terms, pair activity, searches) is score_math.h's.
+//
+// forward, up to kAllPairsMax scores: one launch. A thread owns a score; the block walks over all
+//           scores in shared-memory tiles and counts the active partners of each thread's score.
+// forward, beyond: a keys kernel writes the two sort rows [2, B] (reals: the score, or +inf for a
+//           fake; fakes: the score, or -inf for a real), two CUB radix sorts order them, and one
+//           launch counts each score's active partners by binary search in the opposite row (the
+//           infinities are never active, so they are never counted).
+//           In both, each block writes its partial sums; the last block to finish (atomic ticket)
+//           reduces them in a fixed order (deterministic) into the terms, the total, the ranking's
+//           gradient scale and the status.
+// backward: one elementwise launch from the stored signed counts.
+#include <cub/device/device_radix_sort.cuh>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../common/cuda_helpers.cuh"
+#include "score_cuda.h"
+
+namespace fusedloss {
+namespace score {
+namespace {
+
+using cuda::AccOf;
+using cuda::block_sum;
+using cuda::from_acc;
+using cuda::to_acc;
+using cuda::warp_sum;
+
+constexpr int kThreads = 256;
+constexpr int64_t kAllPairsMax = 2048;  // an estimate, to be tuned on a GPU
+// Per-block partial sums (double): regression, classification, ranking, reals, bad scores, bad logits.
+enum Partial : int { kRegSum, kClsSum, kRankSum, kReals, kBadScores, kBadLogits, kNumPartials };
+
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type load(const void* x, int64_t i) {
+  return to_acc(static_cast<const T*>(x)[i]);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t infinity() {
+  return acc_t(INFINITY);
+}
+
+int forward_blocks(const Problem& pb, bool sorted) {
+  const int64_t blocks = (pb.B + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, sorted ? std::min<int64_t>(blocks, 4 * cuda::sm_count()) : blocks));
+}
+
+bool uses_sort(const Problem& pb) { return has(pb.terms, kRanking) && pb.B > kAllPairsMax; }
+
+size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+template <typename acc_t>
+size_t sort_temp_bytes(int64_t B) {
+  size_t bytes = 0;
+  cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+                                 static_cast<int>(B));
+  return bytes;
+}
+
+// The sort rows: keys[0, B) the real scores (+inf for fakes), keys[B, 2B) the fake scores (-inf for reals).
+template <typename scalar_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) score_keys_kernel(CudaInputs in, typename AccOf<scalar_t>::type* keys) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t B = in.problem.B;
+  for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
+    const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
+    const bool real = is_real(load<label_t>(in.labels, k * in.labels_stride));
+    keys[k] = real ? s : infinity<acc_t>();
+    keys[B + k] = real ? -infinity<acc_t>() : s;
+  }
+}
+
+template <typename scalar_t, typename label_t, bool kSorted>
+__global__ void __launch_bounds__(kThreads)
+    score_forward_kernel(CudaInputs in, CudaOutputs out, const typename AccOf<scalar_t>::type* __restrict__ sorted,
+                         double* __restrict__ partials, unsigned int* __restrict__ counter) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  FL_SHARED(acc_t, tile_score, [kThreads]);
+  FL_SHARED(bool, tile_real, [kThreads]);
+  FL_SHARED(double, scratch, [kThreads / 32]);
+  FL_SHARED(double, final_sums, [kNumPartials]);
+  FL_SHARED(bool, is_last);
+  const Problem pb = in.problem;
+  const int64_t B = pb.B;
+  const int tid = threadIdx.x;
+  const bool rank = has(pb.terms, kRanking), cls = has(pb.terms, kClassification);
+  const acc_t margin = static_cast<acc_t>(in.settings[kMargin]);
+  double sums[kNumPartials] = {};
+  // Every thread of a block runs the same rounds (the all-pairs tiles synchronise the block).
+  for (int64_t base = blockIdx.x * int64_t(kThreads); base < B; base += int64_t(gridDim.x) * kThreads) {
+    const int64_t k = base + tid;
+    const bool ok = k < B;
+    acc_t s = 0, y = 0;
+    if (ok) {
+      s = load<scalar_t>(in.scores, k * in.scores_stride);
+      y = load<label_t>(in.labels, k * in.labels_stride);
+    }
+    const bool real = is_real(y);
+    if (rank) {
+      int64_t n = 0;
+      if constexpr (kSorted) {
+        if (ok) n = real ? active_fakes(margin, s, sorted + B, B) : active_reals(margin, s, sorted, B);
+      } else {
+        for (int64_t t0 = 0; t0 < B; t0 += kThreads) {
+          __syncthreads();
+          if (t0 + tid < B) {
+            tile_score[tid] = load<scalar_t>(in.scores, (t0 + tid) * in.scores_stride);
+            tile_real[tid] = is_real(load<label_t>(in.labels, (t0 + tid) * in.labels_stride));
+          }
+          __syncthreads();
+          const int len = static_cast<int>(B - t0 < kThreads ? B - t0 : kThreads);
+          int count = 0;
+#pragma unroll 8
+          for (int i = 0; i < len; ++i) {
+            const acc_t other = tile_score[i];
+            count += tile_real[i] != real && (real ? active(margin, s, other) : active(margin, other, s));
+          }
+          n += count;
+        }
+      }
+      if (ok) {
+        const int64_t signed_count = real ? -n : n;
+        out.counts[k] = static_cast<int32_t>(signed_count);
+        sums[kRankSum] += ranking_share(signed_count, static_cast<double>(margin), static_cast<double>(s));
+      }
+    }
+    if (!ok) continue;
+    sums[kReals] += real;
+    sums[kBadScores] += !isfinite(s);
+    sums[kRegSum] += regression_value(s - y, pb.smooth_l1);
+    if (cls) {
+      const int64_t at = k * in.logits_strides[0];
+      const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);
+      sums[kBadLogits] += !(isfinite(l0) && isfinite(l1));
+      sums[kClsSum] += cross_entropy(l0, l1, real);
+    }
+  }
+  for (int i = 0; i < kNumPartials; ++i) {
+    const double v = block_sum(sums[i], scratch);
+    if (tid == 0) partials[blockIdx.x * kNumPartials + i] = v;
+  }
+
+  // The last block to arrive reduces the partials of all blocks, in a fixed order.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch
+  __threadfence();
+  const int warp = tid / 32, lane = tid % 32;
+  for (int i = warp; i < kNumPartials; i += kThreads / 32) {
+    double v = 0;
+    for (int blk = lane; blk < static_cast<int>(gridDim.x); blk += 32) v += __ldcg(partials + blk * kNumPartials + i);
+    v = warp_sum(v);
+    if (lane == 0) final_sums[i] = v;
+  }
+  __syncthreads();
+  if (tid != 0) return;
+  const double reals = final_sums[kReals], pairs = reals * (double(B) - reals);
+  const double scale = pb.ranking_sum ? 1.0 : (pairs > 0 ? 1.0 / pairs : 0.0);
+  const double inv_B = B > 0 ? 1.0 / double(B) : 0.0;
+  const acc_t values[kNumTerms] = {
+      has(pb.terms, kRegression) ? static_cast<acc_t>(final_sums[kRegSum] * inv_B) : acc_t(0),
+      cls ? static_cast<acc_t>(final_sums[kClsSum] * inv_B) : acc_t(0),
+      rank ? static_cast<acc_t>(final_sums[kRankSum] * scale) : acc_t(0)};
+  acc_t weighted = 0;
+  for (int t = 0; t < kNumTerms; ++t) {
+    static_cast<acc_t*>(out.terms)[t] = values[t];
+    if (has(pb.terms, t)) weighted += static_cast<acc_t>(in.settings[t]) * values[t];
+  }
+  *static_cast<acc_t*>(out.total) = weighted;
+  *out.rank_scale = scale;
+  *out.status = (final_sums[kBadScores] > 0 ? kScoresNotFinite : 0) |
+                (final_sums[kBadLogits] > 0 ? kLogitsNotFinite : 0) | (isfinite(weighted) ? 0 : kTotalNotFinite);
+}
+
+template <typename scalar_t, typename label_t>
+__global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in, CudaGradients g) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Problem pb = in.problem;
+  const int64_t B = pb.B;
+  // d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the term's count.
+  // A null gradient reads as 0.
+  const acc_t g_total = g.grad_total != nullptr ? *static_cast<const acc_t*>(g.grad_total) : acc_t(0);
+  const acc_t* gt = static_cast<const acc_t*>(g.grad_terms);
+  auto coef = [&](int t) {
+    return (gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0)) + static_cast<acc_t>(in.settings[t]) * g_total;
+  };
+  const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
+  const acc_t c_reg = has(pb.terms, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
+  const acc_t c_cls = has(pb.terms, kClassification) ? coef(kClassification) * inv_B : acc_t(0);
+  const acc_t c_rank = g.counts ? static_cast<acc_t>(static_cast<double>(coef(kRanking)) * *g.rank_scale) : acc_t(0);
+  auto* gs = static_cast<scalar_t*>(g.grad_scores);
+  auto* gl = static_cast<scalar_t*>(g.grad_logits);
+  for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
+    const acc_t y = load<label_t>(in.labels, k * in.labels_stride);
+    if (gs) {
+      const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
+      acc_t grad = c_reg * regression_grad(s - y, pb.smooth_l1);
+      if (g.counts) grad += c_rank * static_cast<acc_t>(g.counts[k]);
+      gs[k] = from_acc<scalar_t>(grad);
+    }
+    if (gl) {
+      // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
+      const int64_t at = k * in.logits_strides[0];
+      const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);
+      const bool real = is_real(y);
+      const acc_t g_other = c_cls * sigmoid(real ? l0 - l1 : l1 - l0);
+      gl[2 * k] = from_acc<scalar_t>(real ? g_other : -g_other);
+      gl[2 * k + 1] = from_acc<scalar_t>(real ? -g_other : g_other);
+    }
+  }
+}
+
+// f(scalar_t{}, label_t{}): labels are in scores' dtype or in the arithmetic type.
+template <typename F>
+cudaError_t dispatch(const CudaInputs& in, F&& f) {
+  return cuda::dispatch(in.dtype, [&](auto element) {
+    using scalar_t = decltype(element);
+    using acc_t = typename AccOf<scalar_t>::type;
+    return in.labels_in_acc ? f(scalar_t{}, acc_t{}) : f(scalar_t{}, scalar_t{});
+  });
+}
+
+size_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
+
+}  // namespace
+
+size_t forward_workspace_bytes(const CudaInputs& in) {
+  const Problem& pb = in.problem;
+  const bool sorted = uses_sort(pb);
+  size_t bytes = aligned(size_t(forward_blocks(pb, sorted)) * kNumPartials * sizeof(double));
+  if (sorted) {
+    const size_t temp = in.dtype == DType::kFloat64 ? sort_temp_bytes<double>(pb.B) : sort_temp_bytes<float>(pb.B);
+    bytes += 2 * aligned(2 * size_t(pb.B) * acc_bytes(in.dtype)) + aligned(temp);
+  }
+  return bytes;
+}
+
+cudaError_t forward_cuda(const CudaInputs& in, const CudaOutputs& out, void* workspace, void* counter,
+                         cudaStream_t stream) {
+  return dispatch(in, [&](auto element, auto label) -> cudaError_t {
+    using scalar_t = decltype(element);
+    using label_t = decltype(label);
+    using acc_t = typename AccOf<scalar_t>::type;
+    const Problem& pb = in.problem;
+    const bool sorted = uses_sort(pb);
+    const int blocks = forward_blocks(pb, sorted);
+    auto* bytes = static_cast<char*>(workspace);
+    auto* partials = reinterpret_cast<double*>(bytes);
+    bytes += aligned(size_t(blocks) * kNumPartials * sizeof(double));
+    auto* counts = static_cast<unsigned int*>(counter);
+    if (!sorted) {
+      return cuda::launch(score_forward_kernel<scalar_t, label_t, false>, dim3(blocks), dim3(kThreads), stream, in,
+                          out, static_cast<const acc_t*>(nullptr), partials, counts);
+    }
+    const int64_t B = pb.B;
+    auto* keys = reinterpret_cast<acc_t*>(bytes);
+    bytes += aligned(2 * size_t(B) * sizeof(acc_t));
+    auto* rows = reinterpret_cast<acc_t*>(bytes);
+    bytes += aligned(2 * size_t(B) * sizeof(acc_t));
+    size_t temp_bytes = sort_temp_bytes<acc_t>(B);
+    cudaError_t status = cuda::launch(score_keys_kernel<scalar_t, label_t>, dim3(blocks), dim3(kThreads), stream, in,
+                                      keys);
+    for (int row = 0; row < 2 && status == cudaSuccess; ++row)
+      status = cub::DeviceRadixSort::SortKeys(bytes, temp_bytes, keys + row * B, rows + row * B, static_cast<int>(B),
+                                              0, int(sizeof(acc_t) * 8), stream);
+    if (status != cudaSuccess) return status;
+    return cuda::launch(score_forward_kernel<scalar_t, label_t, true>, dim3(blocks), dim3(kThreads), stream, in, out,
+                        static_cast<const acc_t*>(rows), partials, counts);
+  });
+}
+
+cudaError_t backward_cuda(const CudaInputs& in, const CudaGradients& out, cudaStream_t stream) {
+  return dispatch(in, [&](auto element, auto label) -> cudaError_t {
+    const int64_t blocks = std::min<int64_t>((in.problem.B + kThreads - 1) / kThreads, 8 * cuda::sm_count());
+    return cuda::launch(score_backward_kernel<decltype(element), decltype(label)>,
+                        dim3(static_cast<unsigned>(std::max<int64_t>(1, blocks))), dim3(kThreads), stream, in, out);
+  });
+}
+
+}  // namespace score
+}  // namespace fusedloss

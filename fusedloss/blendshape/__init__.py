@@ -1,0 +1,18 @@
+"""KoeMorph's MSE + L1 + perceptual (+ temporal, landmark, smoothing, consistency) loss
+(docs/losses.md §2).
+
+  config.py      BlendshapeConfig, input validation, the computed terms, the tables
+  layout.py      settings slots, term bits, sums, limits (C++ twin: csrc/blendshape/blendshape_math.h)
+  reference.py   the loss in plain PyTorch: the oracle and the "reference" backend
+  ops.py         the operators' fake implementations and gradient inputs (schemas: csrc/blendshape/blendshape.cpp)
+  triton.py      the Triton kernels and operators, and their autograd
+  functional.py  blendshape_loss, blendshape_plan
+  module.py      BlendshapeLoss
+"""
+
+from .config import SEED_001_GROUPS, BlendshapeConfig
+from .functional import blendshape_loss, blendshape_loss_from_config, blendshape_plan
+from .module import BlendshapeLoss
+
+__all__ = ["BlendshapeLoss", "blendshape_loss", "blendshape_loss_from_config", "blendshape_plan",
+           "BlendshapeConfig", "SEED_001_GROUPS"]

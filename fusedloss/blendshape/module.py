@@ -1,0 +1,128 @@
+"""``BlendshapeLoss``: KoeMorph's loss as a drop-in ``nn.Module`` holding its settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..core import checks
+from ..core.module import FusedLoss, buffers_on, check_backend
+from .config import BlendshapeConfig, landmark_gram
+from .functional import blendshape_plan
+from .layout import TERMS
+
+
+class BlendshapeLoss(FusedLoss):
+    """KoeMorph's MSE + L1 + perceptual loss with the optional temporal, landmark, smoothing and
+    consistency terms (docs/losses.md §2), fused.
+
+    ``forward(pred, target, raw_pred=None, prev_pred=None, return_components=False)`` returns
+    ``total``, or ``(total, terms)`` with the computed terms (unweighted) and "total". Arguments
+    as ``fusedloss.functional.blendshape_loss``.
+
+    The weights and the threshold are attributes (``loss_fn.temporal_weight = 0.3``): assigning one
+    updates a small settings buffer in place, so seed 001's stride and epoch schedules never
+    rebuild or recompile anything (a weight going to or from 0 adds or drops its term). The
+    buffers follow ``.to(device)``; a module left on the CPU moves them on its first call.
+    """
+
+    _SETTINGS = tuple(f"{t}_weight" for t in TERMS) + ("threshold",)
+    _TABLES = ("settings", "group_coef", "landmark_gram")
+
+    def __init__(
+        self,
+        mse_weight: float = 1.0,
+        l1_weight: float = 0.1,
+        perceptual_weight: float = 0.5,
+        temporal_weight: float = 0.0,
+        landmark_weight: float = 0.0,
+        smoothing_weight: float = 0.0,
+        consistency_weight: float = 0.0,
+        threshold: float = 0.1,
+        perceptual_groups=None,
+        landmark_matrix: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        config = BlendshapeConfig.build(mse_weight, l1_weight, perceptual_weight, temporal_weight, landmark_weight,
+                                        smoothing_weight, consistency_weight, threshold, perceptual_groups)
+        self.backend = check_backend(backend)
+        if landmark_matrix is not None:
+            landmark_matrix = checks.tensor("landmark_matrix", torch.as_tensor(landmark_matrix), rank=2,
+                                             shape_doc="[J, K]").detach()
+        elif config.weight("landmark") != 0:
+            raise ValueError("landmark_matrix [J, K] is required when landmark_weight is non-zero")
+        self.register_buffer("settings", config.settings(), persistent=False)
+        self.register_buffer("group_coef", config.group_coef(), persistent=False)
+        self.register_buffer("landmark_matrix", landmark_matrix, persistent=False)
+        self.register_buffer("landmark_gram", None if landmark_matrix is None else landmark_gram(landmark_matrix),
+                             persistent=False)
+        self._config = config
+        self._nonzero = tuple(w != 0 for w in config.weights)
+
+    def __getattr__(self, name):
+        if name in BlendshapeLoss._SETTINGS:
+            config = self.__dict__["_config"]
+            return config.threshold if name == "threshold" else config.weight(name[: -len("_weight")])
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in BlendshapeLoss._SETTINGS and "_config" in self.__dict__:
+            self._set(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _set(self, name: str, value) -> None:
+        """Change a weight or the threshold in place: the settings buffer, not a new tensor."""
+        value = checks.real(name, value)
+        config = self._config
+        if name == "threshold":
+            config = dataclasses.replace(config, threshold=value)
+        else:
+            index = TERMS.index(name[: -len("_weight")])
+            if index == TERMS.index("landmark") and value != 0 and self.landmark_matrix is None:
+                raise ValueError("landmark_weight needs the landmark_matrix given at construction")
+            weights = list(config.weights)
+            weights[index] = value
+            config = dataclasses.replace(config, weights=tuple(weights))
+            nonzero = tuple(w != 0 for w in config.weights)
+            if nonzero != self._nonzero:
+                self.__dict__["_nonzero"] = nonzero
+        self.settings[BlendshapeLoss._SETTINGS.index(name)] = value
+        self.__dict__["_config"] = config
+        self._plans.clear()
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, raw_pred: torch.Tensor | None = None,
+                prev_pred: torch.Tensor | None = None, return_components: bool = False):
+        key, run = self._cached(pred, target, raw_pred, prev_pred)
+        if run is not None:
+            total, terms = run(pred, target, raw_pred, prev_pred)
+            if return_components is False:
+                return total
+            return _with_total(total, terms, return_components)
+        if not isinstance(pred, torch.Tensor):
+            raise TypeError(f"pred must be a torch.Tensor [B, K] or [B, T, K], got {type(pred).__name__}")
+        settings, group_coef, matrix, gram = buffers_on(
+            self, ("settings", "group_coef", "landmark_matrix", "landmark_gram"), pred.device)
+        run = blendshape_plan(
+            pred, target, raw_pred, prev_pred, self._config, nonzero=self._nonzero, settings=settings,
+            group_coef=group_coef, landmark_matrix=matrix, landmark_gram=gram, backend=self.backend,
+        )
+        total, terms = self._remember(key, run)(pred, target, raw_pred, prev_pred)
+        return _with_total(total, terms, return_components)
+
+    def extra_repr(self) -> str:
+        c = self._config
+        weights = ", ".join(f"{t}_weight={w}" for t, w in zip(TERMS, c.weights) if w)
+        groups = f", perceptual_groups={len(c.groups)} groups" if c.groups else ""
+        return f"{weights}, threshold={c.threshold}{groups}, backend={self.backend!r}"
+
+
+def _with_total(total: torch.Tensor, terms, return_components):
+    """``BlendshapeLoss``'s result: total, or (total, terms with "total") with return_components."""
+    if not checks.flag("return_components", return_components):
+        return total
+    out = dict(terms)
+    out["total"] = total
+    return total, out

@@ -1,0 +1,159 @@
+"""The autograd glue of the Triton operators: the Python twin of ``csrc/common/autograd.h``.
+
+The C++ operators (backends "cpu" and "cuda") register their autograd in C++ (``csrc/common/autograd.h``),
+so an eager step runs no Python between the forward call and the backward kernel. The Triton
+operators are defined in Python (``torch.library.triton_op``), so their autograd is registered
+here, with the same convention:
+  forward(*inputs) -> (terms [T], total [], *aux)
+  backward(grad_terms [T], grad_total [], *aux, *inputs, mask) -> one gradient per grad_inputs entry
+``total`` is a fixed linear combination of the terms computed by the forward kernel, so
+d(loss)/d(term i) = grad_terms[i] + weight_i * grad_total, which the backward kernel forms itself.
+``aux`` are non-differentiable per-problem statistics the forward already computed and the backward
+reuses (e.g. column sums). ``mask[i]`` says whether the gradient of ``inputs[grad_inputs[i]]`` is
+wanted (an empty tensor is returned otherwise). Inputs outside ``grad_inputs`` get no gradient:
+``constants`` (targets, labels) by the losses' contract, and the tables, which must not require
+one.
+
+Every tensor is saved with ``save_for_backward`` (so saved-tensor hooks see all of them); the
+other arguments are kept on the context. A gradient that does not reach an output is never
+materialised: a missing grad_terms is a cached zero scalar expanded to [T] (stride 0) and a
+missing grad_total that zero scalar, so backpropagating only ``total`` (the common case) launches
+nothing but the backward kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake  # (loaded by torch itself)
+
+_ZEROS: dict = {}
+
+
+def _zero(dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero on ``like``'s device, cached per (dtype, device) for eager use on real tensors
+    (never written to); a fresh one while tracing or on fake tensors."""
+    if torch.compiler.is_compiling() or is_fake(like):
+        return torch.zeros((), dtype=dtype, device=like.device)
+    key = (dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=dtype, device=like.device)
+    return zero
+
+
+def register_terms_autograd(forward_op, backward_op, grad_inputs: tuple[int, ...], num_aux: int = 0,
+                            constants: tuple[int, ...] = ()):
+    """Register the autograd formula of the Triton operator ``forward_op`` in terms of ``backward_op``.
+
+    Returns the same formula as an ``autograd.Function`` that calls the two launchers directly
+    (``op._init_fn``), for eager calls on real tensors: it skips the dispatcher and the custom-op
+    autograd machinery, which cost more than the launches at small shapes. Under torch.compile
+    and on fake tensors the operator itself is called (``forward_op`` in each family's functional.py).
+    """
+    schema = _overload(forward_op)._schema
+    setup_context, backward = _formula(schema, backward_op, grad_inputs, num_aux, constants)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    _, eager_backward = _formula(schema, backward_op._init_fn, grad_inputs, num_aux, constants, eager=True)
+    launcher = forward_op._init_fn
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs):
+            return launcher(*inputs)
+
+    Eager.setup_context = staticmethod(setup_context)
+    Eager.backward = staticmethod(eager_backward)
+    Eager.__name__ = Eager.__qualname__ = f"{schema.name.split('::')[-1]}_eager"
+    return Eager.apply
+
+
+class _NoDerivative(torch.autograd.Function):
+    """A gradient of the eager Triton path with create_graph=True: differentiating it raises
+    (the launchers build no graph, so it would otherwise count as 0)."""
+
+    @staticmethod
+    def forward(grad, *inputs):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the fused backends do not support double backward (differentiating a gradient of "
+                           "this loss); use backend='reference' for that")
+
+
+def _formula(schema, backward_call, grad_inputs: tuple[int, ...], num_aux: int, constants: tuple[int, ...],
+             eager: bool = False):
+    """(setup_context, backward) of the convention above, the backward calling ``backward_call``
+    (``eager``: the launcher itself, whose gradients get _NoDerivative under create_graph=True)."""
+    num_inputs = len(schema.arguments)
+    # Positions of the tensor arguments (saved for backward), and of the tables among them: the
+    # arguments without a gradient that are not constants of the loss by its contract (targets).
+    tensor_positions = tuple(i for i, a in enumerate(schema.arguments) if "Tensor" in str(a.type))
+    tables = tuple(i for i in tensor_positions if i not in grad_inputs and i not in constants)
+
+    def setup_context(ctx, inputs, output):
+        for i in tables:  # as csrc/common/autograd.h's refuse_grad: raising beats dropping a gradient
+            if torch.is_grad_enabled() and inputs[i] is not None and inputs[i].requires_grad:
+                raise RuntimeError(f"{schema.name}: {schema.arguments[i].name} requires grad, but the fused backends "
+                                   "have no gradient for it; detach it or use backend='reference'")
+        ctx.set_materialize_grads(False)
+        aux = output[2:2 + num_aux]
+        ctx.mark_non_differentiable(*aux)
+        ctx.save_for_backward(*aux, *(inputs[i] for i in tensor_positions))
+        args = list(inputs)
+        for i in tensor_positions:
+            args[i] = None  # restored from the saved tensors in backward
+        ctx.args = args
+        terms = output[0]
+        ctx.terms_meta = (terms.shape[0], terms.dtype)
+
+    def backward(ctx, grad_terms, grad_total, *aux_grads):
+        if grad_terms is None and grad_total is None:
+            return (None,) * num_inputs
+        needs = ctx.needs_input_grad
+        mask = [bool(needs[i]) for i in grad_inputs]
+        if not any(mask):
+            return (None,) * num_inputs
+        saved = ctx.saved_tensors
+        args = list(ctx.args)
+        for i, tensor in zip(tensor_positions, saved[num_aux:]):
+            args[i] = tensor
+        num_terms, dtype = ctx.terms_meta
+        like = saved[num_aux]
+        if grad_terms is None:
+            grad_terms = _zero(dtype, like).expand(num_terms)
+        if grad_total is None:
+            grad_total = _zero(dtype, like)
+        grads = backward_call(grad_terms, grad_total, *saved[:num_aux], *args, mask)
+        result = [None] * num_inputs
+        inputs = [args[i] for i in grad_inputs if args[i] is not None]
+        for position, wanted, grad in zip(grad_inputs, mask, grads):
+            if wanted:
+                result[position] = _NoDerivative.apply(grad, *inputs) if eager and torch.is_grad_enabled() else grad
+        return tuple(result)
+
+    return setup_context, backward
+
+
+def _overload(op):
+    """The OpOverload of a custom op object, or op itself."""
+    return getattr(op, "_opoverload", op)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of a call plan (each family's ``*_plan``)
+# ---------------------------------------------------------------------------------------------
+
+
+def constant(x: torch.Tensor) -> torch.Tensor:
+    """A constant of the loss (a previous prediction, labels) with no autograd history."""
+    return x.detach() if x.requires_grad else x
+
+
+def is_eager(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` runs eagerly on real tensors (not traced, not fake)."""
+    return not torch.compiler.is_compiling() and not is_fake(x)

@@ -1,0 +1,105 @@
+"""The PVA loss's functional form: validate -> choose the backend -> call its operator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .. import backends
+from ..core.autograd import is_eager
+from ..core.terms import terms_of
+from .config import PVAConfig, check_inputs
+from .reference import pva_loss_reference
+
+
+def pva_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    cond_frame: torch.Tensor | None = None,
+    part_w_dict: Mapping | None = None,
+    use_last_frame_loss: bool = False,
+    use_reg_loss: bool = False,
+    dim_ws: torch.Tensor | None = None,
+    loss_type: str = "l2",
+    reg_weights: Mapping | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-part position / velocity / acceleration loss of Ditto (docs/losses.md §1).
+
+    Args:
+        pred, target: ``[B, L, D]`` motion sequences (float32/64/16, bfloat16, any strides).
+        cond_frame: ``[B, D]``, needed with ``use_last_frame_loss``.
+        part_w_dict: ``{name: (start, end, weight)}``; default Ditto's six parts of D = 265.
+            ``start <= 0`` means 0 and ``end <= 0`` means D. Parts may overlap or leave gaps.
+        use_last_frame_loss: add ``{part}_L`` = err(pred[:, 0], cond_frame) per part.
+        use_reg_loss: add ``{part}_R`` = reg_weight * mean |pred| per part.
+        dim_ws: optional ``[D]`` per-dimension weights (a constant for the fused backends).
+        loss_type: ``"l2"`` (squared error) or ``"l1"`` (absolute error).
+        reg_weights: ``{part: weight}``; default 0 for "scale" and 1e-4 for other parts.
+        backend: which implementation runs it.
+
+    Returns:
+        ``(total, terms)``: ``terms`` maps ``f"{part}_{P|V|A|L|R}"`` to differentiable 0-dim
+        tensors (float32 for 16-bit inputs), and ``total`` is their sum. No host synchronisation.
+    """
+    config = PVAConfig.build(part_w_dict, use_last_frame_loss, use_reg_loss, loss_type, reg_weights)
+    return pva_loss_from_config(pred, target, cond_frame, config, dim_ws=dim_ws, backend=backend)
+
+
+def pva_loss_from_config(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    cond_frame: torch.Tensor | None,
+    config: PVAConfig,
+    *,
+    part_table: torch.Tensor | None = None,
+    dim_ws: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``pva_loss`` for a validated configuration (``PVALoss`` keeps its part table on the device)."""
+    run = pva_plan(pred, target, cond_frame, config, part_table=part_table, dim_ws=dim_ws, backend=backend)
+    return run(pred, target, cond_frame)
+
+
+def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, dim_ws=None,
+             backend: str = "auto") -> Callable:
+    """Validate one call's metadata (types, shapes, dtypes, devices) and choose the backend; returns
+    ``run(pred, target, cond_frame) -> (total, terms)`` for every call with the same metadata
+    (``PVALoss`` caches it, so that a training step pays only for the operator call)."""
+    check_inputs(config, pred, target, cond_frame, dim_ws)
+    name = backends.resolve(backend, pred.device.type)
+    if name == "reference":
+        return lambda pred, target, cond_frame: pva_loss_reference(pred, target, cond_frame, config, dim_ws)
+    if dim_ws is not None and dim_ws.requires_grad:
+        raise ValueError(
+            f"dim_ws requires grad, but the {name!r} backend treats dim_ws as a constant; "
+            "detach it, or use backend='reference' to differentiate it"
+        )
+    if part_table is None:
+        part_table = config.part_table()
+    # The table is tiny: an asynchronous copy (from pageable memory, staged at once) never syncs.
+    part_table = part_table.to(pred.device, non_blocking=True)
+    if dim_ws is not None:
+        dim_ws = dim_ws.to(torch.float64).contiguous()
+    op = forward_op(name, eager=is_eager(pred))
+    names = config.term_names()
+    loss_type, use_last_frame, use_reg = config.loss_type, config.use_last_frame, config.use_reg
+
+    def run(pred, target, cond_frame):
+        terms, total = op(pred, target, cond_frame if use_last_frame else None, part_table, dim_ws,
+                          loss_type, use_last_frame, use_reg)
+        return total, terms_of(names, terms)
+
+    return run
+
+
+def forward_op(backend: str, *, eager: bool = False):
+    """The forward operator of a fused backend (autograd, fake tensors and compile included).
+    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
+    core/autograd.py)."""
+    if backend == "triton":
+        from . import triton
+
+        return triton.pva_forward_eager if eager else triton.pva_forward
+    return torch.ops.fusedloss.pva_forward.default

@@ -1,0 +1,146 @@
+"""The score losses' functional forms: validate -> choose the backend -> call its operator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .. import backends
+from ..core import checks
+from ..core.autograd import constant, is_eager
+from ..core.terms import terms_of
+from .config import ScoreConfig, check_inputs
+from .layout import ALL_TERMS, RANKING_ONLY, TERMS
+from .ops import finite_or_raise, status_of
+from .reference import all_pairs_margin_ranking_reference, score_loss_reference
+
+
+def combined_loss(
+    scores: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    regression_weight: float = 1.0,
+    classification_weight: float = 0.3,
+    ranking_weight: float = 0.2,
+    regression_type: str = "mse",
+    margin: float = 0.5,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Regression + classification + all-pairs margin ranking loss of TIGAS (docs/losses.md §3).
+
+    Args:
+        scores: ``[B]`` or ``[B, 1]`` predicted scores.
+        logits: ``[B, 2]`` real-vs-fake logits, scores' dtype and device.
+        labels: ``[B]`` or ``[B, 1]`` floats in [0, 1] (1 = real; real means > 0.5), any float dtype.
+            Targets: no gradient flows to them.
+        regression_weight, classification_weight, ranking_weight: weights of the terms in the total.
+        regression_type: ``"mse"`` or ``"smoothl1"`` (beta 1).
+        margin: margin of the ranking hinge max(0, margin - (s_real - s_fake)), over every
+            (real, fake) pair of the batch, averaged over the pairs (0 without pairs).
+        check_finite: raise ``RuntimeError`` naming scores, logits or the total when it holds a NaN
+            or Inf; costs one host sync per call. ``False`` never syncs.
+        backend: which implementation runs it.
+
+    Returns:
+        ``(total, terms)``: ``terms`` maps "regression", "classification", "ranking" and "total" to
+        differentiable 0-dim tensors (float32 for 16-bit inputs).
+    """
+    config = ScoreConfig.build(regression_weight, classification_weight, ranking_weight, regression_type,
+                                         margin)
+    terms = score_loss_from_config(scores, logits, labels, config,
+                                   check_finite=checks.flag("check_finite", check_finite), backend=backend)
+    return terms["total"], terms
+
+
+def all_pairs_margin_ranking_loss(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.5,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """max(0, margin - (s_i - s_j)) over every pair of a real score s_i (label > 0.5) and a fake
+    score s_j, averaged over the pairs (``reduction="mean"``, 0 without pairs) or summed
+    (``"sum"``); docs/losses.md §3's ranking term. Exact, in O(B log B) time and O(B) memory.
+
+    Args:
+        scores: ``[B]`` or ``[B, 1]``.
+        labels: ``[B]`` or ``[B, 1]`` floats in [0, 1], any float dtype (no gradient).
+    """
+    config = ScoreConfig.build(margin=margin, reduction=reduction)
+    return score_loss_from_config(scores, None, labels, config, terms=RANKING_ONLY,
+                                  backend=backend)["ranking"]
+
+
+def score_loss_from_config(
+    scores: torch.Tensor,
+    logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    config: ScoreConfig,
+    *,
+    settings: torch.Tensor | None = None,
+    terms: int = ALL_TERMS,
+    check_finite: bool = False,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The terms and "total" for a validated configuration (``CombinedLoss`` passes its settings
+    buffer). ``terms`` is ALL_TERMS or RANKING_ONLY (no logits)."""
+    run = score_plan(scores, logits, labels, config, settings=settings, terms=terms, check_finite=check_finite,
+                     backend=backend)
+    return dict(run(scores, logits, labels)[1])
+
+
+def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
+               terms: int = ALL_TERMS, check_finite: bool = False, backend: str = "auto") -> Callable:
+    """Validate one call's metadata and choose the backend; returns ``run(scores, logits, labels) ->
+    (total, terms)`` (``terms`` with "total") for every call with the same metadata
+    (``CombinedLoss`` caches it)."""
+    with_logits = terms == ALL_TERMS
+    check_inputs(scores, logits, labels, need_logits=with_logits)
+    name = backends.resolve(backend, scores.device.type)
+    if name == "reference" or scores.shape[0] == 0:
+        def run_reference(scores, logits, labels):
+            if with_logits:
+                out = score_loss_reference(scores, logits, labels, config)
+            else:
+                ranking = all_pairs_margin_ranking_reference(scores, labels, config.margin, config.reduction)
+                out = {"ranking": ranking, "total": ranking}
+            if check_finite:
+                status = status_of(scores, logits, out["total"])
+                out["total"] = finite_or_raise(out["total"], status)
+            return out["total"], out
+
+        return run_reference
+    # A tiny table: an asynchronous copy (from pageable memory, staged at once) never syncs.
+    settings = (settings if settings is not None else config.settings()).to(scores.device, non_blocking=True)
+    op = forward_op(name, eager=is_eager(scores))
+    smooth_l1, ranking_sum = config.regression_type == "smoothl1", config.reduction == "sum"
+
+    # Scores and labels go to the operators as given, [B] or [B, 1]; labels are targets (constants
+    # of the loss): detached.
+    def run(scores, logits, labels):
+        values, total, _, _, status = op(scores, logits if with_logits else None, constant(labels), settings, terms,
+                                         smooth_l1, ranking_sum)
+        if with_logits:
+            if check_finite:
+                total = finite_or_raise(total, status)
+            return total, terms_of(TERMS, values, {"total": total})
+        ranking = values[2]  # (the total of the ranking alone is the unweighted ranking)
+        if check_finite:
+            ranking = finite_or_raise(ranking, status)
+        return ranking, {"ranking": ranking, "total": ranking}
+
+    return run
+
+
+def forward_op(backend: str, *, eager: bool = False):
+    """The forward operator of a fused backend (autograd, fake tensors and compile included).
+    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
+    core/autograd.py)."""
+    if backend == "triton":
+        from . import triton
+
+        return triton.score_forward_eager if eager else triton.score_forward
+    return torch.ops.fusedloss.score_forward.default

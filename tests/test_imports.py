@@ -1,0 +1,86 @@
+"""The package has no import circles, and registers its operators in one place.
+
+Edges are the ``import`` statements of every module of ``fusedloss`` (at module level and inside
+functions alike, since a deferred import that closes a circle is still a circle); importing a
+package's submodule counts as an edge to that submodule only (Python also runs the package's
+``__init__``, as it does for any package).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fusedloss"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+def test_no_import_circles():
+    graph = import_graph()
+    assert "fusedloss.pva.triton" in graph and "fusedloss.pva.ops" in graph["fusedloss.pva.triton"]
+    assert not cycles(graph), f"import circles: {cycles(graph)}"
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+
+
+def test_operators_are_registered_in_one_place():
+    """torch.library registrations happen in the family's ops.py / triton.py, which only
+    fusedloss/core/registry.py imports by name (FAMILIES)."""
+    calls = re.compile(r"register_fake\(\"fusedloss::|@triton_operator\(|register_terms_autograd\(")
+    where = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if calls.search(p.read_text()))
+    assert where == ["blendshape/ops.py", "blendshape/triton.py", "core/autograd.py", "pva/ops.py", "pva/triton.py",
+                     "score/ops.py", "score/triton.py"]
+    registry = (PACKAGE / "core" / "registry.py").read_text()
+    assert 'FAMILIES = ("pva", "blendshape", "score")' in registry
+    for name, targets in import_graph().items():
+        for family in ("pva", "blendshape", "score"):
+            # Only the family itself imports its Triton module (lazily, in functional.forward_op).
+            if f"fusedloss.{family}.triton" in targets:
+                assert name == f"fusedloss.{family}.functional", name
