@@ -264,7 +264,7 @@ def test_labels_requiring_grad_get_none(backend):
 def op_args():
     scores, logits, labels = score_inputs()
     settings = torch.tensor([1.0, 0.3, 0.2, 0.5], dtype=torch.float64)
-    return dict(scores=scores, logits=logits, labels=labels, settings=settings, terms=score_layout.ALL_TERMS,
+    return dict(scores=scores, logits=logits, labels=labels, settings=settings, term_mask=score_layout.ALL_TERMS,
                 smooth_l1=False, ranking_sum=False)
 
 
@@ -286,8 +286,8 @@ MALFORMED = {
     "logits-B3": dict(logits=torch.randn(B, 3, dtype=torch.float64)),
     "logits-short": dict(logits=torch.randn(B - 1, 2, dtype=torch.float64)),
     "logits-float32": dict(logits=torch.randn(B, 2)),
-    "terms-8": dict(terms=8),
-    "terms-negative": dict(terms=-1),
+    "term_mask-8": dict(term_mask=8),
+    "term_mask-negative": dict(term_mask=-1),
 }
 
 

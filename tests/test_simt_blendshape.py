@@ -78,7 +78,7 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
                   prev_pred=address(prev_pred), strides=[strides3(x) for x in (pred, target, raw_pred, prev_pred)],
                   settings=address(settings), group_coef=address(group_coef),
                   group_len=0 if group_coef is None else group_coef.numel(), gram=address(gram), dtype=dtype_of(pred),
-                  problem=make(k.Problem, B=B, T=Tn, K=K, J=J if matrix is not None else 0, terms=terms,
+                  problem=make(k.Problem, B=B, T=Tn, K=K, J=J if matrix is not None else 0, term_mask=terms,
                                group_form=group_coef is not None))
 
     cols = needs_col_stats(terms, group_coef)

@@ -24,8 +24,8 @@ from simt.harness import (
     workspace,
 )
 
-from fusedloss.score.config import ScoreConfig
 from fusedloss.score import layout as score_layout
+from fusedloss.score.config import ScoreConfig
 from fusedloss.score.layout import ALL_TERMS, RANKING_ONLY
 from fusedloss.score.ops import status_of
 from fusedloss.score.reference import (
@@ -89,7 +89,7 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
                   labels_stride=lab.stride(0), labels_in_acc=lab.dtype != scores.dtype, logits=address(logits),
                   logits_strides=list(logits.stride()) if cls else [0, 0], settings=address(settings),
                   dtype=dtype_of(scores),
-                  problem=make(k.Problem, B=B, terms=terms, smooth_l1=smooth, ranking_sum=reduction == "sum"))
+                  problem=make(k.Problem, B=B, term_mask=terms, smooth_l1=smooth, ranking_sum=reduction == "sum"))
     out = dict(terms=poisoned((3,), acc), total=poisoned((), acc), counts=poisoned((B if rank else 0,), torch.int32),
                rank_scale=poisoned((), torch.float64), status=poisoned((), torch.int32))
     outputs = make(k.CudaOutputs, **{name: address(t) for name, t in out.items()})

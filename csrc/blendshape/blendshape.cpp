@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../common/arrival_counter.h"
+#include "../common/cuda_dtype_of.h"
 #include "blendshape_cuda.h"
 #endif
 
@@ -45,36 +46,36 @@ void check_like(const char* name, const Tensor& x, const Tensor& pred) {
 
 Problem check_inputs(const Tensor& pred, const Tensor& target, const OptTensor& raw, const OptTensor& prev,
                      const Tensor& settings, const OptTensor& group_coef, const OptTensor& gram, int64_t J,
-                     int64_t terms) {
+                     int64_t term_mask) {
   TORCH_CHECK(pred.dim() == 2 || pred.dim() == 3, "blendshape: pred must be [B, K] or [B, T, K]");
   TORCH_CHECK(at::isFloatingType(pred.scalar_type()), "blendshape: pred must be floating point");
-  TORCH_CHECK(terms >= 0 && terms < (1 << kNumTerms), "blendshape: bad term mask ", terms);
+  TORCH_CHECK(term_mask >= 0 && term_mask < (1 << kNumTerms), "blendshape: bad term mask ", term_mask);
   check_like("target", target, pred);
   const int64_t K = pred.size(-1), T = pred.dim() == 3 ? pred.size(1) : 1;
   TORCH_CHECK(K >= 1 && T >= 1, "blendshape: pred must have at least one frame and one blendshape");
   TORCH_CHECK(settings.dim() == 1 && settings.size(0) == kNumSettings && settings.scalar_type() == at::kDouble &&
                   settings.is_contiguous() && settings.device() == pred.device(),
               "blendshape: settings must be a contiguous float64 [8] tensor on pred's device");
-  if (has(terms, kSmoothing)) {
+  if (has(term_mask, kSmoothing)) {
     TORCH_CHECK(raw.has_value(), "blendshape: raw_pred is required for the smoothing term");
     check_like("raw_pred", *raw, pred);
   }
-  if (has(terms, kConsistency)) {
+  if (has(term_mask, kConsistency)) {
     TORCH_CHECK(prev.has_value(), "blendshape: prev_pred is required for the consistency term");
     check_like("prev_pred", *prev, pred);
   }
-  TORCH_CHECK(!has(terms, kTemporal) || pred.dim() == 3, "blendshape: the temporal term needs [B, T, K] input");
+  TORCH_CHECK(!has(term_mask, kTemporal) || pred.dim() == 3, "blendshape: the temporal term needs [B, T, K] input");
   if (group_coef.has_value())
     TORCH_CHECK(group_coef->dim() == 1 && group_coef->scalar_type() == at::kDouble && group_coef->is_contiguous() &&
                     group_coef->device() == pred.device(),
                 "blendshape: group_coef must be a contiguous float64 1-D tensor on pred's device");
-  if (has(terms, kLandmark)) {
+  if (has(term_mask, kLandmark)) {
     TORCH_CHECK(gram.has_value() && gram->dim() == 2 && gram->size(0) == K && gram->size(1) == K &&
                     gram->scalar_type() == at::kDouble && gram->is_contiguous() && gram->device() == pred.device(),
                 "blendshape: landmark_gram must be a contiguous float64 [K, K] tensor on pred's device");
     TORCH_CHECK(J >= 1, "blendshape: landmark_rows must be >= 1");
   }
-  return Problem{pred.size(0), T, K, J, static_cast<int>(terms), group_coef.has_value()};
+  return Problem{pred.size(0), T, K, J, static_cast<int>(term_mask), group_coef.has_value()};
 }
 
 // Strides of x viewed as [B, T, K].
@@ -83,7 +84,7 @@ std::array<int64_t, 3> strides3(const Tensor& x) {
   return {x.stride(0), 0, x.stride(1)};
 }
 
-bool needs_col_stats(const Problem& p) { return has(p.terms, kPerceptual) && !p.group_form; }
+bool needs_col_stats(const Problem& p) { return has(p.term_mask, kPerceptual) && !p.group_form; }
 
 // ----------------------------------------------------------------------------------------------
 // CPU kernels
@@ -257,7 +258,7 @@ template <typename acc_t>
 Positions<acc_t> positions(const Problem& pb, const OptTensor& group_coef, int64_t G) {
   const int64_t C = pb.T * pb.K;
   Positions<acc_t> out;
-  if (has(pb.terms, kPerceptual) && pb.group_form) {
+  if (has(pb.term_mask, kPerceptual) && pb.group_form) {
     std::vector<acc_t> gcoef(C, acc_t(0));
     const double* gc = group_coef->const_data_ptr<double>();
     const int64_t len = std::min<int64_t>(pb.K, group_coef->numel());
@@ -265,7 +266,7 @@ Positions<acc_t> positions(const Problem& pb, const OptTensor& group_coef, int64
       for (int64_t k = 0; k < len; ++k) gcoef[t * pb.K + k] = static_cast<acc_t>(gc[k]);
     out.gcoef = tiled(gcoef, G);
   }
-  if (has(pb.terms, kTemporal)) {
+  if (has(pb.term_mask, kTemporal)) {
     std::vector<acc_t> next(C, acc_t(1)), prev(C, acc_t(1));
     std::fill(next.end() - pb.K, next.end(), acc_t(0));     // t = T - 1
     std::fill(prev.begin(), prev.begin() + pb.K, acc_t(0));  // t = 0
@@ -278,7 +279,7 @@ Positions<acc_t> positions(const Problem& pb, const OptTensor& group_coef, int64
 template <typename acc_t>
 std::vector<acc_t> gram_of(const OptTensor& gram, const Problem& pb) {
   std::vector<acc_t> out;
-  if (has(pb.terms, kLandmark)) {
+  if (has(pb.term_mask, kLandmark)) {
     const double* g = gram->const_data_ptr<double>();
     out.assign(g, g + pb.K * pb.K);
   }
@@ -292,9 +293,9 @@ void forward_groups(const Inputs<scalar_t>& in, const Problem& pb, acc_t thr, co
                     const acc_t* gram, int64_t G, int64_t b0, int64_t b1, int64_t t0, int64_t t1, double* sums,
                     acc_t* colT, acc_t* colS2, Buffers<acc_t>& buf) {
   const int64_t K = pb.K, c0 = t0 * K, len = (t1 - t0) * K;
-  const int terms = pb.terms;
-  const bool keep_e = has(terms, kTemporal) || has(terms, kLandmark);
-  const acc_t* next = has(terms, kTemporal) ? pos.has_next.data() + c0 : nullptr;
+  const int term_mask = pb.term_mask;
+  const bool keep_e = has(term_mask, kTemporal) || has(term_mask, kLandmark);
+  const acc_t* next = has(term_mask, kTemporal) ? pos.has_next.data() + c0 : nullptr;
   const acc_t* gcoef = kGroups ? pos.gcoef.data() + c0 : nullptr;
   for (int64_t g0 = b0; g0 < b1; g0 += G) {
     const int64_t nb = std::min(G, b1 - g0), n = nb * len;
@@ -302,7 +303,7 @@ void forward_groups(const Inputs<scalar_t>& in, const Problem& pb, acc_t thr, co
     const acc_t* q = group_values<acc_t>(in, 1, g0, nb, c0, len, buf.values[1]);
     if (keep_e) group_sums<acc_t, kCols, kGroups, true>(n, p, q, thr, gcoef, buf.e, colT, colS2, sums);
     else group_sums<acc_t, kCols, kGroups, false>(n, p, q, thr, gcoef, buf.e, colT, colS2, sums);
-    if (has(terms, kTemporal)) {
+    if (has(term_mask, kTemporal)) {
       // e of the row after the span (another task's), else zeros: has_next masks the last frame.
       acc_t* after = buf.e + n;
       if (t1 < pb.T) {
@@ -314,14 +315,14 @@ void forward_groups(const Inputs<scalar_t>& in, const Problem& pb, acc_t thr, co
       }
       sums[kTemporalSq] += temporal_sum(n, K, buf.e, next);
     }
-    if (has(terms, kLandmark))
+    if (has(term_mask, kLandmark))
       for (int64_t r = 0; r < n / K; ++r) {
         gram_times(K, gram, buf.e + r * K, buf.aux);
         sums[kLandmarkSq] += dot(K, buf.e + r * K, buf.aux);
       }
-    if (has(terms, kSmoothing))
+    if (has(term_mask, kSmoothing))
       sums[kSmoothAbs] += abs_difference_sum(n, p, group_values<acc_t>(in, 2, g0, nb, c0, len, buf.values[2]));
-    if (has(terms, kConsistency))
+    if (has(term_mask, kConsistency))
       sums[kConsistencySq] += square_difference_sum(n, p, group_values<acc_t>(in, 3, g0, nb, c0, len, buf.values[3]));
   }
 }
@@ -359,8 +360,9 @@ void forward_cpu(const Inputs<scalar_t>& in, const Problem& pb, const double* se
   const Tasks tasks = forward_tasks(pb);
   const int64_t nchunks = tasks.nchunks, ntasks = nchunks * tasks.nseg;
   const int64_t G = tasks.nseg > 1 ? 1 : group_size(C), span = tasks.seg_rows * K;
-  const bool cols = needs_col_stats(pb), groups = has(pb.terms, kPerceptual) && pb.group_form;
-  const acc_t thr = threshold_as<scalar_t, acc_t>(settings[kThreshold]);
+  const bool cols = needs_col_stats(pb), groups = has(pb.term_mask, kPerceptual) && pb.group_form;
+  const acc_t thr = threshold_as<scalar_t, acc_t>(
+      settings[kThreshold], [](float x) { return static_cast<acc_t>(static_cast<scalar_t>(x)); });
   const Positions<acc_t> pos = positions<acc_t>(pb, group_coef, G);
   const std::vector<acc_t> G_mat = gram_of<acc_t>(gram, pb);
   std::vector<double> sums(ntasks * kNumSums, 0.0);
@@ -431,9 +433,9 @@ void forward_cpu(const Inputs<scalar_t>& in, const Problem& pb, const double* se
   acc_t* out = terms.data_ptr<acc_t>();
   double sum = 0;
   for (int term = 0; term < kNumTerms; ++term) {
-    if (!has(pb.terms, term)) continue;
+    if (!has(pb.term_mask, term)) continue;
     const double value = term_value<double>(pb, term, total_sums, weighted);
-    out[term_index(pb.terms, term)] = static_cast<acc_t>(value);
+    out[term_index(pb.term_mask, term)] = static_cast<acc_t>(value);
     sum += settings[term] * value;
   }
   *total.data_ptr<acc_t>() = static_cast<acc_t>(sum);
@@ -486,13 +488,13 @@ void backward_groups(const Inputs<scalar_t>& in, const Problem& pb, const Coeffi
                                    const acc_t* gram, int64_t G, int64_t b0, int64_t b1, scalar_t* gp, scalar_t* gq,
                                    scalar_t* graw, Buffers<acc_t>& buf, acc_t* gbuf) {
   const int64_t C = pb.T * pb.K, K = pb.K;
-  const int terms = pb.terms;
+  const int term_mask = pb.term_mask;
   for (int64_t g0 = b0; g0 < b1; g0 += G) {
     const int64_t nb = std::min(G, b1 - g0), n = nb * C, at = g0 * C;
     const acc_t* p = group_values<acc_t>(in, 0, g0, nb, 0, C, buf.values[0]);
     const acc_t* q = group_values<acc_t>(in, 1, g0, nb, 0, C, buf.values[1]);
     acc_t* FL_R e = buf.e;
-    if (kTemporal || has(terms, kLandmark)) {
+    if (kTemporal || has(term_mask, kLandmark)) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) e[i] = p[i] - q[i];
       std::fill(e + n, e + n + K, acc_t(0));  // past the group (masked by has_next anyway)
@@ -502,7 +504,7 @@ void backward_groups(const Inputs<scalar_t>& in, const Problem& pb, const Coeffi
     acc_t* g = direct ? reinterpret_cast<acc_t*>(gp + at) : gbuf;
     group_gradient<acc_t, kPerc, kTemporal>(n, K, p, q, e, c, bpos.perc_scale.data(), pos.has_prev.data(),
                                             pos.has_next.data(), g);
-    if (has(terms, kLandmark))
+    if (has(term_mask, kLandmark))
       for (int64_t r = 0; r < nb * pb.T; ++r) {
         gram_times(K, gram, e + r * K, buf.aux);
         const acc_t two_landmark = acc_t(2) * c.landmark;
@@ -511,7 +513,7 @@ void backward_groups(const Inputs<scalar_t>& in, const Problem& pb, const Coeffi
       }
     if (gq) store(n, g, acc_t(-1), bpos.through_w.empty() ? nullptr : bpos.through_w.data(), gq + at);
     if (!gp && !graw) continue;
-    if (has(terms, kSmoothing)) {
+    if (has(term_mask, kSmoothing)) {
       const acc_t* FL_R raw = group_values<acc_t>(in, 2, g0, nb, 0, C, buf.values[2]);
       acc_t* FL_R sgn = buf.values[4];
 #pragma omp simd
@@ -522,7 +524,7 @@ void backward_groups(const Inputs<scalar_t>& in, const Problem& pb, const Coeffi
       if (graw) store(n, sgn, acc_t(-1), static_cast<const acc_t*>(nullptr), graw + at);
     }
     if (!gp) continue;
-    if (has(terms, kConsistency)) {
+    if (has(term_mask, kConsistency)) {
       const acc_t* FL_R prev = group_values<acc_t>(in, 3, g0, nb, 0, C, buf.values[3]);
       const acc_t two_cons = acc_t(2) * c.consistency;
 #pragma omp simd
@@ -539,7 +541,7 @@ void backward_groups(const Inputs<scalar_t>& in, const Problem& pb, const Coeffi
 std::tuple<Tensor, Tensor, Tensor> empty_outputs(const Tensor& pred, const Problem& pb) {
   const auto options = pred.options().dtype(acc_type_of(pred.scalar_type()));
   int n = 0;
-  for (int term = 0; term < kNumTerms; ++term) n += has(pb.terms, term);
+  for (int term = 0; term < kNumTerms; ++term) n += has(pb.term_mask, term);
   return {at::empty({n}, options), at::empty({}, options),
           at::empty({2, needs_col_stats(pb) ? pb.T * pb.K : 0}, options)};
 }
@@ -549,7 +551,7 @@ struct Gradients {
 };
 Gradients empty_gradients(const Tensor& pred, std::array<bool, 3> mask, const Problem& pb) {
   const auto none = [&] { return at::empty({0}, pred.options()); };
-  const bool raw = mask[2] && has(pb.terms, kSmoothing);
+  const bool raw = mask[2] && has(pb.term_mask, kSmoothing);
   return {mask[0] ? at::empty(pred.sizes(), pred.options()) : none(),
           mask[1] ? at::empty(pred.sizes(), pred.options()) : none(),
           raw ? at::empty(pred.sizes(), pred.options()) : none()};
@@ -559,7 +561,7 @@ void check_grads(const OptTensor& grad_terms, const OptTensor& grad_total, const
                  const Tensor& pred, const Problem& pb) {
   const auto acc = acc_type_of(pred.scalar_type());
   int n = 0;
-  for (int term = 0; term < kNumTerms; ++term) n += has(pb.terms, term);
+  for (int term = 0; term < kNumTerms; ++term) n += has(pb.term_mask, term);
   TORCH_CHECK(!grad_terms || (grad_terms->dim() == 1 && grad_terms->size(0) == n && grad_terms->scalar_type() == acc &&
                               grad_terms->device() == pred.device()),
               "blendshape: grad_terms must be a [number of terms] tensor of the terms' dtype");
@@ -575,9 +577,9 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_cpu(const Tensor& pred, co
                                                           const OptTensor& raw_pred, const OptTensor& prev_pred,
                                                           const Tensor& settings, const OptTensor& group_coef,
                                                           const OptTensor& landmark_gram, int64_t landmark_rows,
-                                                          int64_t terms) {
+                                                          int64_t term_mask) {
   const Problem pb = check_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
-                                  landmark_rows, terms);
+                                  landmark_rows, term_mask);
   auto [out_terms, total, col_stats] = empty_outputs(pred, pb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "blendshape_forward_cpu", [&] {
     const auto in = make_inputs<scalar_t>(pred, target, raw_pred, prev_pred);
@@ -590,10 +592,10 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_cpu(const Tensor& pred, co
 std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cpu(
     const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& col_stats, const Tensor& pred,
     const Tensor& target, const OptTensor& raw_pred, const OptTensor& prev_pred, const Tensor& settings,
-    const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows, int64_t terms,
+    const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows, int64_t term_mask,
     std::array<bool, 3> output_mask) {
   const Problem pb = check_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
-                                  landmark_rows, terms);
+                                  landmark_rows, term_mask);
   check_grads(grad_terms, grad_total, col_stats, pred, pb);
   Gradients grads = empty_gradients(pred, output_mask, pb);
   if (grads.pred.numel() + grads.target.numel() + grads.raw.numel() == 0) return {grads.pred, grads.target, grads.raw};
@@ -614,7 +616,7 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cpu(
     const int64_t C = pb.T * pb.K, G = group_size(C);
     const Positions<acc_t> pos = positions<acc_t>(pb, group_coef, G);
     BackwardPositions<acc_t> bpos;
-    const bool perc = has(pb.terms, kPerceptual);
+    const bool perc = has(pb.term_mask, kPerceptual);
     if (perc) {
       std::vector<acc_t> scale(C), through;
       if (pb.group_form) {
@@ -636,7 +638,7 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cpu(
     scalar_t* gp = grads.pred.numel() ? grads.pred.data_ptr<scalar_t>() : nullptr;
     scalar_t* gq = grads.target.numel() ? grads.target.data_ptr<scalar_t>() : nullptr;
     scalar_t* graw = grads.raw.numel() ? grads.raw.data_ptr<scalar_t>() : nullptr;
-    const bool temporal = has(pb.terms, kTemporal);
+    const bool temporal = has(pb.term_mask, kTemporal);
     at::parallel_for(0, pb.B, std::max<int64_t>(G, 32768 / std::max<int64_t>(1, C)), [&](int64_t b0, int64_t b1) {
       Buffers<acc_t> buf(G * C, pb.K);
       std::unique_ptr<acc_t[]> grad(new acc_t[G * C]);
@@ -676,15 +678,9 @@ CudaInputs cuda_inputs(const Tensor& pred, const Tensor& target, const OptTensor
   in.settings = settings.const_data_ptr<double>();
   in.group_coef = group_coef ? group_coef->const_data_ptr<double>() : nullptr;
   in.group_len = group_coef ? group_coef->numel() : 0;
-  in.gram = has(pb.terms, kLandmark) ? gram->const_data_ptr<double>() : nullptr;
+  in.gram = has(pb.term_mask, kLandmark) ? gram->const_data_ptr<double>() : nullptr;
   in.problem = pb;
-  switch (pred.scalar_type()) {
-    case at::kFloat: in.dtype = DType::kFloat32; break;
-    case at::kDouble: in.dtype = DType::kFloat64; break;
-    case at::kHalf: in.dtype = DType::kFloat16; break;
-    case at::kBFloat16: in.dtype = DType::kBFloat16; break;
-    default: TORCH_CHECK(false, "blendshape: unsupported dtype ", pred.scalar_type());
-  }
+  in.dtype = cuda_dtype_of(pred.scalar_type());
   return in;
 }
 
@@ -692,9 +688,9 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_cuda(const Tensor& pred, c
                                                            const OptTensor& raw_pred, const OptTensor& prev_pred,
                                                            const Tensor& settings, const OptTensor& group_coef,
                                                            const OptTensor& landmark_gram, int64_t landmark_rows,
-                                                           int64_t terms) {
+                                                           int64_t term_mask) {
   const Problem pb = check_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
-                                  landmark_rows, terms);
+                                  landmark_rows, term_mask);
   check_cuda_size(pb);
   const c10::cuda::CUDAGuard guard(pred.device());
   auto [out_terms, total, col_stats] = empty_outputs(pred, pb);
@@ -710,10 +706,10 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_cuda(const Tensor& pred, c
 std::tuple<Tensor, Tensor, Tensor> blendshape_backward_cuda(
     const OptTensor& grad_terms, const OptTensor& grad_total, const Tensor& col_stats, const Tensor& pred,
     const Tensor& target, const OptTensor& raw_pred, const OptTensor& prev_pred, const Tensor& settings,
-    const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows, int64_t terms,
+    const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows, int64_t term_mask,
     std::array<bool, 3> output_mask) {
   const Problem pb = check_inputs(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
-                                  landmark_rows, terms);
+                                  landmark_rows, term_mask);
   check_grads(grad_terms, grad_total, col_stats, pred, pb);
   check_cuda_size(pb);
   const c10::cuda::CUDAGuard guard(pred.device());
@@ -740,15 +736,15 @@ struct BlendshapeFunction : public torch::autograd::Function<BlendshapeFunction>
   static variable_list forward(AutogradContext* ctx, const Tensor& pred, const Tensor& target,
                                const OptTensor& raw_pred, const OptTensor& prev_pred, const Tensor& settings,
                                const OptTensor& group_coef, const OptTensor& landmark_gram, int64_t landmark_rows,
-                               int64_t terms) {
+                               int64_t term_mask) {
     const at::AutoDispatchBelowADInplaceOrView below;
     auto [out_terms, total, col_stats] =
         FL_OPERATOR("blendshape_forward", decltype(blendshape_forward_cpu))
-            .call(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows, terms);
+            .call(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows, term_mask);
     ctx->save_for_backward({col_stats, pred, target, saved_or_undefined(raw_pred), saved_or_undefined(prev_pred),
                             settings, saved_or_undefined(group_coef), saved_or_undefined(landmark_gram)});
     ctx->saved_data["landmark_rows"] = landmark_rows;
-    ctx->saved_data["terms"] = terms;
+    ctx->saved_data["term_mask"] = term_mask;
     ctx->mark_non_differentiable({col_stats});
     ctx->set_materialize_grads(false);
     return {out_terms, total, col_stats};
@@ -766,7 +762,7 @@ struct BlendshapeFunction : public torch::autograd::Function<BlendshapeFunction>
     auto [grad_pred, grad_target, grad_raw] = call_backward(
         FL_OPERATOR("blendshape_backward", decltype(blendshape_backward_cpu)), present(grads[0]), present(grads[1]),
         saved[0], saved[1], saved[2], present(saved[3]), present(saved[4]), saved[5], present(saved[6]),
-        present(saved[7]), ctx->saved_data["landmark_rows"].toInt(), ctx->saved_data["terms"].toInt(), mask);
+        present(saved[7]), ctx->saved_data["landmark_rows"].toInt(), ctx->saved_data["term_mask"].toInt(), mask);
     if (mask[0]) out[0] = grad_pred;
     if (mask[1]) out[1] = grad_target;
     if (mask[2]) out[2] = grad_raw;
@@ -778,12 +774,12 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_autograd(const Tensor& pre
                                                                const OptTensor& raw_pred, const OptTensor& prev_pred,
                                                                const Tensor& settings, const OptTensor& group_coef,
                                                                const OptTensor& landmark_gram, int64_t landmark_rows,
-                                                               int64_t terms) {
+                                                               int64_t term_mask) {
   refuse_grad("blendshape_forward", "settings", settings);
   refuse_grad("blendshape_forward", "group_coef", group_coef);
   refuse_grad("blendshape_forward", "landmark_gram", landmark_gram);
   const variable_list out = BlendshapeFunction::apply(pred, target, raw_pred, prev_pred, settings, group_coef,
-                                                      landmark_gram, landmark_rows, terms);
+                                                      landmark_gram, landmark_rows, term_mask);
   return {out[0], out[1], out[2]};
 }
 
@@ -793,10 +789,10 @@ std::tuple<Tensor, Tensor, Tensor> blendshape_forward_autograd(const Tensor& pre
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def("blendshape_forward(Tensor pred, Tensor target, Tensor? raw_pred, Tensor? prev_pred, Tensor settings, "
-        "Tensor? group_coef, Tensor? landmark_gram, int landmark_rows, int terms) -> (Tensor, Tensor, Tensor)");
+        "Tensor? group_coef, Tensor? landmark_gram, int landmark_rows, int term_mask) -> (Tensor, Tensor, Tensor)");
   m.def("blendshape_backward(Tensor? grad_terms, Tensor? grad_total, Tensor col_stats, Tensor pred, Tensor target, "
         "Tensor? raw_pred, Tensor? prev_pred, Tensor settings, Tensor? group_coef, Tensor? landmark_gram, "
-        "int landmark_rows, int terms, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "int landmark_rows, int term_mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {

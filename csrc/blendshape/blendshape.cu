@@ -29,10 +29,6 @@ using cuda::warp_sum;
 constexpr int kThreads = 256;
 constexpr int kPerThread = 8;
 constexpr int kTile = kThreads * kPerThread;  // elements of a tile: SB x ST x K
-constexpr int kPartials = 16;                 // per block: the kNumSums sums, the weighted sum, padding
-constexpr int kWeighted = kNumSums;
-constexpr int64_t kColumnPartialsMax = int64_t(1) << 17;
-static_assert(kNumSums + 1 <= kPartials, "partials row too short");
 
 struct Tile {
   int ST, SB;  // time rows and batch rows of a tile
@@ -44,18 +40,6 @@ __device__ __forceinline__ typename AccOf<scalar_t>::type load(const void* x, co
   return to_acc(static_cast<const scalar_t*>(x)[b * s[0] + t * s[1] + k * s[2]]);
 }
 
-// The threshold rounded to the inputs' dtype (double -> float -> dtype, as PyTorch compares a tensor
-// with a Python float); blendshape_math.h's threshold_as, with the conversions torch's CUDA flags allow.
-template <typename scalar_t>
-__device__ __forceinline__ typename AccOf<scalar_t>::type threshold(double value) {
-  if constexpr (sizeof(scalar_t) == 8) return value;
-  else return to_acc(from_acc<scalar_t>(static_cast<float>(value)));
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sign_of(acc_t x) {
-  return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0));
-}
 
 // This block's time rows: the first, and the tile's columns (t, k) and elements per batch step.
 struct BlockTile {
@@ -112,13 +96,14 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   const BlockTile bt = block_tile(pb, tile);
   const int64_t t0 = bt.t0;
   const int tile_cols = bt.tile_cols, n = bt.n;
-  const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
-  const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
-  const bool landmark = has(pb.terms, kLandmark);
-  const acc_t thr = threshold<scalar_t>(in.settings[kThreshold]);
+  const bool cols = has(pb.term_mask, kPerceptual) && !pb.group_form;
+  const bool groups = has(pb.term_mask, kPerceptual) && pb.group_form;
+  const bool landmark = has(pb.term_mask, kLandmark);
+  const acc_t thr = threshold_as<scalar_t, acc_t>(in.settings[kThreshold],
+                                                 [](float x) { return to_acc(from_acc<scalar_t>(x)); });
   FL_SHARED(acc_t, e_s, [kTile]);
   FL_SHARED(acc_t, scratch, [kThreads / 32]);
-  FL_SHARED(acc_t, final_sums, [kPartials]);
+  FL_SHARED(acc_t, final_sums, [kPartialsWidth]);
   FL_SHARED(bool, is_last);
 
   acc_t sums[kNumSums] = {};
@@ -141,13 +126,13 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
           colT[i] += q;
           colS2[i] += e * e;
         }
-        if (has(pb.terms, kTemporal) && el.t + 1 < T) {
+        if (has(pb.term_mask, kTemporal) && el.t + 1 < T) {
           const acc_t e1 = load<scalar_t>(in.pred, in.strides[0], el.b, el.t + 1, el.k) -
                            load<scalar_t>(in.target, in.strides[1], el.b, el.t + 1, el.k);
           sums[kTemporalSq] += (e1 - e) * (e1 - e);
         }
-        if (has(pb.terms, kSmoothing)) sums[kSmoothAbs] += fabs(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
-        if (has(pb.terms, kConsistency)) {
+        if (has(pb.term_mask, kSmoothing)) sums[kSmoothAbs] += fabs(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
+        if (has(pb.term_mask, kConsistency)) {
           const acc_t d = p - load<scalar_t>(in.prev_pred, in.strides[3], el.b, el.t, el.k);
           sums[kConsistencySq] += d * d;
         }
@@ -210,11 +195,11 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   __syncthreads();
   for (int s = 0; s < kNumSums; ++s) {
     const acc_t v = block_sum(sums[s], scratch);
-    if (tid == 0) partials[block * kPartials + s] = v;
+    if (tid == 0) partials[block * kPartialsWidth + s] = v;
   }
   {
     const acc_t v = block_sum(weighted, scratch);
-    if (tid == 0) partials[block * kPartials + kWeighted] = v;
+    if (tid == 0) partials[block * kPartialsWidth + kWeightedSum] = v;
   }
 
   // The last block to arrive reduces the partials of all blocks, in block order.
@@ -226,9 +211,9 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch
   __threadfence();
   const int warp = tid / 32, lane = tid % 32;
-  for (int s = warp; s <= kWeighted; s += kThreads / 32) {
+  for (int s = warp; s <= kWeightedSum; s += kThreads / 32) {
     acc_t v = 0;
-    for (int64_t blk = lane; blk < nblocks; blk += 32) v += __ldcg(partials + blk * kPartials + s);
+    for (int64_t blk = lane; blk < nblocks; blk += 32) v += __ldcg(partials + blk * kPartialsWidth + s);
     v = warp_sum(v);
     if (lane == 0) final_sums[s] = v;
   }
@@ -269,15 +254,15 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
       }
     }
     const acc_t v = block_sum(local, scratch);
-    if (tid == 0) final_sums[kWeighted] = v;
+    if (tid == 0) final_sums[kWeightedSum] = v;
     __syncthreads();
   }
   if (tid == 0) {
     acc_t sum = 0;
     for (int term = 0; term < kNumTerms; ++term) {
-      if (!has(pb.terms, term)) continue;
-      const acc_t value = term_value<acc_t>(pb, term, final_sums, final_sums[kWeighted]);
-      terms[term_index(pb.terms, term)] = value;
+      if (!has(pb.term_mask, term)) continue;
+      const acc_t value = term_value<acc_t>(pb, term, final_sums, final_sums[kWeightedSum]);
+      terms[term_index(pb.term_mask, term)] = value;
       sum += static_cast<acc_t>(in.settings[term]) * value;
     }
     *total = sum;
@@ -294,9 +279,9 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
   const BlockTile bt = block_tile(pb, tile);
   const int64_t t0 = bt.t0;
   const int tile_cols = bt.tile_cols, n = bt.n;
-  const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
-  const bool groups = has(pb.terms, kPerceptual) && pb.group_form;
-  const bool landmark = has(pb.terms, kLandmark);
+  const bool cols = has(pb.term_mask, kPerceptual) && !pb.group_form;
+  const bool groups = has(pb.term_mask, kPerceptual) && pb.group_form;
+  const bool landmark = has(pb.term_mask, kLandmark);
   FL_SHARED(acc_t, e_s, [kTile]);
 
   const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
@@ -335,10 +320,10 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
       const acc_t p = load<scalar_t>(in.pred, in.strides[0], el.b, el.t, el.k);
       const acc_t e = p - load<scalar_t>(in.target, in.strides[1], el.b, el.t, el.k);
       const int64_t column = el.t * K + el.k;
-      acc_t ge = acc_t(2) * c_mse * e + c_l1 * sign_of(e);
+      acc_t ge = acc_t(2) * c_mse * e + c_l1 * sign(e);
       if (groups) ge += acc_t(2) * c_perc * (el.k < in.group_len ? static_cast<acc_t>(in.group_coef[el.k]) : acc_t(0)) * e;
       if (cols) ge += acc_t(2) * c_perc * w_col[column] * w_col[column] * e;
-      if (has(pb.terms, kTemporal)) {
+      if (has(pb.term_mask, kTemporal)) {
         if (el.t >= 1)
           ge += acc_t(2) * c_temporal * (e - (load<scalar_t>(in.pred, in.strides[0], el.b, el.t - 1, el.k) -
                                                load<scalar_t>(in.target, in.strides[1], el.b, el.t - 1, el.k)));
@@ -354,12 +339,12 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
         grad_target[at] = from_acc<scalar_t>(gq);
       }
       acc_t gp = ge;
-      if (has(pb.terms, kSmoothing)) {
-        const acc_t s = c_smooth * sign_of(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
+      if (has(pb.term_mask, kSmoothing)) {
+        const acc_t s = c_smooth * sign(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
         gp += s;
         if (grad_raw) grad_raw[at] = from_acc<scalar_t>(-s);
       }
-      if (has(pb.terms, kConsistency))
+      if (has(pb.term_mask, kConsistency))
         gp += acc_t(2) * c_cons * (p - load<scalar_t>(in.prev_pred, in.strides[3], el.b, el.t, el.k));
       if (grad_pred) grad_pred[at] = from_acc<scalar_t>(gp);
     }
@@ -387,7 +372,7 @@ dim3 grid_for(const CudaInputs& in, const Tile& tile, int per_sm, bool forward) 
   const int64_t t_blocks = (pb.T + tile.ST - 1) / tile.ST;
   int64_t groups = std::max<int64_t>(1, (pb.B + tile.SB - 1) / tile.SB);
   groups = std::min<int64_t>({groups, std::max<int64_t>(1, per_sm * cuda::sm_count() / t_blocks), 65535});
-  if (forward && has(pb.terms, kPerceptual) && !pb.group_form && groups > 1)
+  if (forward && has(pb.term_mask, kPerceptual) && !pb.group_form && groups > 1)
     groups = std::max<int64_t>(1, std::min<int64_t>(groups, kColumnPartialsMax / (2 * pb.T * pb.K)));
   return dim3(static_cast<unsigned>(t_blocks), static_cast<unsigned>(groups));
 }
@@ -398,9 +383,9 @@ size_t forward_workspace_bytes(const CudaInputs& in) {
   const Problem& pb = in.problem;
   const dim3 grid = grid_for(in, tile_for(pb), 4, true);
   const size_t acc = acc_size(in.dtype);
-  const bool cols = has(pb.terms, kPerceptual) && !pb.group_form;
+  const bool cols = has(pb.term_mask, kPerceptual) && !pb.group_form;
   const size_t columns = cols && grid.y > 1 ? size_t(grid.y) * 2 * pb.T * pb.K : 0;
-  return size_t(grid.x) * grid.y * kPartials * acc + columns * acc;
+  return size_t(grid.x) * grid.y * kPartialsWidth * acc + columns * acc;
 }
 
 template <typename scalar_t>
@@ -410,7 +395,7 @@ cudaError_t launch_forward(const CudaInputs& in, void* terms, void* total, void*
   const Tile tile = tile_for(in.problem);
   const dim3 grid = grid_for(in, tile, 4, true);
   auto* partials = static_cast<acc_t*>(workspace);
-  acc_t* colpart = partials + size_t(grid.x) * grid.y * kPartials;
+  acc_t* colpart = partials + size_t(grid.x) * grid.y * kPartialsWidth;
   return cuda::launch(blendshape_forward_kernel<scalar_t>, grid, dim3(kThreads), stream, in, tile,
                       static_cast<acc_t*>(terms), static_cast<acc_t*>(total), static_cast<acc_t*>(col_stats),
                       static_cast<unsigned int*>(counter), partials, colpart);

@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "../common/macros.h"
+#include "../common/math.h"
 
 namespace fusedloss {
 namespace blendshape {
@@ -39,20 +40,30 @@ constexpr int kNumSettings = kNumTerms + 1;
 
 // Sums the forward accumulates.
 enum Sum : int { kSqErr, kAbsErr, kActive, kGroupSq, kTemporalSq, kLandmarkSq, kSmoothAbs, kConsistencySq, kNumSums };
+// A block's (Triton program's) row of partial sums: the sums, then the weighted sum of the default
+// perceptual form, padded to a power of two.
+constexpr int kWeightedSum = kNumSums;
+constexpr int kPartialsWidth = 16;
+static_assert(kWeightedSum < kPartialsWidth, "partials row too short");
+// Rows of col_stats [2, T*K] (default perceptual form): importance weights, then sum_b e^2.
+enum ColStat : int { kColImportance = 0, kColSqErr = 1 };
+// At most this many column partials ([batch groups, 2, T*K] scratch) per forward: wide inputs use
+// fewer batch groups rather than more scratch.
+constexpr int64_t kColumnPartialsMax = int64_t(1) << 17;
 
 struct Problem {
   int64_t B, T, K;
   int64_t J;        // landmark rows (the matrix is [J, K])
-  int terms;        // term mask
+  int term_mask;        // term mask
   bool group_form;  // perceptual as groups (else the default form with importance weights)
 };
 
-FL_HOST_DEVICE bool has(int terms, int term) { return (terms >> term) & 1; }
+FL_HOST_DEVICE bool has(int term_mask, int term) { return (term_mask >> term) & 1; }
 
 // Position of a computed term in the output.
-FL_HOST_DEVICE int term_index(int terms, int term) {
+FL_HOST_DEVICE int term_index(int term_mask, int term) {
   int index = 0;
-  for (int i = 0; i < term; ++i) index += has(terms, i);
+  for (int i = 0; i < term; ++i) index += has(term_mask, i);
   return index;
 }
 
@@ -91,23 +102,19 @@ template <typename acc_t>
 FL_HOST_DEVICE acc_t grad_coefficient(const Problem& p, int term, const acc_t* grad_terms, int64_t g_stride,
                                       acc_t grad_total, const double* settings) {
   const int64_t count = term_count(p, term);
-  if (!has(p.terms, term) || count <= 0) return acc_t(0);
-  const acc_t g_term = grad_terms != nullptr ? grad_terms[term_index(p.terms, term) * g_stride] : acc_t(0);
+  if (!has(p.term_mask, term) || count <= 0) return acc_t(0);
+  const acc_t g_term = grad_terms != nullptr ? grad_terms[term_index(p.term_mask, term) * g_stride] : acc_t(0);
   const acc_t g = g_term + static_cast<acc_t>(settings[term]) * grad_total;
   return g / static_cast<acc_t>(count);
 }
 
 // The threshold rounded to the inputs' dtype, as PyTorch compares a tensor with a Python float
-// (double -> float -> dtype, like c10's scalar conversion).
-template <typename scalar_t, typename acc_t>
-FL_HOST_DEVICE acc_t threshold_as(double threshold) {
+// (double -> float -> dtype, like c10's scalar conversion). round(x) rounds a float to scalar_t and
+// back to acc_t: casts on the CPU; on the GPU the conversions torch's nvcc flags allow.
+template <typename scalar_t, typename acc_t, typename Round>
+FL_HOST_DEVICE acc_t threshold_as(double threshold, Round round) {
   if constexpr (sizeof(scalar_t) == 8) return static_cast<acc_t>(threshold);
-  else return static_cast<acc_t>(static_cast<scalar_t>(static_cast<float>(threshold)));
-}
-
-template <typename acc_t>
-FL_HOST_DEVICE acc_t sign(acc_t x) {
-  return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0));
+  else return round(static_cast<float>(threshold));
 }
 
 }  // namespace blendshape

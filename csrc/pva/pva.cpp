@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../common/arrival_counter.h"
+#include "../common/cuda_dtype_of.h"
 #include "pva_cuda.h"
 #endif
 
@@ -126,7 +127,7 @@ struct Rows {
   const scalar_t* target;
   const scalar_t* cond;  // null without last-frame terms
   int64_t B, L, D;
-  int64_t pb, pt, pd, qb, qt, qd, cb, cd;  // strides of pred, target, cond_frame
+  int64_t sp_b, sp_t, sp_d, sq_b, sq_t, sq_d, sc_b, sc_d;  // strides of pred, target, cond_frame
 };
 
 template <typename scalar_t>
@@ -138,11 +139,11 @@ Rows<scalar_t> make_rows(const Tensor& pred, const Tensor& target, const std::op
   r.B = pred.size(0);
   r.L = pred.size(1);
   r.D = pred.size(2);
-  r.pb = pred.stride(0), r.pt = pred.stride(1), r.pd = pred.stride(2);
-  r.qb = target.stride(0), r.qt = target.stride(1), r.qd = target.stride(2);
+  r.sp_b = pred.stride(0), r.sp_t = pred.stride(1), r.sp_d = pred.stride(2);
+  r.sq_b = target.stride(0), r.sq_t = target.stride(1), r.sq_d = target.stride(2);
   if (use_cond) {
     r.cond = cond->const_data_ptr<scalar_t>();
-    r.cb = cond->stride(0), r.cd = cond->stride(1);
+    r.sc_b = cond->stride(0), r.sc_d = cond->stride(1);
   }
   return r;
 }
@@ -183,17 +184,17 @@ struct Scratch {
 // Row loops. Each takes FL_R (restrict) pointers (its rows never overlap) so the compiler
 // vectorises it; they are inlined into the cloned (FL_CPU_CLONES) per-batch-element functions below.
 
-// e0 = p - q and the column sums of P, and of V and A once rows t-1 (e1), t-2 (e2) exist.
+// e0 = p - q and the column sums of P, and of V and A once rows t-1 (em1), t-2 (em2) exist.
 template <typename acc_t, bool kL1, int kOrder>
 inline void accumulate_row(int64_t D, const acc_t* FL_R p, const acc_t* FL_R q, acc_t* FL_R e0,
-                           const acc_t* FL_R e1, const acc_t* FL_R e2, acc_t* FL_R SP, acc_t* FL_R SV,
+                           const acc_t* FL_R em1, const acc_t* FL_R em2, acc_t* FL_R SP, acc_t* FL_R SV,
                            acc_t* FL_R SA) {
   for (int64_t d = 0; d < D; ++d) {
     const acc_t x = p[d] - q[d];
     e0[d] = x;
     SP[d] += err(x, kL1);
-    if constexpr (kOrder >= 1) SV[d] += err(x - e1[d], kL1);
-    if constexpr (kOrder >= 2) SA[d] += err(x - acc_t(2) * e1[d] + e2[d], kL1);
+    if constexpr (kOrder >= 1) SV[d] += err(x - em1[d], kL1);
+    if constexpr (kOrder >= 2) SA[d] += err(x - acc_t(2) * em1[d] + em2[d], kL1);
   }
 }
 
@@ -244,21 +245,21 @@ FL_CPU_CLONES void column_sums(const Rows<scalar_t>& r, bool last_frame, int64_t
   acc_t* p_buf = w.row(kPredBuf);
   acc_t* q_buf = w.row(kTargetBuf);
   if (last_frame) {
-    const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.pb, r.pd, D, p_buf);
-    const acc_t* c = acc_row<acc_t>(r.cond + b * r.cb, r.cd, D, q_buf);
+    const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.sp_b, r.sp_d, D, p_buf);
+    const acc_t* c = acc_row<acc_t>(r.cond + b * r.sc_b, r.sc_d, D, q_buf);
     acc_t* SL = S + kL * D;
     for (int64_t d = 0; d < D; ++d) SL[d] += err(p0[d] - c[d], kL1);
   }
   for (int64_t t = 0; t < r.L; ++t) {
     acc_t* e0 = w.ring(kErrorRing, t, 3);
-    const acc_t* e1 = w.ring(kErrorRing, t + 2, 3);  // row t-1
-    const acc_t* e2 = w.ring(kErrorRing, t + 1, 3);  // row t-2
-    const acc_t* p = acc_row<acc_t>(r.pred + b * r.pb + t * r.pt, r.pd, D, p_buf);
-    const acc_t* q = acc_row<acc_t>(r.target + b * r.qb + t * r.qt, r.qd, D, q_buf);
+    const acc_t* em1 = w.ring(kErrorRing, t + 2, 3);  // row t-1
+    const acc_t* em2 = w.ring(kErrorRing, t + 1, 3);  // row t-2
+    const acc_t* p = acc_row<acc_t>(r.pred + b * r.sp_b + t * r.sp_t, r.sp_d, D, p_buf);
+    const acc_t* q = acc_row<acc_t>(r.target + b * r.sq_b + t * r.sq_t, r.sq_d, D, q_buf);
     if (kReg) add_abs(D, p, SR);
-    if (t >= 2) accumulate_row<acc_t, kL1, 2>(D, p, q, e0, e1, e2, SP, SV, SA);
-    else if (t == 1) accumulate_row<acc_t, kL1, 1>(D, p, q, e0, e1, e2, SP, SV, SA);
-    else accumulate_row<acc_t, kL1, 0>(D, p, q, e0, e1, e2, SP, SV, SA);
+    if (t >= 2) accumulate_row<acc_t, kL1, 2>(D, p, q, e0, em1, em2, SP, SV, SA);
+    else if (t == 1) accumulate_row<acc_t, kL1, 1>(D, p, q, e0, em1, em2, SP, SV, SA);
+    else accumulate_row<acc_t, kL1, 0>(D, p, q, e0, em1, em2, SP, SV, SA);
   }
 }
 
@@ -362,8 +363,8 @@ FL_CPU_CLONES void gradient_rows(const Rows<scalar_t>& r, bool last_frame, const
   const acc_t* cR = coef + kR * D;
   auto load = [&](int64_t t) {  // e (and pred) of row t into their ring slots
     acc_t* pr = w.ring(kPredRing, t, 3);
-    const acc_t* p = acc_row<acc_t>(r.pred + b * r.pb + t * r.pt, r.pd, D, pr);
-    const acc_t* q = acc_row<acc_t>(r.target + b * r.qb + t * r.qt, r.qd, D, w.row(kTargetBuf));
+    const acc_t* p = acc_row<acc_t>(r.pred + b * r.sp_b + t * r.sp_t, r.sp_d, D, pr);
+    const acc_t* q = acc_row<acc_t>(r.target + b * r.sq_b + t * r.sq_t, r.sq_d, D, w.row(kTargetBuf));
     difference(D, p, q, w.ring(kErrorRing, t, 3));
     if (kReg && p != pr) std::copy(p, p + D, pr);
   };
@@ -383,8 +384,8 @@ FL_CPU_CLONES void gradient_rows(const Rows<scalar_t>& r, bool last_frame, const
     if (!grad_pred && !grad_cond) continue;
     if (kReg) add_scaled_sign(D, w.ring(kPredRing, t, 3), cR, g);
     if (t == 0 && last_frame) {  // the last-frame term joins d/dpred before the one rounding
-      const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.pb, r.pd, D, w.row(kPredBuf));
-      const acc_t* c = acc_row<acc_t>(r.cond + b * r.cb, r.cd, D, w.row(kTargetBuf));
+      const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.sp_b, r.sp_d, D, w.row(kPredBuf));
+      const acc_t* c = acc_row<acc_t>(r.cond + b * r.sc_b, r.sc_d, D, w.row(kTargetBuf));
       acc_t* gl = w.row(kLastFrameRow);
       for (int64_t d = 0; d < D; ++d) gl[d] = cL[d] * err_grad(p0[d] - c[d], kL1);
       for (int64_t d = 0; d < D; ++d) g[d] += gl[d];
@@ -459,16 +460,6 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
 }
 
 #ifdef WITH_CUDA
-DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "pva: unsupported dtype ", t);
-  }
-}
-
 CudaInputs cuda_inputs(const Tensor& pred, const Tensor& target, const std::optional<Tensor>& cond,
                        const Tensor& table, const std::optional<Tensor>& dim_ws, const Options& o) {
   CudaInputs in{};
@@ -484,7 +475,7 @@ CudaInputs cuda_inputs(const Tensor& pred, const Tensor& target, const std::opti
   in.dim_ws = dim_ws ? dim_ws->const_data_ptr<double>() : nullptr;
   in.B = pred.size(0), in.L = pred.size(1), in.D = pred.size(2);
   in.opts = o;
-  in.dtype = cuda_dtype(pred.scalar_type());
+  in.dtype = cuda_dtype_of(pred.scalar_type());
   return in;
 }
 

@@ -31,11 +31,6 @@ using cuda::AccOf;
 using cuda::to_acc;
 using cuda::warp_sum;
 
-template <typename T>
-__device__ __forceinline__ T store_value(typename AccOf<T>::type x) {
-  return cuda::from_acc<T>(x);
-}
-
 // Work item -> (batch element, first time row, end time row).
 struct Item {
   int64_t b, t0, t1;
@@ -227,7 +222,7 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
     acc_t g_last = 0;
     if (o.last_frame && t0 == 0) {
       g_last = cL * err_grad(col.pred(0) - cond_value<scalar_t>(in, it.b, d), l1);
-      if (grad_cond) grad_cond[it.b * in.D + d] = store_value<scalar_t>(-g_last);
+      if (grad_cond) grad_cond[it.b * in.D + d] = cuda::from_acc<scalar_t>(-g_last);
     }
     for (int64_t t = t0; t < it.t1; ++t) {
       const acc_t e_p2 = col.error(t + 2);
@@ -235,12 +230,12 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
       const acc_t ga_0 = (t + 2 < L) ? err_grad(e_p2 - acc_t(2) * e_p1 + e_0, l1) : acc_t(0);
       const acc_t ge = cP * err_grad(e_0, l1) + cV * (gv_m1 - gv_0) + cA * (ga_m2 - acc_t(2) * ga_m1 + ga_0);
       const int64_t idx = (it.b * L + t) * in.D + d;
-      if (grad_target) grad_target[idx] = store_value<scalar_t>(-ge);
+      if (grad_target) grad_target[idx] = cuda::from_acc<scalar_t>(-ge);
       if (grad_pred) {
         acc_t g = ge;
         if (o.reg) g += cR * sign(col.pred(t));
         if (t == 0) g += g_last;
-        grad_pred[idx] = store_value<scalar_t>(g);
+        grad_pred[idx] = cuda::from_acc<scalar_t>(g);
       }
       e_m1 = e_0;
       e_0 = e_p1;

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "../common/macros.h"
+#include "../common/math.h"
 
 namespace fusedloss {
 namespace pva {
@@ -54,13 +55,8 @@ FL_HOST_DEVICE acc_t err(acc_t x, bool l1) {
 // d err / dx; the derivative of |x| at 0 is 0, as in torch.abs.
 template <typename acc_t>
 FL_HOST_DEVICE acc_t err_grad(acc_t x, bool l1) {
-  if (l1) return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0));
+  if (l1) return sign(x);
   return acc_t(2) * x;
-}
-
-template <typename acc_t>
-FL_HOST_DEVICE acc_t sign(acc_t x) {
-  return acc_t(x > acc_t(0)) - acc_t(x < acc_t(0));
 }
 
 // Ditto's convention: start <= 0 means 0 and end <= 0 means D.

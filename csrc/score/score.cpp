@@ -30,6 +30,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../common/arrival_counter.h"
+#include "../common/cuda_dtype_of.h"
 #include "score_cuda.h"
 #endif
 
@@ -43,17 +44,17 @@ using OptTensor = std::optional<Tensor>;
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 Problem check_inputs(const Tensor& scores, const OptTensor& logits, const Tensor& labels, const Tensor& settings,
-                     int64_t terms, bool smooth_l1, bool ranking_sum) {
+                     int64_t term_mask, bool smooth_l1, bool ranking_sum) {
   // [B] or [B, 1]: read along dim 0 (the gradient has the input's shape).
   TORCH_CHECK(scores.dim() == 1 || (scores.dim() == 2 && scores.size(1) == 1), "score: scores must be [B] or [B, 1]");
   TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "score: scores must be floating point");
   const int64_t B = scores.size(0);
   TORCH_CHECK(B < (int64_t(1) << 31), "score: at most 2^31 - 1 scores");
-  TORCH_CHECK(terms >= 0 && terms < (1 << kNumTerms), "score: bad term mask ", terms);
+  TORCH_CHECK(term_mask >= 0 && term_mask < (1 << kNumTerms), "score: bad term mask ", term_mask);
   TORCH_CHECK((labels.dim() == 1 || (labels.dim() == 2 && labels.size(1) == 1)) && labels.size(0) == B && at::isFloatingType(labels.scalar_type()) &&
                   labels.device() == scores.device(),
               "score: labels must be a floating-point [B] or [B, 1] tensor on scores' device");
-  if (has(terms, kClassification)) {
+  if (has(term_mask, kClassification)) {
     TORCH_CHECK(logits.has_value(), "score: logits are required for the classification term");
     TORCH_CHECK(logits->dim() == 2 && logits->size(0) == B && logits->size(1) == 2 &&
                     logits->scalar_type() == scores.scalar_type() && logits->device() == scores.device(),
@@ -62,7 +63,7 @@ Problem check_inputs(const Tensor& scores, const OptTensor& logits, const Tensor
   TORCH_CHECK(settings.dim() == 1 && settings.size(0) == kNumSettings && settings.scalar_type() == at::kDouble &&
                   settings.is_contiguous() && settings.device() == scores.device(),
               "score: settings must be a contiguous float64 [4] tensor on scores' device");
-  return Problem{B, static_cast<int>(terms), smooth_l1, ranking_sum};
+  return Problem{B, static_cast<int>(term_mask), smooth_l1, ranking_sum};
 }
 
 // Labels are read in scores' dtype or in the arithmetic type; any other dtype is converted to the
@@ -186,7 +187,7 @@ template <typename scalar_t, typename label_t>
 void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const double* settings, Tensor& terms,
                  Tensor& total, Tensor& counts, Tensor& rank_scale, Tensor& status) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const bool rank = has(pb.terms, kRanking), cls = has(pb.terms, kClassification);
+  const bool rank = has(pb.term_mask, kRanking), cls = has(pb.term_mask, kClassification);
   const acc_t margin = static_cast<acc_t>(settings[kMargin]);
   int32_t* count_out = rank ? counts.data_ptr<int32_t>() : nullptr;
   // Counting each score's pairs by scanning the other class (no sort) was measured no faster, even
@@ -233,12 +234,12 @@ void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const d
   const double pairs = static_cast<double>(reals) * static_cast<double>(pb.B - reals);
   const double scale = pb.ranking_sum ? 1.0 : (pairs > 0 ? 1.0 / pairs : 0.0);
   const double inv_B = pb.B > 0 ? 1.0 / static_cast<double>(pb.B) : 0.0;
-  acc_t values[kNumTerms] = {has(pb.terms, kRegression) ? static_cast<acc_t>(sum.regression * inv_B) : acc_t(0),
+  acc_t values[kNumTerms] = {has(pb.term_mask, kRegression) ? static_cast<acc_t>(sum.regression * inv_B) : acc_t(0),
                              cls ? static_cast<acc_t>(sum.classification * inv_B) : acc_t(0),
                              rank ? static_cast<acc_t>(sum.ranking * scale) : acc_t(0)};
   acc_t weighted = 0;
   for (int t = 0; t < kNumTerms; ++t)
-    if (has(pb.terms, t)) weighted += static_cast<acc_t>(settings[t]) * values[t];
+    if (has(pb.term_mask, t)) weighted += static_cast<acc_t>(settings[t]) * values[t];
   std::copy(values, values + kNumTerms, terms.data_ptr<acc_t>());
   *total.data_ptr<acc_t>() = weighted;
   *rank_scale.data_ptr<double>() = scale;
@@ -254,19 +255,19 @@ Outputs empty_outputs(const Tensor& scores, const Problem& pb) {
   const auto options = scores.options();
   const auto acc = options.dtype(acc_type_of(scores.scalar_type()));
   return {at::empty({kNumTerms}, acc), at::empty({}, acc),
-          at::empty({has(pb.terms, kRanking) ? pb.B : 0}, options.dtype(at::kInt)),
+          at::empty({has(pb.term_mask, kRanking) ? pb.B : 0}, options.dtype(at::kInt)),
           at::empty({}, options.dtype(at::kDouble)), at::empty({}, options.dtype(at::kInt))};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cpu(const Tensor& scores, const OptTensor& logits,
                                                                       const Tensor& labels_in, const Tensor& settings,
-                                                                      int64_t terms, bool smooth_l1, bool ranking_sum) {
-  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+                                                                      int64_t term_mask, bool smooth_l1, bool ranking_sum) {
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, term_mask, smooth_l1, ranking_sum);
   const Tensor labels = labels_as_read(labels_in, scores);
   Outputs out = empty_outputs(scores, pb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "score_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const bool cls = has(pb.terms, kClassification);
+    const bool cls = has(pb.term_mask, kClassification);
     const scalar_t* l = cls ? logits->const_data_ptr<scalar_t>() : nullptr;
     const int64_t ls0 = cls ? logits->stride(0) : 0, ls1 = cls ? logits->stride(1) : 0;
     auto run = [&](auto label) {
@@ -291,7 +292,7 @@ void check_grads(const OptTensor& grad_terms, const OptTensor& grad_total, const
   TORCH_CHECK(!grad_total ||
                   (grad_total->dim() == 0 && grad_total->scalar_type() == acc && grad_total->device() == scores.device()),
               "score: grad_total must be a 0-dim tensor of the terms' dtype");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == (has(pb.terms, kRanking) ? pb.B : 0) &&
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == (has(pb.term_mask, kRanking) ? pb.B : 0) &&
                   counts.scalar_type() == at::kInt && counts.is_contiguous() && counts.device() == scores.device(),
               "score: counts must be the forward's int32 [B] active-pair counts");
   TORCH_CHECK(rank_scale.dim() == 0 && rank_scale.scalar_type() == at::kDouble &&
@@ -301,7 +302,7 @@ void check_grads(const OptTensor& grad_terms, const OptTensor& grad_total, const
 
 std::tuple<Tensor, Tensor> empty_gradients(const Tensor& scores, const OptTensor& logits, const Problem& pb,
                                            std::array<bool, 2> mask) {
-  const bool cls = mask[1] && has(pb.terms, kClassification);
+  const bool cls = mask[1] && has(pb.term_mask, kClassification);
   return {mask[0] ? at::empty(scores.sizes(), scores.options()) : at::empty({0}, scores.options()),
           cls ? at::empty({pb.B, 2}, logits->options()) : at::empty({0}, scores.options())};
 }
@@ -309,9 +310,9 @@ std::tuple<Tensor, Tensor> empty_gradients(const Tensor& scores, const OptTensor
 std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const OptTensor& grad_total,
                                               const Tensor& counts, const Tensor& rank_scale, const Tensor& scores,
                                               const OptTensor& logits, const Tensor& labels_in,
-                                              const Tensor& settings, int64_t terms, bool smooth_l1,
+                                              const Tensor& settings, int64_t term_mask, bool smooth_l1,
                                               bool ranking_sum, std::array<bool, 2> output_mask) {
-  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, term_mask, smooth_l1, ranking_sum);
   check_grads(grad_terms, grad_total, counts, rank_scale, scores, pb);
   const Tensor labels = labels_as_read(labels_in, scores);
   auto [grad_scores, grad_logits] = empty_gradients(scores, logits, pb, output_mask);
@@ -326,12 +327,12 @@ std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const
     const acc_t g_total = value_or_zero<acc_t>(grad_total);
     auto coef = [&](int t) { return (gt != nullptr ? gt[t * g_stride] : acc_t(0)) + static_cast<acc_t>(w[t]) * g_total; };
     const acc_t inv_B = acc_t(1) / static_cast<acc_t>(pb.B);
-    const acc_t c_reg = has(pb.terms, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
+    const acc_t c_reg = has(pb.term_mask, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
     const acc_t c_cls = coef(kClassification) * inv_B;
-    const acc_t c_rank = has(pb.terms, kRanking)
+    const acc_t c_rank = has(pb.term_mask, kRanking)
                              ? static_cast<acc_t>(static_cast<double>(coef(kRanking)) * *rank_scale.const_data_ptr<double>())
                              : acc_t(0);
-    const int32_t* count = has(pb.terms, kRanking) ? counts.const_data_ptr<int32_t>() : nullptr;
+    const int32_t* count = has(pb.term_mask, kRanking) ? counts.const_data_ptr<int32_t>() : nullptr;
     scalar_t* gs = grad_scores.numel() ? grad_scores.data_ptr<scalar_t>() : nullptr;
     scalar_t* gl = grad_logits.numel() ? grad_logits.data_ptr<scalar_t>() : nullptr;
     const scalar_t* s_ptr = scores.const_data_ptr<scalar_t>();
@@ -377,27 +378,21 @@ CudaInputs cuda_inputs(const Tensor& scores, const OptTensor& logits, const Tens
   in.labels = labels.const_data_ptr();
   in.labels_stride = labels.stride(0);
   in.labels_in_acc = labels.scalar_type() != scores.scalar_type();
-  const bool cls = has(pb.terms, kClassification);
+  const bool cls = has(pb.term_mask, kClassification);
   in.logits = cls ? logits->const_data_ptr() : nullptr;
   in.logits_strides[0] = cls ? logits->stride(0) : 0;
   in.logits_strides[1] = cls ? logits->stride(1) : 0;
   in.settings = settings.const_data_ptr<double>();
   in.problem = pb;
-  switch (scores.scalar_type()) {
-    case at::kFloat: in.dtype = DType::kFloat32; break;
-    case at::kDouble: in.dtype = DType::kFloat64; break;
-    case at::kHalf: in.dtype = DType::kFloat16; break;
-    case at::kBFloat16: in.dtype = DType::kBFloat16; break;
-    default: TORCH_CHECK(false, "score: unsupported dtype ", scores.scalar_type());
-  }
+  in.dtype = cuda_dtype_of(scores.scalar_type());
   return in;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cuda(const Tensor& scores, const OptTensor& logits,
                                                                        const Tensor& labels_in, const Tensor& settings,
-                                                                       int64_t terms, bool smooth_l1,
+                                                                       int64_t term_mask, bool smooth_l1,
                                                                        bool ranking_sum) {
-  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, term_mask, smooth_l1, ranking_sum);
   const c10::cuda::CUDAGuard guard(scores.device());
   const Tensor labels = labels_as_read(labels_in, scores);
   Outputs out = empty_outputs(scores, pb);
@@ -416,9 +411,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cuda(const Tens
 std::tuple<Tensor, Tensor> score_backward_cuda(const OptTensor& grad_terms, const OptTensor& grad_total,
                                                const Tensor& counts, const Tensor& rank_scale, const Tensor& scores,
                                                const OptTensor& logits, const Tensor& labels_in,
-                                               const Tensor& settings, int64_t terms, bool smooth_l1,
+                                               const Tensor& settings, int64_t term_mask, bool smooth_l1,
                                                bool ranking_sum, std::array<bool, 2> output_mask) {
-  const Problem pb = check_inputs(scores, logits, labels_in, settings, terms, smooth_l1, ranking_sum);
+  const Problem pb = check_inputs(scores, logits, labels_in, settings, term_mask, smooth_l1, ranking_sum);
   check_grads(grad_terms, grad_total, counts, rank_scale, scores, pb);
   const c10::cuda::CUDAGuard guard(scores.device());
   const Tensor labels = labels_as_read(labels_in, scores);
@@ -426,7 +421,7 @@ std::tuple<Tensor, Tensor> score_backward_cuda(const OptTensor& grad_terms, cons
   if (grad_scores.numel() + grad_logits.numel() > 0) {
     const CudaInputs in = cuda_inputs(scores, logits, labels, settings, pb);
     const CudaGradients g{data_or_null(grad_terms), stride_or_zero(grad_terms), data_or_null(grad_total),
-                          has(pb.terms, kRanking) ? counts.const_data_ptr<int32_t>() : nullptr,
+                          has(pb.term_mask, kRanking) ? counts.const_data_ptr<int32_t>() : nullptr,
                           rank_scale.const_data_ptr<double>(),
                           grad_scores.numel() ? grad_scores.data_ptr() : nullptr,
                           grad_logits.numel() ? grad_logits.data_ptr() : nullptr};
@@ -443,14 +438,14 @@ std::tuple<Tensor, Tensor> score_backward_cuda(const OptTensor& grad_terms, cons
 
 struct ScoreFunction : public torch::autograd::Function<ScoreFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& scores, const OptTensor& logits,
-                               const Tensor& labels, const Tensor& settings, int64_t terms, bool smooth_l1,
+                               const Tensor& labels, const Tensor& settings, int64_t term_mask, bool smooth_l1,
                                bool ranking_sum) {
     const at::AutoDispatchBelowADInplaceOrView below;
     auto [values, total, counts, rank_scale, status] =
         FL_OPERATOR("score_forward", decltype(score_forward_cpu))
-            .call(scores, logits, labels, settings, terms, smooth_l1, ranking_sum);
+            .call(scores, logits, labels, settings, term_mask, smooth_l1, ranking_sum);
     ctx->save_for_backward({counts, rank_scale, scores, saved_or_undefined(logits), labels, settings});
-    ctx->saved_data["terms"] = terms;
+    ctx->saved_data["term_mask"] = term_mask;
     ctx->saved_data["smooth_l1"] = smooth_l1;
     ctx->saved_data["ranking_sum"] = ranking_sum;
     ctx->mark_non_differentiable({counts, rank_scale, status});
@@ -468,7 +463,7 @@ struct ScoreFunction : public torch::autograd::Function<ScoreFunction> {
     if (!mask[0] && !mask[1]) return out;
     auto [grad_scores, grad_logits] = call_backward(
         FL_OPERATOR("score_backward", decltype(score_backward_cpu)), present(grads[0]), present(grads[1]), saved[0],
-        saved[1], saved[2], present(saved[3]), saved[4], saved[5], ctx->saved_data["terms"].toInt(),
+        saved[1], saved[2], present(saved[3]), saved[4], saved[5], ctx->saved_data["term_mask"].toInt(),
         ctx->saved_data["smooth_l1"].toBool(), ctx->saved_data["ranking_sum"].toBool(), mask);
     if (mask[0]) out[0] = grad_scores;
     if (mask[1]) out[1] = grad_logits;
@@ -479,10 +474,10 @@ struct ScoreFunction : public torch::autograd::Function<ScoreFunction> {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_autograd(const Tensor& scores,
                                                                           const OptTensor& logits,
                                                                           const Tensor& labels,
-                                                                          const Tensor& settings, int64_t terms,
+                                                                          const Tensor& settings, int64_t term_mask,
                                                                           bool smooth_l1, bool ranking_sum) {
   refuse_grad("score_forward", "settings", settings);
-  const variable_list out = ScoreFunction::apply(scores, logits, labels, settings, terms, smooth_l1, ranking_sum);
+  const variable_list out = ScoreFunction::apply(scores, logits, labels, settings, term_mask, smooth_l1, ranking_sum);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -491,10 +486,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_autograd(const 
 }  // namespace fusedloss
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
-  m.def("score_forward(Tensor scores, Tensor? logits, Tensor labels, Tensor settings, int terms, bool smooth_l1, "
+  m.def("score_forward(Tensor scores, Tensor? logits, Tensor labels, Tensor settings, int term_mask, bool smooth_l1, "
         "bool ranking_sum) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("score_backward(Tensor? grad_terms, Tensor? grad_total, Tensor counts, Tensor rank_scale, Tensor scores, "
-        "Tensor? logits, Tensor labels, Tensor settings, int terms, bool smooth_l1, bool ranking_sum, "
+        "Tensor? logits, Tensor labels, Tensor settings, int term_mask, bool smooth_l1, bool ranking_sum, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
 }
 

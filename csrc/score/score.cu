@@ -1,6 +1,6 @@
 // Score loss CUDA kernels. The math (terms, pair activity, searches) is score_math.h's.
 //
-// forward, up to kAllPairsMax scores: one launch. A thread owns a score; the block walks over all
+// forward, up to kCudaAllPairsMax scores: one launch. A thread owns a score; the block walks over all
 //           scores in shared-memory tiles and counts the active partners of each thread's score.
 // forward, beyond: a keys kernel writes the two sort rows [2, B] (reals: the score, or +inf for a
 //           fake; fakes: the score, or -inf for a real), two CUB radix sorts order them, and one
@@ -29,7 +29,6 @@ using cuda::to_acc;
 using cuda::warp_sum;
 
 constexpr int kThreads = 256;
-constexpr int64_t kAllPairsMax = 2048;  // an estimate, to be tuned on a GPU
 // Per-block partial sums (double): regression, classification, ranking, reals, bad scores, bad logits.
 enum Partial : int { kRegSum, kClsSum, kRankSum, kReals, kBadScores, kBadLogits, kNumPartials };
 
@@ -48,7 +47,7 @@ int forward_blocks(const Problem& pb, bool sorted) {
   return static_cast<int>(std::max<int64_t>(1, sorted ? std::min<int64_t>(blocks, 4 * cuda::sm_count()) : blocks));
 }
 
-bool uses_sort(const Problem& pb) { return has(pb.terms, kRanking) && pb.B > kAllPairsMax; }
+bool uses_sort(const Problem& pb) { return has(pb.term_mask, kRanking) && pb.B > kCudaAllPairsMax; }
 
 size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
@@ -86,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   const Problem pb = in.problem;
   const int64_t B = pb.B;
   const int tid = threadIdx.x;
-  const bool rank = has(pb.terms, kRanking), cls = has(pb.terms, kClassification);
+  const bool rank = has(pb.term_mask, kRanking), cls = has(pb.term_mask, kClassification);
   const acc_t margin = static_cast<acc_t>(in.settings[kMargin]);
   double sums[kNumPartials] = {};
   // Every thread of a block runs the same rounds (the all-pairs tiles synchronise the block).
@@ -164,13 +163,13 @@ __global__ void __launch_bounds__(kThreads)
   const double scale = pb.ranking_sum ? 1.0 : (pairs > 0 ? 1.0 / pairs : 0.0);
   const double inv_B = B > 0 ? 1.0 / double(B) : 0.0;
   const acc_t values[kNumTerms] = {
-      has(pb.terms, kRegression) ? static_cast<acc_t>(final_sums[kRegSum] * inv_B) : acc_t(0),
+      has(pb.term_mask, kRegression) ? static_cast<acc_t>(final_sums[kRegSum] * inv_B) : acc_t(0),
       cls ? static_cast<acc_t>(final_sums[kClsSum] * inv_B) : acc_t(0),
       rank ? static_cast<acc_t>(final_sums[kRankSum] * scale) : acc_t(0)};
   acc_t weighted = 0;
   for (int t = 0; t < kNumTerms; ++t) {
     static_cast<acc_t*>(out.terms)[t] = values[t];
-    if (has(pb.terms, t)) weighted += static_cast<acc_t>(in.settings[t]) * values[t];
+    if (has(pb.term_mask, t)) weighted += static_cast<acc_t>(in.settings[t]) * values[t];
   }
   *static_cast<acc_t*>(out.total) = weighted;
   *out.rank_scale = scale;
@@ -191,8 +190,8 @@ __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in,
     return (gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0)) + static_cast<acc_t>(in.settings[t]) * g_total;
   };
   const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
-  const acc_t c_reg = has(pb.terms, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
-  const acc_t c_cls = has(pb.terms, kClassification) ? coef(kClassification) * inv_B : acc_t(0);
+  const acc_t c_reg = has(pb.term_mask, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
+  const acc_t c_cls = has(pb.term_mask, kClassification) ? coef(kClassification) * inv_B : acc_t(0);
   const acc_t c_rank = g.counts ? static_cast<acc_t>(static_cast<double>(coef(kRanking)) * *g.rank_scale) : acc_t(0);
   auto* gs = static_cast<scalar_t*>(g.grad_scores);
   auto* gl = static_cast<scalar_t*>(g.grad_logits);

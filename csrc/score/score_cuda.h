@@ -48,7 +48,7 @@ struct CudaGradients {
 
 size_t forward_workspace_bytes(const CudaInputs& in);
 
-// Up to kAllPairsMax scores, one launch counts every pair directly. Beyond, the scores of each
+// Up to kCudaAllPairsMax (score_math.h) scores, one launch counts every pair directly. Beyond, the scores of each
 // class are sorted (a keys kernel and two CUB radix sorts) and one launch counts by binary search.
 // counter: an int32 that is 0 on entry and that the kernel leaves at 0.
 cudaError_t forward_cuda(const CudaInputs& in, const CudaOutputs& out, void* workspace, void* counter,

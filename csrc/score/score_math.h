@@ -34,15 +34,18 @@ constexpr int kMargin = kNumTerms;
 constexpr int kNumSettings = kNumTerms + 1;
 // Bits of the status the forward reports (check_finite).
 enum Status : int { kScoresNotFinite = 1, kLogitsNotFinite = 2, kTotalNotFinite = 4 };
+// Largest batch whose ranking the CUDA forward counts by comparing every pair (beyond: it sorts).
+// The reasoning, and Triton's limit: fusedloss/score/layout.py ALL_PAIRS_MAX.
+constexpr int64_t kCudaAllPairsMax = 2048;
 
 struct Problem {
   int64_t B;
-  int terms;         // term mask
+  int term_mask;         // term mask
   bool smooth_l1;    // regression: smooth-L1 (beta 1), else squared error
   bool ranking_sum;  // ranking: sum over pairs, else mean
 };
 
-FL_HOST_DEVICE bool has(int terms, int term) { return (terms >> term) & 1; }
+FL_HOST_DEVICE bool has(int term_mask, int term) { return (term_mask >> term) & 1; }
 
 FL_HOST_DEVICE bool is_real(double label) { return label > 0.5; }
 

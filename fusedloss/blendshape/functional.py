@@ -11,6 +11,7 @@ from ..core import checks
 from ..core.autograd import constant, is_eager
 from ..core.terms import terms_of
 from .config import BlendshapeConfig, check_inputs, computed_terms
+from .config import landmark_gram as gram_of
 from .reference import blendshape_loss_reference
 
 
@@ -114,7 +115,7 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
     if "landmark" in computed:
         landmark_rows = landmark_matrix.shape[0]
         if landmark_gram is None:
-            landmark_gram = landmark_gram(landmark_matrix)
+            landmark_gram = gram_of(landmark_matrix)
     else:
         landmark_gram = None
     op = forward_op(name, eager=is_eager(pred))

@@ -7,10 +7,10 @@ import dataclasses
 import torch
 
 from ..core import checks
-from ..core.module import FusedLoss, buffers_on, check_backend
+from ..core.module import FusedLoss, Setting, buffers_on, check_backend
 from .config import BlendshapeConfig, landmark_gram
 from .functional import blendshape_plan
-from .layout import TERMS
+from .layout import SETTINGS, TERMS
 
 
 class BlendshapeLoss(FusedLoss):
@@ -27,7 +27,6 @@ class BlendshapeLoss(FusedLoss):
     buffers follow ``.to(device)``; a module left on the CPU moves them on its first call.
     """
 
-    _SETTINGS = tuple(f"{t}_weight" for t in TERMS) + ("threshold",)
     _TABLES = ("settings", "group_coef", "landmark_gram")
 
     def __init__(
@@ -61,21 +60,21 @@ class BlendshapeLoss(FusedLoss):
         self._config = config
         self._nonzero = tuple(w != 0 for w in config.weights)
 
-    def __getattr__(self, name):
-        if name in BlendshapeLoss._SETTINGS:
-            config = self.__dict__["_config"]
-            return config.threshold if name == "threshold" else config.weight(name[: -len("_weight")])
-        return super().__getattr__(name)
+    # The settings (layout.SETTINGS, the slots of the settings buffer).
+    mse_weight = Setting()
+    l1_weight = Setting()
+    perceptual_weight = Setting()
+    temporal_weight = Setting()
+    landmark_weight = Setting()
+    smoothing_weight = Setting()
+    consistency_weight = Setting()
+    threshold = Setting()
 
-    def __setattr__(self, name, value):
-        if name in BlendshapeLoss._SETTINGS and "_config" in self.__dict__:
-            self._set(name, value)
-        else:
-            super().__setattr__(name, value)
+    def _get_setting(self, name: str) -> float:
+        config = self._config
+        return config.threshold if name == "threshold" else config.weight(name[: -len("_weight")])
 
-    def _set(self, name: str, value) -> None:
-        """Change a weight or the threshold in place: the settings buffer, not a new tensor."""
-        value = checks.real(name, value)
+    def _set_setting(self, name: str, value: float) -> None:
         config = self._config
         if name == "threshold":
             config = dataclasses.replace(config, threshold=value)
@@ -86,11 +85,9 @@ class BlendshapeLoss(FusedLoss):
             weights = list(config.weights)
             weights[index] = value
             config = dataclasses.replace(config, weights=tuple(weights))
-            nonzero = tuple(w != 0 for w in config.weights)
-            if nonzero != self._nonzero:
-                self.__dict__["_nonzero"] = nonzero
-        self.settings[BlendshapeLoss._SETTINGS.index(name)] = value
-        self.__dict__["_config"] = config
+            self._nonzero = tuple(w != 0 for w in config.weights)
+        self.settings[SETTINGS.index(name)] = value
+        self._config = config
         self._plans.clear()
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, raw_pred: torch.Tensor | None = None,

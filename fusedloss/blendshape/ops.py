@@ -16,18 +16,18 @@ import math
 import torch
 
 from ..core.numerics import acc_dtype
-from .layout import TERMS
+from .layout import TERM_BIT
 
 
-def needs_col_stats(terms: int, group_coef) -> bool:
+def needs_col_stats(term_mask: int, group_coef) -> bool:
     """The default perceptual form needs full column statistics (its weights are squared)."""
-    return bool(terms & (1 << TERMS.index("perceptual"))) and group_coef is None
+    return bool(term_mask & TERM_BIT["perceptual"]) and group_coef is None
 
 
-def empty_outputs(pred, terms: int, group_coef):
+def empty_outputs(pred, term_mask: int, group_coef):
     acc = acc_dtype(pred.dtype)
-    columns = math.prod(pred.shape[1:]) if needs_col_stats(terms, group_coef) else 0
-    return (pred.new_empty((bin(terms).count("1"),), dtype=acc), pred.new_empty((), dtype=acc),
+    columns = math.prod(pred.shape[1:]) if needs_col_stats(term_mask, group_coef) else 0
+    return (pred.new_empty((bin(term_mask).count("1"),), dtype=acc), pred.new_empty((), dtype=acc),
             pred.new_empty((2, columns), dtype=acc))
 
 
@@ -39,12 +39,12 @@ def empty_gradients(pred, output_mask, has_raw: bool):
     )
 
 
-def forward_fake(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows, terms):
-    return empty_outputs(pred, terms, group_coef)
+def forward_fake(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows, term_mask):
+    return empty_outputs(pred, term_mask, group_coef)
 
 
 def backward_fake(grad_terms, grad_total, col_stats, pred, target, raw_pred, prev_pred, settings, group_coef,
-                  landmark_gram, landmark_rows, terms, output_mask):
+                  landmark_gram, landmark_rows, term_mask, output_mask):
     return empty_gradients(pred, output_mask, raw_pred is not None)
 
 

@@ -32,21 +32,29 @@ from ..core.triton import (
     triton_operator,
     zeroed_counter,
 )
-from . import ops
+from . import layout, ops
 
-# Sums (csrc/blendshape/blendshape_math.h order), then the weighted column sum.
-S_SQ = tl.constexpr(0)
-S_ABS = tl.constexpr(1)
-S_ACTIVE = tl.constexpr(2)
-S_GROUP = tl.constexpr(3)
-S_TEMPORAL = tl.constexpr(4)
-S_LANDMARK = tl.constexpr(5)
-S_SMOOTH = tl.constexpr(6)
-S_CONSISTENCY = tl.constexpr(7)
-S_WEIGHTED = tl.constexpr(8)
-SUMS_PAD = 16  # partial sums per program (9 used)
+# Positions in a program's row of partial sums (layout.SUMS, then the weighted column sum).
+S_SQ = tl.constexpr(layout.SUMS.index("sq_err"))
+S_ABS = tl.constexpr(layout.SUMS.index("abs_err"))
+S_ACTIVE = tl.constexpr(layout.SUMS.index("active"))
+S_GROUP = tl.constexpr(layout.SUMS.index("group_sq"))
+S_TEMPORAL = tl.constexpr(layout.SUMS.index("temporal_sq"))
+S_LANDMARK = tl.constexpr(layout.SUMS.index("landmark_sq"))
+S_SMOOTH = tl.constexpr(layout.SUMS.index("smooth_abs"))
+S_CONSISTENCY = tl.constexpr(layout.SUMS.index("consistency_sq"))
+S_WEIGHTED = tl.constexpr(layout.WEIGHTED_SUM)
+PARTIALS_WIDTH = tl.constexpr(layout.PARTIALS_WIDTH)  # partial sums per program
+THRESHOLD = tl.constexpr(layout.THRESHOLD)  # slot of the settings table
+# Terms (layout.TERMS order); a term's weight is settings[term].
+T_MSE = tl.constexpr(layout.TERMS.index("mse"))
+T_L1 = tl.constexpr(layout.TERMS.index("l1"))
+T_PERC = tl.constexpr(layout.TERMS.index("perceptual"))
+T_TEMP = tl.constexpr(layout.TERMS.index("temporal"))
+T_LAND = tl.constexpr(layout.TERMS.index("landmark"))
+T_SMOOTH = tl.constexpr(layout.TERMS.index("smoothing"))
+T_CONS = tl.constexpr(layout.TERMS.index("consistency"))
 # Column sums of the batch groups are combined by the last program: keep them small.
-COLUMN_PARTIALS_MAX = 1 << 17
 
 
 @triton.jit
@@ -74,7 +82,7 @@ def _round_to_bfloat16(x):
 @triton.jit
 def _threshold(settings_ptr, INPUT: tl.constexpr, ACC: tl.constexpr):
     """The threshold rounded to the inputs' dtype (double -> float -> dtype, as PyTorch does)."""
-    thr = tl.load(settings_ptr + 7)
+    thr = tl.load(settings_ptr + THRESHOLD)
     if ACC == tl.float64:
         return thr
     elif INPUT == tl.bfloat16:
@@ -88,11 +96,11 @@ def _term_count(TERM: tl.constexpr, B, T, K, J, GROUPS: tl.constexpr):
     """The count a term's sum is divided by (csrc/blendshape/blendshape_math.h term_count); 0 for an empty set."""
     B64 = tl.cast(B, tl.int64)  # (tl.cast: an int equal to 1 may be specialised to a constexpr)
     T64 = tl.cast(T, tl.int64)
-    if TERM == 2 and GROUPS:
+    if TERM == T_PERC and GROUPS:
         return B64 * T64
-    elif TERM == 3:
+    elif TERM == T_TEMP:
         return B64 * (T64 - 1) * K
-    elif TERM == 4:
+    elif TERM == T_LAND:
         return B64 * T64 * J
     else:
         return B64 * T64 * K
@@ -127,7 +135,7 @@ def blendshape_forward_kernel(
     settings_ptr,          # [8] float64: weights (mse, l1, perceptual, temporal, landmark, smoothing, consistency), threshold
     group_ptr, G_LEN,      # [G_LEN] float64 group coefficients (GROUPS)
     gram_ptr,              # [K, K] float64 M^T M (landmark)
-    partials_ptr,          # [num_programs, SUMS_PAD] ACC scratch
+    partials_ptr,          # [num_programs, PARTIALS_WIDTH] ACC scratch
     colpart_ptr,           # [batch groups, 2, T*K] ACC scratch (COLS and several batch groups)
     counter_ptr,           # [1] int32, 0 on entry and on exit
     terms_ptr, total_ptr,  # [number of terms], [] ACC
@@ -199,7 +207,7 @@ def blendshape_forward_kernel(
             a_cs += (p - prev) * (p - prev)
 
     program = pid_b * n_t + pid_t
-    out = partials_ptr + program.to(tl.int64) * 16
+    out = partials_ptr + program.to(tl.int64) * PARTIALS_WIDTH
     tl.store(out + S_SQ, tl.sum(a_sq))
     tl.store(out + S_ABS, tl.sum(a_abs))
     tl.store(out + S_ACTIVE, tl.sum(a_act))
@@ -228,7 +236,7 @@ def blendshape_forward_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1)
     if ticket == n_t * n_b - 1:
-        sums = sum_partials(partials_ptr, n_t * n_b, 16, BLOCK_PROGS, ACC)
+        sums = sum_partials(partials_ptr, n_t * n_b, PARTIALS_WIDTH, BLOCK_PROGS, ACC)
         s_sq, s_abs, s_act = pick(sums, S_SQ), pick(sums, S_ABS), pick(sums, S_ACTIVE)
         s_grp, s_tmp, s_lm = pick(sums, S_GROUP), pick(sums, S_TEMPORAL), pick(sums, S_LANDMARK)
         s_sm, s_cs, s_w = pick(sums, S_SMOOTH), pick(sums, S_CONSISTENCY), pick(sums, S_WEIGHTED)
@@ -253,13 +261,13 @@ def blendshape_forward_kernel(
                 s_w = tl.sum(acc_w)
         s_perc = s_grp if GROUPS else s_act + s_w
         total = tl.full([], 0.0, ACC)
-        total = _store_term(terms_ptr, settings_ptr, 0, I_MSE, s_sq, total, B, T, K, J, GROUPS, ACC)
-        total = _store_term(terms_ptr, settings_ptr, 1, I_L1, s_abs, total, B, T, K, J, GROUPS, ACC)
-        total = _store_term(terms_ptr, settings_ptr, 2, I_PERC, s_perc, total, B, T, K, J, GROUPS, ACC)
-        total = _store_term(terms_ptr, settings_ptr, 3, I_TEMP, s_tmp, total, B, T, K, J, GROUPS, ACC)
-        total = _store_term(terms_ptr, settings_ptr, 4, I_LAND, s_lm, total, B, T, K, J, GROUPS, ACC)
-        total = _store_term(terms_ptr, settings_ptr, 5, I_SMOOTH, s_sm, total, B, T, K, J, GROUPS, ACC)
-        total = _store_term(terms_ptr, settings_ptr, 6, I_CONS, s_cs, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, T_MSE, I_MSE, s_sq, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, T_L1, I_L1, s_abs, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, T_PERC, I_PERC, s_perc, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, T_TEMP, I_TEMP, s_tmp, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, T_LAND, I_LAND, s_lm, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, T_SMOOTH, I_SMOOTH, s_sm, total, B, T, K, J, GROUPS, ACC)
+        total = _store_term(terms_ptr, settings_ptr, T_CONS, I_CONS, s_cs, total, B, T, K, J, GROUPS, ACC)
         tl.store(total_ptr, total)
         tl.atomic_xchg(counter_ptr, 0)
 
@@ -296,13 +304,13 @@ def blendshape_backward_kernel(
     pid_b = tl.program_id(1)
     n_b = tl.num_programs(1)
     g_total = tl.load(grad_total_ptr).to(ACC)
-    c_mse = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 0, I_MSE, B, T, K, J, GROUPS, ACC)
-    c_l1 = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 1, I_L1, B, T, K, J, GROUPS, ACC)
-    c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 2, I_PERC, B, T, K, J, GROUPS, ACC)
-    c_temp = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 3, I_TEMP, B, T, K, J, GROUPS, ACC)
-    c_land = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 4, I_LAND, B, T, K, J, GROUPS, ACC)
-    c_smooth = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 5, I_SMOOTH, B, T, K, J, GROUPS, ACC)
-    c_cons = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, 6, I_CONS, B, T, K, J, GROUPS, ACC)
+    c_mse = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, T_MSE, I_MSE, B, T, K, J, GROUPS, ACC)
+    c_l1 = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, T_L1, I_L1, B, T, K, J, GROUPS, ACC)
+    c_perc = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, T_PERC, I_PERC, B, T, K, J, GROUPS, ACC)
+    c_temp = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, T_TEMP, I_TEMP, B, T, K, J, GROUPS, ACC)
+    c_land = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, T_LAND, I_LAND, B, T, K, J, GROUPS, ACC)
+    c_smooth = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, T_SMOOTH, I_SMOOTH, B, T, K, J, GROUPS, ACC)
+    c_cons = _coefficient(grad_terms_ptr, g_stride, g_total, settings_ptr, T_CONS, I_CONS, B, T, K, J, GROUPS, ACC)
 
     ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ks = tl.arange(0, KP)
@@ -388,11 +396,12 @@ def _strides(x: Optional[torch.Tensor]):
     return (x.stride(0), 0, x.stride(1)) if x.dim() == 2 else (x.stride(0), x.stride(1), x.stride(2))
 
 
-def _term_indices(terms: int) -> dict:
+def _term_indices(term_mask: int) -> dict:
+    """The kernels' output index of each term of the mask (layout.TERMS order), -1 if not computed."""
     names = ("I_MSE", "I_L1", "I_PERC", "I_TEMP", "I_LAND", "I_SMOOTH", "I_CONS")
     out, index = {}, 0
-    for bit, name in enumerate(names):
-        if terms >> bit & 1:
+    for term, name in zip(layout.TERMS, names, strict=True):
+        if term_mask & layout.TERM_BIT[term]:
             out[name] = index
             index += 1
         else:
@@ -405,7 +414,7 @@ def _grid(pred: torch.Tensor, needs_cols: bool, per_sm: int):
     t_blocks = triton.cdiv(T, block_t)
     b_groups = max(1, min(triton.cdiv(B, block_b), program_budget(pred.device, per_sm) // t_blocks))
     if needs_cols and b_groups > 1:
-        b_groups = max(1, min(b_groups, COLUMN_PARTIALS_MAX // (2 * T * K)))
+        b_groups = max(1, min(b_groups, layout.COLUMN_PARTIALS_MAX // (2 * T * K)))
     return t_blocks, b_groups
 
 
@@ -427,14 +436,14 @@ def blendshape_forward(
     group_coef: Optional[torch.Tensor],
     landmark_gram: Optional[torch.Tensor],
     landmark_rows: int,
-    terms: int,
+    term_mask: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, K, kp, block_t, block_b = _layout(pred)
-    needs_cols = ops.needs_col_stats(terms, group_coef)
+    needs_cols = ops.needs_col_stats(term_mask, group_coef)
     t_blocks, b_groups = _grid(pred, needs_cols, per_sm=4)
     acc = acc_dtype(pred.dtype)
-    out_terms, total, col_stats = ops.empty_outputs(pred, terms, group_coef)
-    partials = torch.empty((t_blocks * b_groups, SUMS_PAD), dtype=acc, device=pred.device)
+    out_terms, total, col_stats = ops.empty_outputs(pred, term_mask, group_coef)
+    partials = torch.empty((t_blocks * b_groups, layout.PARTIALS_WIDTH), dtype=acc, device=pred.device)
     single_group = b_groups == 1
     colpart = torch.empty((b_groups, 2, T * K) if needs_cols and not single_group else (1,), dtype=acc,
                           device=pred.device)
@@ -446,7 +455,7 @@ def blendshape_forward(
             partials, colpart, zeroed_counter(pred), out_terms, total, col_stats if needs_cols else partials,
             B, T, K, max(landmark_rows, 1),
             *_strides(pred), *_strides(target), *_strides(raw_pred), *_strides(prev_pred),
-            **_term_indices(terms),
+            **_term_indices(term_mask),
             GROUPS=group_coef is not None, COLS=needs_cols, SINGLE_GROUP=single_group, ACC=_tl_acc(pred.dtype),
             BLOCK_B=block_b, BLOCK_T=block_t, KP=kp, BLOCK_PROGS=64, BLOCK_COLS=64, BLOCK_GROUPS=32,
         )
@@ -466,7 +475,7 @@ def blendshape_backward(
     group_coef: Optional[torch.Tensor],
     landmark_gram: Optional[torch.Tensor],
     landmark_rows: int,
-    terms: int,
+    term_mask: int,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_pred, grad_target, grad_raw = ops.empty_gradients(pred, output_mask, raw_pred is not None)
@@ -474,7 +483,7 @@ def blendshape_backward(
     if not any(need):
         return grad_pred, grad_target, grad_raw
     B, T, K, kp, block_t, block_b = _layout(pred)
-    needs_cols = ops.needs_col_stats(terms, group_coef)
+    needs_cols = ops.needs_col_stats(term_mask, group_coef)
     t_blocks, b_groups = _grid(pred, False, per_sm=8)
     with on_device(pred):
         wrap_triton(blendshape_backward_kernel)[(t_blocks, b_groups)](
@@ -486,7 +495,7 @@ def blendshape_backward(
             grad_pred if need[0] else pred, grad_target if need[1] else pred, grad_raw if need[2] else pred,
             B, T, K, max(landmark_rows, 1),
             *_strides(pred), *_strides(target), *_strides(raw_pred), *_strides(prev_pred),
-            **_term_indices(terms),
+            **_term_indices(term_mask),
             GROUPS=group_coef is not None, COLS=needs_cols,
             NEED_PRED=need[0], NEED_TARGET=need[1], NEED_RAW=need[2], ACC=_tl_acc(pred.dtype),
             BLOCK_B=block_b, BLOCK_T=block_t, KP=kp,

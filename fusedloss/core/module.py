@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from . import checks
 
 
 def check_backend(backend: str) -> str:
@@ -40,7 +41,7 @@ class FusedLoss(nn.Module):
     def __setattr__(self, name, value):
         # A new backend, configuration or table (buffer) invalidates the plans made with the old.
         plans = self.__dict__.get("_plans")
-        if plans and (name in ("backend", "config", "check_finite") or name in self._TABLES):
+        if plans and (name in ("backend", "config") or name in self._TABLES):
             plans.clear()
         super().__setattr__(name, value)
 
@@ -69,14 +70,14 @@ class FusedLoss(nn.Module):
         return run
 
     def _apply(self, fn, recurse=True):
-        tables = {name: self._buffers.get(name) for name in self._TABLES}
+        tables = {name: getattr(self, name) for name in self._TABLES}
         out = super()._apply(fn, recurse)
         # The tables follow the device but stay float64 (and exact) whatever a module's .half() or
         # .to(dtype) does to its buffers.
         for name, table in tables.items():
-            moved = self._buffers.get(name)
+            moved = getattr(self, name)
             if table is not None and moved is not None and moved.dtype != torch.float64:
-                self._buffers[name] = table.to(moved.device)
+                setattr(self, name, table.to(moved.device))
         self._plans.clear()
         return out
 
@@ -84,11 +85,29 @@ class FusedLoss(nn.Module):
 def buffers_on(module: nn.Module, names: tuple[str, ...], device: torch.device) -> list[torch.Tensor | None]:
     """The module's buffers on ``device``. A module left on another device moves them there for
     good on its first (eager) call, with asynchronous copies."""
-    buffers = module._buffers  # (a dict: cheaper than attribute lookups through nn.Module)
-    out = [buffers[name] for name in names]
+    out = [getattr(module, name) for name in names]
     for i, (name, buffer) in enumerate(zip(names, out)):
         if buffer is not None and buffer.device != device:
             out[i] = buffer.to(device, non_blocking=True)
             if not torch.compiler.is_compiling():
-                buffers[name] = out[i]
+                setattr(module, name, out[i])
     return out
+
+
+class Setting:
+    """A runtime setting of a loss module (a term weight, the threshold, the margin): the one way
+    to read and change one (``loss_fn.temporal_weight = 0.3``). Reading gives the module's
+    configuration value; assigning checks the value (a finite real number) and passes it to the
+    module's ``_set_setting(name, value)``, which writes the slot of its float64 settings buffer in
+    place, so nothing is rebuilt or recompiled."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        return module._get_setting(self.name)
+
+    def __set__(self, module, value) -> None:
+        module._set_setting(self.name, checks.real(self.name, value))

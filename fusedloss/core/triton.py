@@ -81,16 +81,24 @@ def sm_count(device: torch.device) -> int:
 
 
 @triton.jit
-def sum_partials(partials_ptr, n_progs, WIDTH: tl.constexpr, BLOCK_PROGS: tl.constexpr, DTYPE: tl.constexpr):
-    """Column sums of the [n_progs, WIDTH] partials, in program order (deterministic). Read with
-    .cg: the other programs wrote them, so they are not in this SM's L1."""
-    sums = tl.zeros([WIDTH], DTYPE)
+def sum_partial_columns(partials_ptr, n_progs, width, cols, cols_ok, BLOCK_PROGS: tl.constexpr, DTYPE: tl.constexpr):
+    """Sums over the programs of the columns ``cols`` (a block of indices, masked by ``cols_ok``)
+    of the [n_progs, width] partials, in program order (deterministic). Read with .cg: the other
+    programs wrote them, so they are not in this SM's L1."""
+    sums = tl.zeros([cols.shape[0]], DTYPE)
     for g0 in range(0, n_progs, BLOCK_PROGS):
         g = g0 + tl.arange(0, BLOCK_PROGS)
-        part = tl.load(partials_ptr + g.to(tl.int64)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :],
-                       mask=(g < n_progs)[:, None], other=0.0, cache_modifier=".cg")
+        part = tl.load(partials_ptr + g.to(tl.int64)[:, None] * width + cols[None, :],
+                       mask=(g < n_progs)[:, None] & cols_ok[None, :], other=0.0, cache_modifier=".cg")
         sums += tl.sum(part, axis=0)
     return sums
+
+
+@triton.jit
+def sum_partials(partials_ptr, n_progs, WIDTH: tl.constexpr, BLOCK_PROGS: tl.constexpr, DTYPE: tl.constexpr):
+    """Column sums of the [n_progs, WIDTH] partials (all columns), as ``sum_partial_columns``."""
+    cols = tl.arange(0, WIDTH)
+    return sum_partial_columns(partials_ptr, n_progs, WIDTH, cols, cols < WIDTH, BLOCK_PROGS, DTYPE)
 
 
 @triton.jit

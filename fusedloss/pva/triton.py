@@ -25,15 +25,26 @@ from torch.library import wrap_triton
 
 from ..core.autograd import register_terms_autograd
 from ..core.numerics import acc_dtype
-from ..core.triton import on_device, program_budget, triton_operator, zeroed_counter
-from . import ops
+from ..core.triton import (
+    on_device,
+    program_budget,
+    sum_partial_columns,
+    triton_operator,
+    zeroed_counter,
+)
+from . import layout, ops
 
-# Statistics, in the order of a part's terms (csrc/pva/pva_math.h).
-STAT_P = tl.constexpr(0)
-STAT_V = tl.constexpr(1)
-STAT_A = tl.constexpr(2)
-STAT_L = tl.constexpr(3)
-STAT_R = tl.constexpr(4)
+# Statistics, in the order of a part's terms, and the part table's columns (layout.py).
+STAT_P = tl.constexpr(layout.STAT_P)
+STAT_V = tl.constexpr(layout.STAT_V)
+STAT_A = tl.constexpr(layout.STAT_A)
+STAT_L = tl.constexpr(layout.STAT_L)
+STAT_R = tl.constexpr(layout.STAT_R)
+TABLE_COLUMNS = tl.constexpr(len(layout.TABLE_COLUMNS))
+START = tl.constexpr(layout.START)
+END = tl.constexpr(layout.END)
+WEIGHT = tl.constexpr(layout.WEIGHT)
+REG_WEIGHT = tl.constexpr(layout.REG_WEIGHT)
 
 
 @triton.jit
@@ -56,12 +67,12 @@ def _err_grad(x, L1: tl.constexpr):
 @triton.jit
 def _part(table_ptr, p, D):
     """Row p of the part table: (start, end, weight, reg_weight), Ditto's span convention applied."""
-    row = table_ptr + p * 4
-    start = tl.load(row).to(tl.int64)
-    end = tl.load(row + 1).to(tl.int64)
+    row = table_ptr + p * TABLE_COLUMNS
+    start = tl.load(row + START).to(tl.int64)
+    end = tl.load(row + END).to(tl.int64)
     start = tl.where(start > 0, start, 0)
     end = tl.where(end > 0, end, D)
-    return start, end, tl.load(row + 2), tl.load(row + 3)
+    return start, end, tl.load(row + WEIGHT), tl.load(row + REG_WEIGHT)
 
 
 @triton.jit
@@ -161,11 +172,11 @@ def pva_forward_kernel(
     for p in range(num_parts):
         start, end, weight, reg_weight = _part(table_ptr, p, D)
         inside = (cols >= start) & (cols < end) & col_ok
-        tl.store(out + p * K + 0, tl.sum(tl.where(inside, col_p, 0.0)))
-        tl.store(out + p * K + 1, tl.sum(tl.where(inside, col_v, 0.0)))
-        tl.store(out + p * K + 2, tl.sum(tl.where(inside, col_a, 0.0)))
+        tl.store(out + p * K + STAT_P, tl.sum(tl.where(inside, col_p, 0.0)))
+        tl.store(out + p * K + STAT_V, tl.sum(tl.where(inside, col_v, 0.0)))
+        tl.store(out + p * K + STAT_A, tl.sum(tl.where(inside, col_a, 0.0)))
         if LAST:
-            tl.store(out + p * K + 3, tl.sum(tl.where(inside, acc_l, 0.0)))
+            tl.store(out + p * K + STAT_L, tl.sum(tl.where(inside, acc_l, 0.0)))
         if REG:
             tl.store(out + p * K + K - 1, tl.sum(tl.where(inside, col_r, 0.0)))
 
@@ -177,16 +188,7 @@ def pva_forward_kernel(
         for j0 in range(0, T, BLOCK_TERMS):
             j = j0 + tl.arange(0, BLOCK_TERMS)
             j_ok = j < T
-            acc = tl.zeros([BLOCK_TERMS], ACC)
-            for g0 in range(0, num_programs, BLOCK_PROGS):
-                g = g0 + tl.arange(0, BLOCK_PROGS)
-                tile = tl.load(
-                    partials_ptr + g.to(tl.int64)[:, None] * T + j[None, :],
-                    mask=(g < num_programs)[:, None] & j_ok[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                acc += tl.sum(tile, axis=0)
+            acc = sum_partial_columns(partials_ptr, num_programs, T, j, j_ok, BLOCK_PROGS, ACC)
             part = tl.where(j_ok, j // K, 0)
             start, end, weight, reg_weight = _part(table_ptr, part, D)
             stat = _term_stat(j % K, LAST)
@@ -237,10 +239,10 @@ def pva_backward_kernel(
         inside = (cols >= start) & (cols < end)
         g = grad_terms_ptr + (p * K) * g_stride
         c_p += tl.where(inside, (tl.load(g).to(ACC) + g_total) * _term_factor(STAT_P, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
-        c_v += tl.where(inside, (tl.load(g + g_stride).to(ACC) + g_total) * _term_factor(STAT_V, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
-        c_a += tl.where(inside, (tl.load(g + 2 * g_stride).to(ACC) + g_total) * _term_factor(STAT_A, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+        c_v += tl.where(inside, (tl.load(g + STAT_V * g_stride).to(ACC) + g_total) * _term_factor(STAT_V, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+        c_a += tl.where(inside, (tl.load(g + STAT_A * g_stride).to(ACC) + g_total) * _term_factor(STAT_A, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
         if LAST:
-            c_l += tl.where(inside, (tl.load(g + 3 * g_stride).to(ACC) + g_total) * _term_factor(STAT_L, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
+            c_l += tl.where(inside, (tl.load(g + STAT_L * g_stride).to(ACC) + g_total) * _term_factor(STAT_L, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
         if REG:
             c_r += tl.where(inside, (tl.load(g + (K - 1) * g_stride).to(ACC) + g_total) * _term_factor(STAT_R, start, end, weight, reg_weight, B64, L64, ACC), 0.0)
     if HAS_DIMW:

@@ -70,7 +70,7 @@ def all_pairs_margin_ranking_loss(
         labels: ``[B]`` or ``[B, 1]`` floats in [0, 1], any float dtype (no gradient).
     """
     config = ScoreConfig.build(margin=margin, reduction=reduction)
-    return score_loss_from_config(scores, None, labels, config, terms=RANKING_ONLY,
+    return score_loss_from_config(scores, None, labels, config, term_mask=RANKING_ONLY,
                                   backend=backend)["ranking"]
 
 
@@ -81,23 +81,23 @@ def score_loss_from_config(
     config: ScoreConfig,
     *,
     settings: torch.Tensor | None = None,
-    terms: int = ALL_TERMS,
+    term_mask: int = ALL_TERMS,
     check_finite: bool = False,
     backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """The terms and "total" for a validated configuration (``CombinedLoss`` passes its settings
-    buffer). ``terms`` is ALL_TERMS or RANKING_ONLY (no logits)."""
-    run = score_plan(scores, logits, labels, config, settings=settings, terms=terms, check_finite=check_finite,
+    buffer). ``term_mask`` is ALL_TERMS or RANKING_ONLY (no logits)."""
+    run = score_plan(scores, logits, labels, config, settings=settings, term_mask=term_mask, check_finite=check_finite,
                      backend=backend)
     return dict(run(scores, logits, labels)[1])
 
 
 def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
-               terms: int = ALL_TERMS, check_finite: bool = False, backend: str = "auto") -> Callable:
+               term_mask: int = ALL_TERMS, check_finite: bool = False, backend: str = "auto") -> Callable:
     """Validate one call's metadata and choose the backend; returns ``run(scores, logits, labels) ->
     (total, terms)`` (``terms`` with "total") for every call with the same metadata
     (``CombinedLoss`` caches it)."""
-    with_logits = terms == ALL_TERMS
+    with_logits = term_mask == ALL_TERMS
     check_inputs(scores, logits, labels, need_logits=with_logits)
     name = backends.resolve(backend, scores.device.type)
     if name == "reference" or scores.shape[0] == 0:
@@ -121,7 +121,7 @@ def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
     # Scores and labels go to the operators as given, [B] or [B, 1]; labels are targets (constants
     # of the loss): detached.
     def run(scores, logits, labels):
-        values, total, _, _, status = op(scores, logits if with_logits else None, constant(labels), settings, terms,
+        values, total, _, _, status = op(scores, logits if with_logits else None, constant(labels), settings, term_mask,
                                          smooth_l1, ranking_sum)
         if with_logits:
             if check_finite:

@@ -7,10 +7,10 @@ import dataclasses
 import torch
 
 from ..core import checks
-from ..core.module import FusedLoss, buffers_on, check_backend
+from ..core.module import FusedLoss, Setting, buffers_on, check_backend
 from .config import ScoreConfig
 from .functional import score_plan
-from .layout import MARGIN, RANKING_ONLY, TERMS
+from .layout import MARGIN, RANKING_ONLY, SETTINGS, TERMS
 
 
 class CombinedLoss(FusedLoss):
@@ -25,7 +25,6 @@ class CombinedLoss(FusedLoss):
     updates a small settings buffer in place, so nothing is rebuilt or recompiled.
     """
 
-    _SETTINGS = tuple(f"{t}_weight" for t in TERMS) + ("margin",)
     _TABLES = ("settings",)
 
     def __init__(
@@ -41,7 +40,7 @@ class CombinedLoss(FusedLoss):
         super().__init__()
         config = ScoreConfig.build(regression_weight, classification_weight, ranking_weight,
                                              regression_type, margin)
-        self.check_finite = checks.flag("check_finite", check_finite)
+        self.check_finite = check_finite
         self.backend = check_backend(backend)
         self.register_buffer("settings", config.settings(), persistent=False)
         self._config = config
@@ -50,30 +49,37 @@ class CombinedLoss(FusedLoss):
     def regression_type(self) -> str:
         return self._config.regression_type
 
-    def __getattr__(self, name):
-        if name in CombinedLoss._SETTINGS:
-            config = self.__dict__["_config"]
-            return config.margin if name == "margin" else config.weights[CombinedLoss._SETTINGS.index(name)]
-        return super().__getattr__(name)
+    # The settings (layout.SETTINGS, the slots of the settings buffer).
+    regression_weight = Setting()
+    classification_weight = Setting()
+    ranking_weight = Setting()
+    margin = Setting()
 
-    def __setattr__(self, name, value):
-        if name in CombinedLoss._SETTINGS and "_config" in self.__dict__:
-            value = checks.real(name, value)
-            index = CombinedLoss._SETTINGS.index(name)
-            config = self._config
-            if name == "margin":
-                config = dataclasses.replace(config, margin=value)
-            else:
-                weights = list(config.weights)
-                weights[index] = value
-                config = dataclasses.replace(config, weights=tuple(weights))
-            self.settings[index] = value
-            self.__dict__["_config"] = config
-            self._plans.clear()
-        elif name == "check_finite" and "_plans" in self.__dict__:
-            super().__setattr__(name, checks.flag("check_finite", value))
+    def _get_setting(self, name: str) -> float:
+        config = self._config
+        return config.margin if name == "margin" else config.weights[SETTINGS.index(name)]
+
+    def _set_setting(self, name: str, value: float) -> None:
+        config = self._config
+        if name == "margin":
+            config = dataclasses.replace(config, margin=value)
         else:
-            super().__setattr__(name, value)
+            weights = list(config.weights)
+            weights[SETTINGS.index(name)] = value
+            config = dataclasses.replace(config, weights=tuple(weights))
+        self.settings[SETTINGS.index(name)] = value
+        self._config = config
+        self._plans.clear()
+
+    @property
+    def check_finite(self) -> bool:
+        """Raise on a NaN/Inf in scores, logits or the total (one host sync per call)."""
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value) -> None:
+        self._check_finite = checks.flag("check_finite", value)
+        self._plans.clear()
 
     def forward(self, scores: torch.Tensor, logits: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -110,14 +116,12 @@ class AllPairsMarginRankingLoss(FusedLoss):
         self.backend = check_backend(backend)
         self.register_buffer("settings", self._config.settings(), persistent=False)
 
-    @property
-    def margin(self) -> float:
+    margin = Setting()  # the settings buffer's MARGIN slot
+
+    def _get_setting(self, name: str) -> float:
         return self._config.margin
 
-    @margin.setter
-    def margin(self, value) -> None:
-        """Change the margin in place: nothing is rebuilt or recompiled."""
-        value = checks.real("margin", value)
+    def _set_setting(self, name: str, value: float) -> None:
         self.settings[MARGIN] = value
         self._config = dataclasses.replace(self._config, margin=value)
         self._plans.clear()
@@ -134,7 +138,7 @@ class AllPairsMarginRankingLoss(FusedLoss):
             raise TypeError(f"scores must be a torch.Tensor [B] or [B, 1], got {type(scores).__name__}")
         (settings,) = buffers_on(self, ("settings",), scores.device)
         run = score_plan(scores, None, labels, self._config, settings=settings,
-                                    terms=RANKING_ONLY, backend=self.backend)
+                                    term_mask=RANKING_ONLY, backend=self.backend)
         return self._remember(key, run)(scores, None, labels)[0]
 
     def extra_repr(self) -> str:

@@ -54,17 +54,17 @@ def status_of(scores: torch.Tensor, logits: torch.Tensor | None, total: torch.Te
     return status
 
 
-def forward_fake(scores, logits, labels, settings, terms, smooth_l1, ranking_sum):
+def forward_fake(scores, logits, labels, settings, term_mask, smooth_l1, ranking_sum):
     acc = acc_dtype(scores.dtype)
-    B = scores.shape[0] if terms & RANKING_ONLY else 0
+    B = scores.shape[0] if term_mask & RANKING_ONLY else 0
     return (scores.new_empty((3,), dtype=acc), scores.new_empty((), dtype=acc),
             scores.new_empty((B,), dtype=torch.int32), scores.new_empty((), dtype=torch.float64),
             scores.new_empty((), dtype=torch.int32))
 
 
-def backward_fake(grad_terms, grad_total, counts, rank_scale, scores, logits, labels, settings, terms, smooth_l1,
+def backward_fake(grad_terms, grad_total, counts, rank_scale, scores, logits, labels, settings, term_mask, smooth_l1,
                   ranking_sum, output_mask):
-    with_logits = output_mask[1] and terms & TERM_BIT["classification"]
+    with_logits = output_mask[1] and term_mask & TERM_BIT["classification"]
     return (scores.new_empty(scores.shape if output_mask[0] else (0,)),
             logits.new_empty((scores.shape[0], 2)) if with_logits else scores.new_empty((0,)))
 

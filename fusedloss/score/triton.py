@@ -34,11 +34,16 @@ from ..core.triton import (
     triton_operator,
     zeroed_counter,
 )
-from . import ops
+from . import layout, ops
 
-# Up to this many scores, comparing every pair beats sorting (launch count; an estimate until
-# measured on a GPU).
-ALL_PAIRS_MAX = 4096
+# Up to this many scores the forward compares every pair; beyond, it sorts (layout.py says why).
+ALL_PAIRS_MAX = layout.ALL_PAIRS_MAX["triton"]
+# Terms (layout.TERMS order): the positions of the terms, of their weights in the settings table,
+# and of grad_terms; then the margin's slot.
+T_REG = tl.constexpr(layout.TERMS.index("regression"))
+T_CLS = tl.constexpr(layout.TERMS.index("classification"))
+T_RANK = tl.constexpr(layout.TERMS.index("ranking"))
+MARGIN = tl.constexpr(layout.MARGIN)
 # Partial sums per program: regression, classification, ranking, reals, bad scores, bad logits.
 P_REG = tl.constexpr(0)
 P_CLS = tl.constexpr(1)
@@ -86,7 +91,7 @@ def score_forward_kernel(
 ):
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
-    margin = tl.load(settings_ptr + 3).to(ACC)
+    margin = tl.load(settings_ptr + MARGIN).to(ACC)
     reg = tl.zeros([BLOCK], ACC)
     ce = tl.zeros([BLOCK], ACC)
     rank = tl.zeros([BLOCK], tl.float64)
@@ -171,16 +176,16 @@ def score_forward_kernel(
         total = tl.full([], 0.0, ACC)
         if REG:
             v_reg = (s_reg * inv_b).to(ACC)
-            total += tl.load(settings_ptr + 0).to(ACC) * v_reg
+            total += tl.load(settings_ptr + T_REG).to(ACC) * v_reg
         if CLS:
             v_cls = (s_cls * inv_b).to(ACC)
-            total += tl.load(settings_ptr + 1).to(ACC) * v_cls
+            total += tl.load(settings_ptr + T_CLS).to(ACC) * v_cls
         if RANK:
             v_rank = (s_rank * scale).to(ACC)
-            total += tl.load(settings_ptr + 2).to(ACC) * v_rank
-        tl.store(terms_ptr + 0, v_reg)
-        tl.store(terms_ptr + 1, v_cls)
-        tl.store(terms_ptr + 2, v_rank)
+            total += tl.load(settings_ptr + T_RANK).to(ACC) * v_rank
+        tl.store(terms_ptr + T_REG, v_reg)
+        tl.store(terms_ptr + T_CLS, v_cls)
+        tl.store(terms_ptr + T_RANK, v_rank)
         tl.store(total_ptr, total)
         tl.store(rank_scale_ptr, scale)
         status = ((n_bad_s > 0).to(tl.int32) | ((n_bad_l > 0).to(tl.int32) << 1)
@@ -207,19 +212,21 @@ def score_backward_kernel(
         s = tl.load(scores_ptr + k * ss, mask=ok, other=0.0).to(ACC)
         g = tl.zeros([BLOCK], ACC)
         if REG:
-            c_reg = (tl.load(grad_terms_ptr).to(ACC) + tl.load(settings_ptr).to(ACC) * g_total) * inv_b
+            c_reg = (tl.load(grad_terms_ptr + T_REG * g_stride).to(ACC)
+                     + tl.load(settings_ptr + T_REG).to(ACC) * g_total) * inv_b
             d = s - y
             if SMOOTH_L1:
                 g += c_reg * tl.minimum(tl.maximum(d, -1.0), 1.0)
             else:
                 g += c_reg * 2.0 * d
         if RANK:
-            c_rank = (tl.load(grad_terms_ptr + 2 * g_stride).to(ACC)
-                      + tl.load(settings_ptr + 2).to(ACC) * g_total).to(tl.float64) * tl.load(rank_scale_ptr)
+            c_rank = (tl.load(grad_terms_ptr + T_RANK * g_stride).to(ACC)
+                      + tl.load(settings_ptr + T_RANK).to(ACC) * g_total).to(tl.float64) * tl.load(rank_scale_ptr)
             g += c_rank.to(ACC) * tl.load(counts_ptr + k, mask=ok, other=0).to(ACC)
         tl.store(grad_scores_ptr + k, g.to(grad_scores_ptr.dtype.element_ty), mask=ok)
     if NEED_LOGITS:
-        c_cls = (tl.load(grad_terms_ptr + g_stride).to(ACC) + tl.load(settings_ptr + 1).to(ACC) * g_total) * inv_b
+        c_cls = ((tl.load(grad_terms_ptr + T_CLS * g_stride).to(ACC) + tl.load(settings_ptr + T_CLS).to(ACC) * g_total)
+                 * inv_b)
         l0 = tl.load(logits_ptr + k * ls0, mask=ok, other=0.0).to(ACC)
         l1 = tl.load(logits_ptr + k * ls0 + ls1, mask=ok, other=0.0).to(ACC)
         # d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
@@ -242,8 +249,10 @@ def _all_pairs_tile(device: torch.device) -> tuple[int, int]:
     return (64, 128) if device.type == "cuda" else (32, 64)
 
 
-def _term_flags(terms: int) -> dict:
-    return dict(REG=bool(terms & 1), CLS=bool(terms & 2), RANK=bool(terms & 4))
+def _term_flags(term_mask: int) -> dict:
+    bits = layout.TERM_BIT
+    return dict(REG=bool(term_mask & bits["regression"]), CLS=bool(term_mask & bits["classification"]),
+                RANK=bool(term_mask & bits["ranking"]))
 
 
 @triton_operator("fusedloss_triton::score_forward", ops.forward_fake)
@@ -252,15 +261,15 @@ def score_forward(
     logits: Optional[torch.Tensor],
     labels: torch.Tensor,
     settings: torch.Tensor,
-    terms: int,
+    term_mask: int,
     smooth_l1: bool,
     ranking_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B = int(scores.shape[0])  # (sizes traced as symbols are specialised here)
     acc = acc_dtype(scores.dtype)
     out_terms, total, counts, rank_scale, status = ops.forward_fake(
-        scores, logits, labels, settings, terms, smooth_l1, ranking_sum)
-    flags = _term_flags(terms)
+        scores, logits, labels, settings, term_mask, smooth_l1, ranking_sum)
+    flags = _term_flags(term_mask)
     sorted_ = flags["RANK"] and B > ALL_PAIRS_MAX
     block, block_j = _all_pairs_tile(scores.device)
     if sorted_ or not flags["RANK"]:
@@ -296,18 +305,18 @@ def score_backward(
     logits: Optional[torch.Tensor],
     labels: torch.Tensor,
     settings: torch.Tensor,
-    terms: int,
+    term_mask: int,
     smooth_l1: bool,
     ranking_sum: bool,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_scores, grad_logits = ops.backward_fake(grad_terms, grad_total, counts, rank_scale, scores, logits, labels,
-                                                  settings, terms, smooth_l1, ranking_sum, output_mask)
+                                                  settings, term_mask, smooth_l1, ranking_sum, output_mask)
     need = (grad_scores.numel() > 0, grad_logits.numel() > 0)
     B = int(scores.shape[0])
     if not any(need) or B == 0:
         return grad_scores, grad_logits
-    flags = _term_flags(terms)
+    flags = _term_flags(term_mask)
     block = 1024
     with on_device(scores):
         wrap_triton(score_backward_kernel)[(triton.cdiv(B, block),)](

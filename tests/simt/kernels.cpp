@@ -114,7 +114,7 @@ void bind_blendshape(py::module_ m) {
   FIELD(problem, Problem, T);
   FIELD(problem, Problem, K);
   FIELD(problem, Problem, J);
-  FIELD(problem, Problem, terms);
+  FIELD(problem, Problem, term_mask);
   FIELD(problem, Problem, group_form);
   auto in = plain_struct<CudaInputs>(m, "CudaInputs");
   FIELD(in, CudaInputs, pred);
@@ -149,7 +149,7 @@ void bind_score(py::module_ m) {
   using namespace fusedloss::score;
   auto problem = plain_struct<Problem>(m, "Problem");
   FIELD(problem, Problem, B);
-  FIELD(problem, Problem, terms);
+  FIELD(problem, Problem, term_mask);
   FIELD(problem, Problem, smooth_l1);
   FIELD(problem, Problem, ranking_sum);
   auto in = plain_struct<CudaInputs>(m, "CudaInputs");

@@ -104,7 +104,7 @@ void pva_case(int64_t B, int64_t L, int64_t D, bool l1) {
 }
 
 template <typename T>
-void blendshape_case(int64_t B, int64_t T_, int64_t K, int terms, bool groups) {
+void blendshape_case(int64_t B, int64_t T_, int64_t K, int term_mask, bool groups) {
   using acc_t = acc_of<T>;
   const std::string name = "blendshape [" + std::to_string(B) + ", " + std::to_string(T_) + ", " + std::to_string(K) + "]";
   const int64_t N = B * T_ * K, J = 3;
@@ -124,8 +124,8 @@ void blendshape_case(int64_t B, int64_t T_, int64_t K, int terms, bool groups) {
   in.problem = blendshape::Problem{B, T_, K, J, terms, groups};
   in.dtype = dtype_of<T>();
   int n = 0;
-  for (int t = 0; t < blendshape::kNumTerms; ++t) n += blendshape::has(terms, t);
-  const bool cols = blendshape::has(terms, blendshape::kPerceptual) && !groups;
+  for (int t = 0; t < blendshape::kNumTerms; ++t) n += blendshape::has(term_mask, t);
+  const bool cols = blendshape::has(term_mask, blendshape::kPerceptual) && !groups;
   auto out_terms = bytes(n * sizeof(acc_t)), total = bytes(sizeof(acc_t));
   auto col_stats = bytes((cols ? 2 * T_ * K : 0) * sizeof(acc_t)), ws = bytes(blendshape::forward_workspace_bytes(in));
   forward_twice(name, [&] {
@@ -140,7 +140,7 @@ void blendshape_case(int64_t B, int64_t T_, int64_t K, int terms, bool groups) {
 }
 
 template <typename T>
-void score_case(int64_t B, int terms) {
+void score_case(int64_t B, int term_mask) {
   using acc_t = acc_of<T>;
   const std::string name = "score B=" + std::to_string(B);
   auto scores = randn<T>(B), logits = randn<T>(2 * B);
