@@ -8,9 +8,9 @@ import fusedloss
 from fusedloss import backends
 from fusedloss import functional as F
 from fusedloss.blendshape import config as blendshape_config
-from fusedloss.blendshape import functional as blendshape_functional
 from fusedloss.blendshape import layout as blendshape_layout
 from fusedloss.blendshape.config import SEED_001_GROUPS
+from fusedloss.core.registry import forward_op
 
 
 def op_args(device, dtype=torch.float64, *, shape=(3, 4, 9), groups=None, terms=blendshape_layout.TERMS):
@@ -28,7 +28,7 @@ def op_args(device, dtype=torch.float64, *, shape=(3, 4, 9), groups=None, terms=
 
 
 def ops_of(backend, device):
-    blendshape_functional.forward_op(backends.resolve(backend, device))
+    forward_op("blendshape", backends.resolve(backend, device))
     namespace = torch.ops.fusedloss_triton if backend == "triton" else torch.ops.fusedloss
     return namespace.blendshape_forward.default, namespace.blendshape_backward.default
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusedloss.blendshape import layout as blendshape
 from fusedloss.pva import layout as pva
@@ -93,3 +94,26 @@ def test_no_bare_slot_numbers_in_the_triton_kernels():
         hits = [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
                 if BARE_SLOT.search(line)]
         assert not hits, "bare slot numbers (use the family's layout.py):\n" + "\n".join(hits)
+
+
+def test_module_settings_are_the_settings_slots():
+    """Each module's Setting attributes are its family's settings slots, and writing one writes
+    that slot of the module's settings buffer."""
+    from fusedloss import AllPairsMarginRankingLoss, BlendshapeLoss, CombinedLoss
+    from fusedloss.core.module import Setting
+
+    def settings_of(cls):
+        return tuple(name for name, value in vars(cls).items() if isinstance(value, Setting))
+
+    assert settings_of(BlendshapeLoss) == blendshape.SETTINGS
+    assert settings_of(CombinedLoss) == score.SETTINGS
+    assert settings_of(AllPairsMarginRankingLoss) == ("margin",)
+    with_landmarks = BlendshapeLoss(landmark_matrix=torch.ones(2, 52))
+    for module, slots in ((with_landmarks, blendshape.SETTINGS), (CombinedLoss(), score.SETTINGS),
+                          (AllPairsMarginRankingLoss(), ("margin",))):
+        for i, name in enumerate(slots):
+            setattr(module, name, 0.125 + i)
+        assert module.settings.tolist()[-len(slots):] == [0.125 + i for i in range(len(slots))]
+        assert [getattr(module, name) for name in slots] == [0.125 + i for i in range(len(slots))]
+        with pytest.raises(TypeError, match=slots[-1]):
+            setattr(module, slots[-1], "0.5")

@@ -9,6 +9,7 @@ import torch
 from .. import backends
 from ..core import checks
 from ..core.autograd import constant, is_eager
+from ..core.registry import forward_op
 from ..core.terms import terms_of
 from .config import BlendshapeConfig, check_inputs, computed_terms
 from .config import landmark_gram as gram_of
@@ -118,7 +119,7 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
             landmark_gram = gram_of(landmark_matrix)
     else:
         landmark_gram = None
-    op = forward_op(name, eager=is_eager(pred))
+    op = forward_op("blendshape", name, eager=is_eager(pred))
     smoothing, consistency = "smoothing" in computed, "consistency" in computed
 
     def run(pred, target, raw_pred, prev_pred):
@@ -129,14 +130,3 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
         return total, terms_of(computed, terms)
 
     return run
-
-
-def forward_op(backend: str, *, eager: bool = False):
-    """The forward operator of a fused backend (autograd, fake tensors and compile included).
-    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
-    core/autograd.py)."""
-    if backend == "triton":
-        from . import triton
-
-        return triton.blendshape_forward_eager if eager else triton.blendshape_forward
-    return torch.ops.fusedloss.blendshape_forward.default

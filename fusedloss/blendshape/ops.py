@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..core.numerics import acc_dtype
 from .layout import TERM_BIT
 
@@ -50,10 +48,3 @@ def backward_fake(grad_terms, grad_total, col_stats, pred, target, raw_pred, pre
 
 # pred, target and raw_pred receive gradients; prev_pred (3) is a constant of the loss (no gradient).
 GRAD_INPUTS = (0, 1, 2)
-
-
-def register_cpp() -> None:
-    """Fake implementations of the C++ operators ``fusedloss::blendshape_forward`` / ``blendshape_backward``
-    (their autograd is registered in C++: csrc/common/autograd.h)."""
-    torch.library.register_fake("fusedloss::blendshape_forward")(forward_fake)
-    torch.library.register_fake("fusedloss::blendshape_backward")(backward_fake)

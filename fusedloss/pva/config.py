@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import checks
-from .layout import STATS
+from .layout import STATS, TABLE_COLUMNS
 
 LOSS_TYPES = ("l2", "l1")
 
@@ -114,10 +114,10 @@ class PVAConfig:
     def part_table(self) -> torch.Tensor:
         """The float64 ``[P, len(TABLE_COLUMNS)]`` table the fused kernels read, on the CPU."""
         rows = [
-            (float(s), float(e), w, r)
+            dict(start=float(s), end=float(e), weight=w, reg_weight=r)
             for (s, e), w, r in zip(self.spans, self.weights, self.reg_weights)
         ]
-        return torch.tensor(rows, dtype=torch.float64)
+        return torch.tensor([[row[c] for c in TABLE_COLUMNS] for row in rows], dtype=torch.float64)
 
 
 def check_inputs(config: PVAConfig, pred, target, cond_frame, dim_ws) -> None:

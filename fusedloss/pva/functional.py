@@ -8,6 +8,7 @@ import torch
 
 from .. import backends
 from ..core.autograd import is_eager
+from ..core.registry import forward_op
 from ..core.terms import terms_of
 from .config import PVAConfig, check_inputs
 from .reference import pva_loss_reference
@@ -82,7 +83,7 @@ def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, di
     part_table = part_table.to(pred.device, non_blocking=True)
     if dim_ws is not None:
         dim_ws = dim_ws.to(torch.float64).contiguous()
-    op = forward_op(name, eager=is_eager(pred))
+    op = forward_op("pva", name, eager=is_eager(pred))
     names = config.term_names()
     loss_type, use_last_frame, use_reg = config.loss_type, config.use_last_frame, config.use_reg
 
@@ -92,14 +93,3 @@ def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, di
         return total, terms_of(names, terms)
 
     return run
-
-
-def forward_op(backend: str, *, eager: bool = False):
-    """The forward operator of a fused backend (autograd, fake tensors and compile included).
-    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
-    core/autograd.py)."""
-    if backend == "triton":
-        from . import triton
-
-        return triton.pva_forward_eager if eager else triton.pva_forward
-    return torch.ops.fusedloss.pva_forward.default

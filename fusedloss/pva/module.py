@@ -11,6 +11,7 @@ from ..core import checks
 from ..core.module import FusedLoss, buffers_on, check_backend
 from .config import PVAConfig
 from .functional import pva_plan
+from .layout import REG_WEIGHT, WEIGHT
 
 
 class PVALoss(FusedLoss):
@@ -55,10 +56,10 @@ class PVALoss(FusedLoss):
         weights, regs = list(self.config.weights), list(self.config.reg_weights)
         if weight is not None:
             weights[i] = checks.real("weight", weight)
-            self.part_table[i, 2] = weights[i]
+            self.part_table[i, WEIGHT] = weights[i]
         if reg_weight is not None:
             regs[i] = checks.real("reg_weight", reg_weight)
-            self.part_table[i, 3] = regs[i]
+            self.part_table[i, REG_WEIGHT] = regs[i]
         self.config = dataclasses.replace(self.config, weights=tuple(weights), reg_weights=tuple(regs))
         self._plans.clear()
 

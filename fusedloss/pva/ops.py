@@ -10,8 +10,6 @@ the math: csrc/pva/pva_math.h and docs/losses.md §1.
 
 from __future__ import annotations
 
-import torch
-
 from ..core.numerics import acc_dtype
 
 
@@ -47,10 +45,3 @@ def backward_fake(grad_terms, grad_total, pred, target, cond_frame, part_table, 
 
 # Positions of pred, target and cond_frame among the operator's inputs: the ones with gradients.
 GRAD_INPUTS = (0, 1, 2)
-
-
-def register_cpp() -> None:
-    """Fake implementations of the C++ operators ``fusedloss::pva_forward`` / ``pva_backward``
-    (their autograd is registered in C++: csrc/common/autograd.h)."""
-    torch.library.register_fake("fusedloss::pva_forward")(forward_fake)
-    torch.library.register_fake("fusedloss::pva_backward")(backward_fake)

@@ -9,6 +9,7 @@ import torch
 from .. import backends
 from ..core import checks
 from ..core.autograd import constant, is_eager
+from ..core.registry import forward_op
 from ..core.terms import terms_of
 from .config import ScoreConfig, check_inputs
 from .layout import ALL_TERMS, RANKING_ONLY, TERMS
@@ -115,7 +116,7 @@ def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
         return run_reference
     # A tiny table: an asynchronous copy (from pageable memory, staged at once) never syncs.
     settings = (settings if settings is not None else config.settings()).to(scores.device, non_blocking=True)
-    op = forward_op(name, eager=is_eager(scores))
+    op = forward_op("score", name, eager=is_eager(scores))
     smooth_l1, ranking_sum = config.regression_type == "smoothl1", config.reduction == "sum"
 
     # Scores and labels go to the operators as given, [B] or [B, 1]; labels are targets (constants
@@ -133,14 +134,3 @@ def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
         return ranking, {"ranking": ranking, "total": ranking}
 
     return run
-
-
-def forward_op(backend: str, *, eager: bool = False):
-    """The forward operator of a fused backend (autograd, fake tensors and compile included).
-    ``eager``: for an eager call on real tensors (Triton: the same formula without the dispatcher,
-    core/autograd.py)."""
-    if backend == "triton":
-        from . import triton
-
-        return triton.score_forward_eager if eager else triton.score_forward
-    return torch.ops.fusedloss.score_forward.default

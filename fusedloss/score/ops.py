@@ -71,10 +71,3 @@ def backward_fake(grad_terms, grad_total, counts, rank_scale, scores, logits, la
 
 # scores and logits receive gradients; labels (2) are targets, constants of the loss (no gradient).
 GRAD_INPUTS = (0, 1)
-
-
-def register_cpp() -> None:
-    """Fake implementations of the C++ operators ``fusedloss::score_forward`` / ``score_backward``
-    (their autograd is registered in C++: csrc/common/autograd.h)."""
-    torch.library.register_fake("fusedloss::score_forward")(forward_fake)
-    torch.library.register_fake("fusedloss::score_backward")(backward_fake)
