@@ -58,8 +58,9 @@ def dists(tmp_path_factory):
     out = tmp / "dist"
     out.mkdir()
     env = {**os.environ, "FUSEDLOSS_NO_EXTENSION": "1"}
-    hooks = ("from setuptools import build_meta as b; import sys; "
-             "print(b.build_sdist(sys.argv[1])); print(b.build_wheel(sys.argv[1]))")
+    # (setuptools' hooks rewrite sys.argv: the output folder is read first)
+    hooks = ("import sys; out = sys.argv[1]; from setuptools import build_meta as b; "
+             "print(b.build_sdist(out)); print(b.build_wheel(out))")
     run([sys.executable, "-c", hooks, str(out)], cwd=src, env=env)
     (sdist,) = out.glob("*.tar.gz")
     (wheel,) = out.glob("*.whl")
