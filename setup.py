@@ -5,11 +5,11 @@ FUSEDLOSS_NO_CUDA=1 builds CPU kernels only; FUSEDLOSS_NO_EXTENSION=1 builds not
 package then compiles the extension with ninja on first use).
 """
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
-import importlib.util
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent

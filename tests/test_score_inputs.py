@@ -268,7 +268,7 @@ def op_args():
                 smooth_l1=False, ranking_sum=False)
 
 
-ORDER = ("scores", "logits", "labels", "settings", "terms", "smooth_l1", "ranking_sum")
+ORDER = ("scores", "logits", "labels", "settings", "term_mask", "smooth_l1", "ranking_sum")
 
 MALFORMED = {
     "settings-length-3": dict(settings=torch.tensor([1.0, 0.3, 0.2], dtype=torch.float64)),

@@ -84,8 +84,8 @@ MUTANTS = [
            "if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
            "  const int warp"),
     Mutant("B6", "blendshape/blendshape.cu", "one final sum never written (uninitialised shared memory read)",
-           "for (int s = warp; s <= kWeighted; s += kThreads / 32) {",
-           "for (int s = warp; s < kWeighted; s += kThreads / 32) {"),
+           "for (int s = warp; s <= kWeightedSum; s += kThreads / 32) {",
+           "for (int s = warp; s < kWeightedSum; s += kThreads / 32) {"),
     Mutant("B7", "blendshape/blendshape.cu", "a missing (null) grad_total read as 1 instead of 0",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(1);"),

@@ -121,7 +121,7 @@ void blendshape_case(int64_t B, int64_t T_, int64_t K, int term_mask, bool group
   in.settings = settings.data();
   in.group_coef = groups ? coef.data() : nullptr, in.group_len = groups ? K : 0;
   in.gram = gram.data();
-  in.problem = blendshape::Problem{B, T_, K, J, terms, groups};
+  in.problem = blendshape::Problem{B, T_, K, J, term_mask, groups};
   in.dtype = dtype_of<T>();
   int n = 0;
   for (int t = 0; t < blendshape::kNumTerms; ++t) n += blendshape::has(term_mask, t);
@@ -151,7 +151,7 @@ void score_case(int64_t B, int term_mask) {
   in.scores = scores.data(), in.scores_stride = 1, in.labels = labels.data(), in.labels_stride = 1;
   in.logits = logits.data(), in.logits_strides[0] = 2, in.logits_strides[1] = 1;
   in.settings = settings;
-  in.problem = score::Problem{B, terms, false, false};
+  in.problem = score::Problem{B, term_mask, false, false};
   in.dtype = dtype_of<T>();
   auto out_terms = bytes(3 * sizeof(acc_t)), total = bytes(sizeof(acc_t)), counts = bytes(B * sizeof(int32_t));
   auto scale = bytes(sizeof(double)), status = bytes(sizeof(int32_t)), ws = bytes(score::forward_workspace_bytes(in));

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "common.cuh"
+#include "common/cuda_helpers.cuh"
 
 using fusedloss::cuda::warp_sum;
 

@@ -3,7 +3,7 @@
 // build.py compiles a .cu file as C++ with this header force-included (-include simt_cuda.h) and
 // -DFUSEDLOSS_SIMT, so the kernels' own code runs, unmodified, under gcc's AddressSanitizer,
 // UndefinedBehaviorSanitizer or ThreadSanitizer. The .cu files launch through cuda::launch and
-// declare shared arrays with FL_SHARED (csrc/cuda/common.cuh); both land here.
+// declare shared arrays with FL_SHARED (csrc/common/cuda_helpers.cuh); both land here.
 //
 // Execution: a block runs on one OS thread, each of its CUDA threads a fiber (its own stack) that
 // runs until it waits at a barrier or a warp collective, or exits; then the next ready one runs.
@@ -85,7 +85,7 @@
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
-#define __shared__ use_FL_SHARED_to_declare_shared_memory  // (csrc/cuda/common.cuh)
+#define __shared__ use_FL_SHARED_to_declare_shared_memory  // (csrc/common/cuda_helpers.cuh)
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
