@@ -166,6 +166,16 @@ def test_labels_of_another_dtype(fused, scores_dtype, labels_dtype):
     compare(backend, device, scores_dtype, inputs=[scores, logits, labels])
 
 
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float64_labels_next_to_one_half(fused, scores_dtype):
+    """The class test is label > 0.5 in the labels' own dtype (as the reference compares): a float64
+    label just above 0.5 is real even where it rounds to 0.5 in the scores' arithmetic type."""
+    backend, device = fused
+    scores, logits, _ = make_inputs(40, scores_dtype, device, seed=3)
+    labels = torch.tensor([0.5 + 1e-12, 0.5, 0.5 - 1e-12, 0.0, 1.0] * 8, dtype=torch.float64, device=device)
+    compare(backend, device, scores_dtype, inputs=[scores, logits, labels])
+
+
 @pytest.mark.parametrize("margin", [0.0, -0.3, 2.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_ranking_alone(fused, margin, reduction):

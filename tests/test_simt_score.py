@@ -48,6 +48,8 @@ def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
         y = (torch.rand(B, generator=g) > 0.5).double()
     elif labels == "soft":  # soft targets; 0.5 exactly is fake
         y = torch.tensor([0.0, 0.3, 0.5, 0.51, 0.7, 1.0], dtype=torch.float64)[torch.randint(0, 6, (B,), generator=g)]
+    elif labels == "near half":  # float64 labels that round to 0.5 in float32: the class test reads them as given
+        y = torch.tensor([0.5 + 1e-12, 0.5, 0.5 - 1e-12, 0.0, 1.0], dtype=torch.float64)[torch.arange(B) % 5]
     elif labels == "one real":
         y = torch.zeros(B, dtype=torch.float64)
         y[B // 2] = 1
@@ -86,7 +88,7 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
     settings = config.settings()
     # As csrc/score/score.cpp's cuda_inputs fills it.
     inputs = make(k.CudaInputs, scores=address(scores), scores_stride=scores.stride(0), labels=address(lab),
-                  labels_stride=lab.stride(0), labels_in_acc=lab.dtype != scores.dtype, logits=address(logits),
+                  labels_stride=lab.stride(0), labels_dtype=dtype_of(lab), logits=address(logits),
                   logits_strides=list(logits.stride()) if cls else [0, 0], settings=address(settings),
                   dtype=dtype_of(scores),
                   problem=make(k.Problem, B=B, term_mask=terms, smooth_l1=smooth, ranking_sum=reduction == "sum"))
@@ -192,6 +194,10 @@ CASES = {
     "sorted fp64, all fake": dict(B=2500, dtype=torch.float64, labels="fake"),
     "sorted fp16, soft labels, smooth-L1, sum": dict(B=2049, dtype=torch.float16, reduction="sum", labels="soft",
                                                     smooth=True),
+    "all pairs fp32, float64 labels next to 0.5": dict(B=300, dtype=torch.float32, labels="near half",
+                                                       label_dtype=torch.float64),
+    "sorted bf16, float64 labels next to 0.5": dict(B=2100, dtype=torch.bfloat16, labels="near half",
+                                                    label_dtype=torch.float64),
     "sorted bf16, ranking only, float32 labels": dict(B=3000, dtype=torch.bfloat16, terms=RANKING_ONLY, ties=True,
                                                       label_dtype=torch.float32),
     "sorted, all real, margin 0, grad_terms broadcast": dict(B=2300, dtype=torch.float32, labels="real", margin=0.0,

@@ -66,12 +66,21 @@ Problem check_inputs(const Tensor& scores, const OptTensor& logits, const Tensor
   return Problem{B, static_cast<int>(term_mask), smooth_l1, ranking_sum};
 }
 
-// Labels are read in scores' dtype or in the arithmetic type; any other dtype is converted to the
-// latter (exactly: every label dtype converts exactly to float32 or float64).
+// Labels are read in scores' dtype, in the arithmetic type, or in float64; any other dtype (16-bit
+// labels with other scores) is converted to the arithmetic type, exactly. The class test
+// label > 0.5 reads the label as given (a float64 label just above 0.5 may round to 0.5 in float32).
 Tensor labels_as_read(const Tensor& labels, const Tensor& scores) {
   const auto t = labels.scalar_type();
-  if (t == scores.scalar_type() || t == acc_type_of(scores.scalar_type())) return labels;
+  if (t == scores.scalar_type() || t == acc_type_of(scores.scalar_type()) || t == at::kDouble) return labels;
   return labels.to(acc_type_of(scores.scalar_type()));
+}
+
+// f(label_t{}) for the dtype labels_as_read left the labels in.
+template <typename scalar_t, typename acc_t, typename F>
+void dispatch_labels(const Tensor& labels, F&& f) {
+  if (labels.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) f(scalar_t{});
+  else if (labels.scalar_type() == at::kDouble) f(double{});
+  else f(acc_t{});
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -204,7 +213,7 @@ void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const d
       for (int64_t k = chunk * kChunk; k < std::min(pb.B, (chunk + 1) * kChunk); ++k) {
         const acc_t s = static_cast<acc_t>(in.scores[k * in.ss]);
         const acc_t y = static_cast<acc_t>(in.labels[k * in.ys]);
-        const bool real = is_real(y);
+        const bool real = is_real(static_cast<double>(in.labels[k * in.ys]));
         p.bad_scores += !std::isfinite(s);
         reg += regression_value(s - y, pb.smooth_l1);
         if (cls) {
@@ -277,8 +286,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> score_forward_cpu(const Tenso
       forward_cpu<scalar_t, label_t>(in, pb, settings.const_data_ptr<double>(), out.terms, out.total, out.counts,
                                      out.rank_scale, out.status);
     };
-    if (labels.scalar_type() == scores.scalar_type()) run(scalar_t{});
-    else run(acc_t{});
+    dispatch_labels<scalar_t, acc_t>(labels, run);
   });
   return {out.terms, out.total, out.counts, out.rank_scale, out.status};
 }
@@ -345,6 +353,7 @@ std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const
       at::parallel_for(0, pb.B, kChunk, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           const acc_t y = static_cast<acc_t>(y_ptr[k * ys]);
+          const bool real = is_real(static_cast<double>(y_ptr[k * ys]));
           if (gs) {
             const acc_t s = static_cast<acc_t>(s_ptr[k * ss]);
             acc_t g = c_reg * regression_grad(s - y, pb.smooth_l1);
@@ -354,7 +363,6 @@ std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const
           if (gl) {
             // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
             const acc_t l0 = static_cast<acc_t>(l_ptr[k * ls0]), l1 = static_cast<acc_t>(l_ptr[k * ls0 + ls1]);
-            const bool real = is_real(y);
             const acc_t p_other = sigmoid(real ? l0 - l1 : l1 - l0);
             const acc_t g_other = c_cls * p_other;
             gl[2 * k] = static_cast<scalar_t>(real ? g_other : -g_other);
@@ -363,8 +371,7 @@ std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const
         }
       });
     };
-    if (labels.scalar_type() == scores.scalar_type()) run(scalar_t{});
-    else run(acc_t{});
+    dispatch_labels<scalar_t, acc_t>(labels, run);
   });
   return {grad_scores, grad_logits};
 }
@@ -377,7 +384,7 @@ CudaInputs cuda_inputs(const Tensor& scores, const OptTensor& logits, const Tens
   in.scores_stride = scores.stride(0);
   in.labels = labels.const_data_ptr();
   in.labels_stride = labels.stride(0);
-  in.labels_in_acc = labels.scalar_type() != scores.scalar_type();
+  in.labels_dtype = cuda_dtype_of(labels.scalar_type());
   const bool cls = has(pb.term_mask, kClassification);
   in.logits = cls ? logits->const_data_ptr() : nullptr;
   in.logits_strides[0] = cls ? logits->stride(0) : 0;

@@ -93,11 +93,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t k = base + tid;
     const bool ok = k < B;
     acc_t s = 0, y = 0;
+    bool real = false;
     if (ok) {
       s = load<scalar_t>(in.scores, k * in.scores_stride);
-      y = load<label_t>(in.labels, k * in.labels_stride);
+      const auto label = load<label_t>(in.labels, k * in.labels_stride);  // (exact: label_t's own type)
+      real = is_real(label);  // the label as given, before rounding to acc_t
+      y = static_cast<acc_t>(label);
     }
-    const bool real = is_real(y);
     if (rank) {
       int64_t n = 0;
       if constexpr (kSorted) {
@@ -196,7 +198,9 @@ __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in,
   auto* gs = static_cast<scalar_t*>(g.grad_scores);
   auto* gl = static_cast<scalar_t*>(g.grad_logits);
   for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
-    const acc_t y = load<label_t>(in.labels, k * in.labels_stride);
+    const auto label = load<label_t>(in.labels, k * in.labels_stride);
+    const acc_t y = static_cast<acc_t>(label);
+    const bool real = is_real(label);
     if (gs) {
       const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
       acc_t grad = c_reg * regression_grad(s - y, pb.smooth_l1);
@@ -207,7 +211,6 @@ __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in,
       // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
       const int64_t at = k * in.logits_strides[0];
       const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);
-      const bool real = is_real(y);
       const acc_t g_other = c_cls * sigmoid(real ? l0 - l1 : l1 - l0);
       gl[2 * k] = from_acc<scalar_t>(real ? g_other : -g_other);
       gl[2 * k + 1] = from_acc<scalar_t>(real ? -g_other : g_other);
@@ -215,13 +218,15 @@ __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in,
   }
 }
 
-// f(scalar_t{}, label_t{}): labels are in scores' dtype or in the arithmetic type.
+// f(scalar_t{}, label_t{}): labels are in scores' dtype, in the arithmetic type, or in float64.
 template <typename F>
 cudaError_t dispatch(const CudaInputs& in, F&& f) {
   return cuda::dispatch(in.dtype, [&](auto element) {
     using scalar_t = decltype(element);
     using acc_t = typename AccOf<scalar_t>::type;
-    return in.labels_in_acc ? f(scalar_t{}, acc_t{}) : f(scalar_t{}, scalar_t{});
+    if (in.labels_dtype == in.dtype) return f(scalar_t{}, scalar_t{});
+    if (in.labels_dtype == DType::kFloat64) return f(scalar_t{}, double{});
+    return f(scalar_t{}, acc_t{});
   });
 }
 

@@ -18,9 +18,9 @@ using cuda::DType;
 struct CudaInputs {
   const void* scores;          // [B], any stride
   int64_t scores_stride;
-  const void* labels;          // [B], any stride; scores' dtype, or the arithmetic type
+  const void* labels;          // [B], any stride
   int64_t labels_stride;
-  bool labels_in_acc;          // labels are float (double for double scores), not scores' dtype
+  DType labels_dtype;          // scores' dtype, the arithmetic type, or kFloat64
   const void* logits;          // [B, 2], any strides; null without classification
   int64_t logits_strides[2];
   const double* settings;      // [kNumSettings]: weights, margin

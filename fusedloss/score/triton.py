@@ -75,7 +75,7 @@ def score_keys_kernel(scores_ptr, ss, labels_ptr, ys, keys_ptr, B, ACC: tl.const
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = k < B
     s = tl.load(scores_ptr + k * ss, mask=ok, other=0.0).to(ACC)
-    real = tl.load(labels_ptr + k * ys, mask=ok, other=0.0).to(ACC) > 0.5
+    real = tl.load(labels_ptr + k * ys, mask=ok, other=0.0) > 0.5  # in the labels' own dtype
     tl.store(keys_ptr + k, tl.where(real, s, float("inf")), mask=ok)
     tl.store(keys_ptr + B + k, tl.where(real, float("-inf"), s), mask=ok)
 
@@ -102,8 +102,9 @@ def score_forward_kernel(
         k = tl.cast(tile, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = k < B
         s = tl.load(scores_ptr + k * ss, mask=ok, other=0.0).to(ACC)
-        y = tl.load(labels_ptr + k * ys, mask=ok, other=0.0).to(ACC)
-        real = y > 0.5
+        label = tl.load(labels_ptr + k * ys, mask=ok, other=0.0)
+        real = label > 0.5  # in the labels' own dtype (a float64 label may round to 0.5 in ACC)
+        y = label.to(ACC)
         reals += (real & ok).to(tl.int32)
         bad_s += (ok & ~_finite(s)).to(tl.int32)
         d = s - y
@@ -138,7 +139,7 @@ def score_forward_kernel(
                     j = j0 + tl.arange(0, BLOCK_J)
                     j_ok = j < B
                     sj = tl.load(scores_ptr + j.to(tl.int64) * ss, mask=j_ok, other=0.0).to(ACC)
-                    real_j = tl.load(labels_ptr + j.to(tl.int64) * ys, mask=j_ok, other=0.0).to(ACC) > 0.5
+                    real_j = tl.load(labels_ptr + j.to(tl.int64) * ys, mask=j_ok, other=0.0) > 0.5
                     pair = tl.where(real[:, None],
                                     _active(margin, s[:, None], sj[None, :]) & ~real_j[None, :],
                                     _active(margin, sj[None, :], s[:, None]) & real_j[None, :])
@@ -206,8 +207,9 @@ def score_backward_kernel(
     # d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the term's count.
     g_total = tl.load(grad_total_ptr).to(ACC)
     inv_b = 1.0 / tl.cast(B, ACC)  # (tl.cast: B may be specialised to a constexpr 1)
-    y = tl.load(labels_ptr + k * ys, mask=ok, other=0.0).to(ACC)
-    real = y > 0.5
+    label = tl.load(labels_ptr + k * ys, mask=ok, other=0.0)
+    real = label > 0.5  # in the labels' own dtype
+    y = label.to(ACC)
     if NEED_SCORES:
         s = tl.load(scores_ptr + k * ss, mask=ok, other=0.0).to(ACC)
         g = tl.zeros([BLOCK], ACC)

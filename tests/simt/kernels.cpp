@@ -157,7 +157,7 @@ void bind_score(py::module_ m) {
   FIELD(in, CudaInputs, scores_stride);
   FIELD(in, CudaInputs, labels);
   FIELD(in, CudaInputs, labels_stride);
-  FIELD(in, CudaInputs, labels_in_acc);
+  FIELD(in, CudaInputs, labels_dtype);
   FIELD(in, CudaInputs, logits);
   FIELD(in, CudaInputs, logits_strides);
   FIELD(in, CudaInputs, settings);

@@ -153,6 +153,7 @@ void score_case(int64_t B, int term_mask) {
   in.settings = settings;
   in.problem = score::Problem{B, term_mask, false, false};
   in.dtype = dtype_of<T>();
+  in.labels_dtype = in.dtype;  // labels in scores' dtype
   auto out_terms = bytes(3 * sizeof(acc_t)), total = bytes(sizeof(acc_t)), counts = bytes(B * sizeof(int32_t));
   auto scale = bytes(sizeof(double)), status = bytes(sizeof(int32_t)), ws = bytes(score::forward_workspace_bytes(in));
   const score::CudaOutputs out{out_terms.data(), total.data(), reinterpret_cast<int32_t*>(counts.data()),
