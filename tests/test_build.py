@@ -16,7 +16,22 @@ import pytest
 import torch
 import torch.utils.cpp_extension
 
+from fusedloss.core import build
+
 ROOT = Path(__file__).resolve().parent.parent
+CUDA_SOURCES = [p for p in build.op_sources(ROOT / "csrc", with_cuda=True) if p.suffix == ".cu"]
+CPP_SOURCES = build.op_sources(ROOT / "csrc", with_cuda=False)
+
+
+def test_the_builds_see_every_family_source():
+    """The source lists the build checks below run over (an empty one would skip them silently), and
+    no two sources share an object file name (setuptools names objects after the path without its
+    suffix, so pva/pva.cpp and pva/pva.cu would overwrite one another)."""
+    families = ("pva", "blendshape", "score")
+    assert {p.parent.name for p in CUDA_SOURCES} == set(families)
+    assert {p.parent.name for p in CPP_SOURCES} == set(families)
+    stems = [p.with_suffix("") for p in build.op_sources(ROOT / "csrc", with_cuda=True)]
+    assert len(stems) == len(set(stems)), stems
 NVCC = shutil.which("nvcc")
 # What torch.utils.cpp_extension passes to nvcc for every extension: the kernels must build with it.
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -35,7 +50,7 @@ def cuda_home() -> Path | None:
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("source", sorted((ROOT / "csrc" / "cuda").glob("*.cu")), ids=lambda p: p.name)
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_cuda_kernels_compile_with_nvcc(tmp_path, source):
     result = subprocess.run(
         [NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", *TORCH_NVCC_FLAGS, "-c", str(source),
@@ -47,7 +62,7 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path, source):
 
 @pytest.mark.skipif(cuda_home() is None, reason="the CUDA headers are not installed")
 @pytest.mark.skipif(torch.version.cuda is not None, reason="torch has CUDA: setup.py compiles this for real")
-@pytest.mark.parametrize("source", sorted((ROOT / "csrc").glob("*.cpp")), ids=lambda p: p.name)
+@pytest.mark.parametrize("source", CPP_SOURCES, ids=lambda p: p.name)
 def test_cuda_dispatch_code_compiles_against_torch_headers(tmp_path, source):
     """Syntax-check the WITH_CUDA parts of the C++ sources. A CPU build of torch ships the c10/cuda
     headers but not the generated cuda_cmake_macros.h, which a stub replaces here."""

@@ -70,7 +70,7 @@ def dists(tmp_path_factory):
 def test_sdist_and_wheel_carry_every_csrc_file(dists):
     sdist, wheel = dists
     expected = csrc_files()
-    assert {"module.cpp", "common/cuda_helpers.cuh", "pva/pva.cu", "score/score_math.h"} <= expected
+    assert {"module.cpp", "common/cuda_helpers.cuh", "pva/pva_cuda.cu", "score/score_math.h"} <= expected
     with tarfile.open(sdist) as tar:
         names = tar.getnames()
     top = names[0].split("/")[0]

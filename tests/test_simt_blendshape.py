@@ -1,4 +1,4 @@
-"""The blendshape CUDA kernels (csrc/blendshape/blendshape.cu), run on CPU threads under ASan + UBSan
+"""The blendshape CUDA kernels (csrc/blendshape/blendshape_cuda.cu), run on CPU threads under ASan + UBSan
 (tests/simt), against the family's reference: every computed term, the total, the column statistics
 and the gradients of pred, target (through the importance weights too) and raw_pred.
 
@@ -68,7 +68,7 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
     raw_pred = make_input(shape, dtype, g, "sliced") if raw else None
     prev_pred = make_input(shape, dtype, g, "contiguous") if prev else None
     config = BlendshapeConfig.build(*weights, threshold=threshold, perceptual_groups=groups)
-    names, terms = computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), raw, prev)
+    names, term_mask = computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), raw, prev)
     settings, group_coef = config.settings(), config.group_coef()
     matrix = torch.randn(J, K, generator=g, dtype=torch.float64).to(dtype) if "landmark" in names else None
     gram = landmark_gram(matrix).contiguous() if matrix is not None else None
@@ -78,10 +78,10 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
                   prev_pred=address(prev_pred), strides=[strides3(x) for x in (pred, target, raw_pred, prev_pred)],
                   settings=address(settings), group_coef=address(group_coef),
                   group_len=0 if group_coef is None else group_coef.numel(), gram=address(gram), dtype=dtype_of(pred),
-                  problem=make(k.Problem, B=B, T=Tn, K=K, J=J if matrix is not None else 0, term_mask=terms,
+                  problem=make(k.Problem, B=B, T=Tn, K=K, J=J if matrix is not None else 0, term_mask=term_mask,
                                group_form=group_coef is not None))
 
-    cols = needs_col_stats(terms, group_coef)
+    cols = needs_col_stats(term_mask, group_coef)
     out_terms, total = poisoned((len(names),), acc), poisoned((), acc)
     col_stats = poisoned((2, Tn * K if cols else 0), acc)
     ws = workspace(k.forward_workspace_bytes(inputs))

@@ -1,4 +1,4 @@
-"""The PVA CUDA kernels (csrc/pva/pva.cu), run on CPU threads under ASan + UBSan (tests/simt),
+"""The PVA CUDA kernels (csrc/pva/pva_cuda.cu), run on CPU threads under ASan + UBSan (tests/simt),
 against the family's reference: every term, the total and the gradient of every input.
 
 Each case launches the forward twice in two block orders (bitwise equal, arrival counter back to

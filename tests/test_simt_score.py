@@ -1,4 +1,4 @@
-"""The score CUDA kernels (csrc/score/score.cu), run on CPU threads under ASan + UBSan
+"""The score CUDA kernels (csrc/score/score_cuda.cu), run on CPU threads under ASan + UBSan
 (tests/simt), against the family's reference: the three terms, the total, the signed pair counts
 (exactly, against the pair matrix), the ranking scale, the status bits and the gradients of
 scores and logits. Both forward paths run: all pairs in shared-memory tiles (B <= 2048) and the
@@ -26,7 +26,7 @@ from simt.harness import (
 
 from fusedloss.score import layout as score_layout
 from fusedloss.score.config import ScoreConfig
-from fusedloss.score.layout import ALL_TERMS, RANKING_ONLY
+from fusedloss.score.layout import ALL_TERMS, RANKING_ONLY, TERM_BIT
 from fusedloss.score.ops import status_of
 from fusedloss.score.reference import (
     all_pairs_margin_ranking_reference,
@@ -68,7 +68,7 @@ def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
     return scores, lab, logits
 
 
-def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5, labels="binary", label_dtype=None,
+def check(B, dtype, term_mask=ALL_TERMS, smooth=False, reduction="mean", margin=0.5, labels="binary", label_dtype=None,
           ties=False, strided=False, grad_stride=1, mask=(True, True), sms=2, bad=None, min_blocks=1,
           grid_stride=False, null=""):
 
@@ -76,7 +76,7 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
     k = use_device(sms).score
     g = torch.Generator().manual_seed(B + 7)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    cls, rank = bool(terms & 0b010), bool(terms & RANKING_ONLY)
+    cls, rank = bool(term_mask & TERM_BIT["classification"]), bool(term_mask & RANKING_ONLY)
     scores, lab, logits = make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g)
     if bad == "score_nan":
         scores[B // 3] = float("nan")
@@ -91,7 +91,7 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
                   labels_stride=lab.stride(0), labels_dtype=dtype_of(lab), logits=address(logits),
                   logits_strides=list(logits.stride()) if cls else [0, 0], settings=address(settings),
                   dtype=dtype_of(scores),
-                  problem=make(k.Problem, B=B, term_mask=terms, smooth_l1=smooth, ranking_sum=reduction == "sum"))
+                  problem=make(k.Problem, B=B, term_mask=term_mask, smooth_l1=smooth, ranking_sum=reduction == "sum"))
     out = dict(terms=poisoned((3,), acc), total=poisoned((), acc), counts=poisoned((B if rank else 0,), torch.int32),
                rank_scale=poisoned((), torch.float64), status=poisoned((), torch.int32))
     outputs = make(k.CudaOutputs, **{name: address(t) for name, t in out.items()})
@@ -105,10 +105,10 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
         assert B > counting * 256, f"{B} scores fit one pass of {counting} blocks"
 
     ref = score_loss_reference(scores, logits if cls else torch.zeros(B, 2, dtype=dtype), lab, config)
-    want = [ref["regression"] if terms & 1 else torch.zeros((), dtype=acc),
+    want = [ref["regression"] if term_mask & TERM_BIT["regression"] else torch.zeros((), dtype=acc),
             ref["classification"] if cls else torch.zeros((), dtype=acc),
             all_pairs_margin_ranking_reference(scores, lab, margin, reduction) if rank else torch.zeros((), dtype=acc)]
-    want_total = sum(w * want[i] for i, w in enumerate(config.weights) if terms >> i & 1)
+    want_total = sum(w * want[i] for i, w in enumerate(config.weights) if term_mask >> i & 1)
     if bad:
         status = int(status_of(scores, logits, want_total))
         assert out["status"].item() == status, f"status {out['status'].item()}, the reference's {status}"
@@ -158,7 +158,7 @@ def check(B, dtype, terms=ALL_TERMS, smooth=False, reduction="mean", margin=0.5,
     parts = [r["regression"], r["classification"] if cls else None,
              all_pairs_margin_ranking_reference(s_leaf, lab, margin, reduction)]
     loss = sum(part * (grad_terms[i] + w * grad_total)
-               for i, (w, part) in enumerate(zip(config.weights, parts)) if terms >> i & 1)
+               for i, (w, part) in enumerate(zip(config.weights, parts)) if term_mask >> i & 1)
     loss.backward()
     if grad_scores is not None:
         assert_close(grad_scores, s_leaf.grad.to(dtype), dtype, grad=True, msg="d/dscores")
@@ -176,7 +176,7 @@ CASES = {
     "all pairs, all real": dict(B=100, dtype=torch.float32, labels="real"),
     "all pairs fp16, float32 labels, strided": dict(B=260, dtype=torch.float16, label_dtype=torch.float32,
                                                     strided=True, ties=True),
-    "all pairs bf16, ranking only": dict(B=100, dtype=torch.bfloat16, terms=RANKING_ONLY, ties=True),
+    "all pairs bf16, ranking only": dict(B=100, dtype=torch.bfloat16, term_mask=RANKING_ONLY, ties=True),
     "B=1 real": dict(B=1, dtype=torch.float32, labels="real"),
     "B=1 fake": dict(B=1, dtype=torch.float64, labels="fake"),
     "one real among fakes": dict(B=77, dtype=torch.float32, labels="one real", ties=True),
@@ -188,7 +188,7 @@ CASES = {
     "no grad_total (null)": dict(B=150, dtype=torch.float64, null="total"),
     "only d/dscores": dict(B=90, dtype=torch.float32, mask=(True, False)),
     "only d/dlogits, strided": dict(B=90, dtype=torch.bfloat16, mask=(False, True), strided=True),
-    "no ranking, B > 2048": dict(B=2200, dtype=torch.float32, terms=0b011),
+    "no ranking, B > 2048": dict(B=2200, dtype=torch.float32, term_mask=ALL_TERMS & ~RANKING_ONLY),
     "empty batch": dict(B=0, dtype=torch.float32),
     "sorted, ties": dict(B=2100, dtype=torch.float32, ties=True),
     "sorted fp64, all fake": dict(B=2500, dtype=torch.float64, labels="fake"),
@@ -198,7 +198,7 @@ CASES = {
                                                        label_dtype=torch.float64),
     "sorted bf16, float64 labels next to 0.5": dict(B=2100, dtype=torch.bfloat16, labels="near half",
                                                     label_dtype=torch.float64),
-    "sorted bf16, ranking only, float32 labels": dict(B=3000, dtype=torch.bfloat16, terms=RANKING_ONLY, ties=True,
+    "sorted bf16, ranking only, float32 labels": dict(B=3000, dtype=torch.bfloat16, term_mask=RANKING_ONLY, ties=True,
                                                       label_dtype=torch.float32),
     "sorted, all real, margin 0, grad_terms broadcast": dict(B=2300, dtype=torch.float32, labels="real", margin=0.0,
                                                              ties=True, grad_stride=0),

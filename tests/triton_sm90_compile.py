@@ -111,14 +111,15 @@ def score_kernels():
     forward = triton_score.score_forward._opoverload
     backward = triton_score.score_backward._opoverload
     settings = score_config.ScoreConfig.build().settings()
-    # B: one score (a constant 1), the all-pairs forward, the sorted one; float32 labels with bfloat16 scores.
+    # B: one score (a constant 1), the all-pairs forward, the sorted one; float32 labels with bfloat16 scores,
+    # float64 labels with float32 scores.
     for B, dtype, terms, flags in itertools.product(
         [1, 16, 100_000], [torch.float32, torch.float64, torch.float16, torch.bfloat16],
         [score_layout.ALL_TERMS, score_layout.RANKING_ONLY], [(False, False), (True, True)],
     ):
         scores = torch.rand(B, 2, dtype=dtype)[:, 0]
         logits = torch.randn(B, 2, dtype=dtype) if terms == score_layout.ALL_TERMS else None
-        labels = torch.rand(B, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+        labels = torch.rand(B, dtype={torch.bfloat16: torch.float32, torch.float32: torch.float64}.get(dtype, dtype))
         args = (scores, logits, labels, settings, terms, *flags)
         out_terms, total, counts, rank_scale, _ = forward(*args)
         grad_total = torch.ones((), dtype=total.dtype)

@@ -1,4 +1,4 @@
-// Blendshape loss: operator schemas, C++ CPU kernels, and the CUDA dispatch (blendshape.cu).
+// Blendshape loss: operator schemas, C++ CPU kernels, and the CUDA dispatch (blendshape_cuda.cu).
 //
 // fusedloss::blendshape_forward  reads pred, target (and raw_pred, prev_pred) once and returns the
 //                                computed terms in TERMS order, their weighted total, and the

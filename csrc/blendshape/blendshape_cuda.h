@@ -1,4 +1,4 @@
-// Host interface of the blendshape CUDA kernels (blendshape.cu): raw pointers, strides and a
+// Host interface of the blendshape CUDA kernels (blendshape_cuda.cu): raw pointers, strides and a
 // stream; no torch headers.
 #pragma once
 

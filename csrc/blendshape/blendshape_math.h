@@ -1,5 +1,5 @@
 // The blendshape loss math shared by the C++ CPU kernels (blendshape.cpp) and the CUDA kernels
-// (blendshape.cu): one description of the sums, the terms and their gradients.
+// (blendshape_cuda.cu): one description of the sums, the terms and their gradients.
 //
 // Inputs are viewed as [B, T, K] (T = 1 for [B, K]); e = pred - target; column c = (t, k).
 // The forward accumulates sums over all elements, and for the default perceptual form the

@@ -1,4 +1,4 @@
-// PVA loss: operator schemas, C++ CPU kernels, and the CUDA dispatch (kernels in pva.cu).
+// PVA loss: operator schemas, C++ CPU kernels, and the CUDA dispatch (kernels in pva_cuda.cu).
 //
 // fusedloss::pva_forward  reads pred and target once and returns every term of every part
 //                         (terms [P*K] in part order, P V A [L] [R] within a part) and their sum.

@@ -1,5 +1,5 @@
-// Host interface of the PVA CUDA kernels (pva.cu): raw pointers, strides and a stream.
-// No torch headers, so nvcc compiles pva.cu on its own in seconds.
+// Host interface of the PVA CUDA kernels (pva_cuda.cu): raw pointers, strides and a stream.
+// No torch headers, so nvcc compiles pva_cuda.cu on its own in seconds.
 #pragma once
 
 #include <cuda_runtime_api.h>

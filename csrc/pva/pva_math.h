@@ -1,5 +1,5 @@
 // The PVA loss math shared by the C++ CPU kernels (pva.cpp) and the CUDA kernels
-// (pva.cu): one description of the terms, so forward and backward cannot drift.
+// (pva_cuda.cu): one description of the terms, so forward and backward cannot drift.
 //
 // With e = pred - target along time t for one column d:
 //   P  = err(e[t])                                   rows t in [0, L)

@@ -1,4 +1,4 @@
-// Score loss (TIGAS): operator schemas, C++ CPU kernels, and the CUDA dispatch (score.cu).
+// Score loss (TIGAS): operator schemas, C++ CPU kernels, and the CUDA dispatch (score_cuda.cu).
 //
 // fusedloss::score_forward  returns the three terms (regression, classification, ranking; 0 where
 //                           not computed), their weighted total, the signed active-pair count of
@@ -385,6 +385,9 @@ CudaInputs cuda_inputs(const Tensor& scores, const OptTensor& logits, const Tens
   in.labels = labels.const_data_ptr();
   in.labels_stride = labels.stride(0);
   in.labels_dtype = cuda_dtype_of(labels.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == scores.scalar_type() || labels.scalar_type() == acc_type_of(scores.scalar_type()) ||
+                  labels.scalar_type() == at::kDouble,
+              "score: labels must be read in scores' dtype, the arithmetic type or float64 (labels_as_read)");
   const bool cls = has(pb.term_mask, kClassification);
   in.logits = cls ? logits->const_data_ptr() : nullptr;
   in.logits_strides[0] = cls ? logits->stride(0) : 0;

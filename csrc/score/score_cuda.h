@@ -1,4 +1,4 @@
-// Host interface of the score loss CUDA kernels (score.cu): raw pointers, strides and a
+// Host interface of the score loss CUDA kernels (score_cuda.cu): raw pointers, strides and a
 // stream; no torch headers.
 #pragma once
 

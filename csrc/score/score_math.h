@@ -1,5 +1,5 @@
 // The score loss math (TIGAS, docs/losses.md §3) shared by the C++ CPU kernels (score.cpp) and the CUDA
-// kernels (score.cu): the terms per element, the hinge's activity test, and the searches
+// kernels (score_cuda.cu): the terms per element, the hinge's activity test, and the searches
 // that count active pairs without forming the |R| x |F| pair matrix.
 //
 // Per element k: s = scores[k], y = labels[k], real = y > 0.5, logits (l0, l1), class c = real.

@@ -105,7 +105,7 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
             return terms.pop("total"), terms
 
         return run_reference
-    computed, mask = computed_terms(nonzero, pred.dim(), raw_pred is not None, prev_pred is not None)
+    computed, term_mask = computed_terms(nonzero, pred.dim(), raw_pred is not None, prev_pred is not None)
     # Tiny tables: asynchronous copies (from pageable memory, staged at once) never sync.
     settings = (settings if settings is not None else config.settings()).to(pred.device, non_blocking=True)
     if "perceptual" in computed and config.groups is not None:
@@ -126,7 +126,7 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
         # prev_pred is a constant of the loss: detached, so backward never walks into its history.
         prev = (constant(prev_pred) if consistency else None)
         terms, total, _ = op(pred, target, raw_pred if smoothing else None, prev, settings, group_coef,
-                             landmark_gram, landmark_rows, mask)
+                             landmark_gram, landmark_rows, term_mask)
         return total, terms_of(computed, terms)
 
     return run

@@ -46,6 +46,9 @@ S_CONSISTENCY = tl.constexpr(layout.SUMS.index("consistency_sq"))
 S_WEIGHTED = tl.constexpr(layout.WEIGHTED_SUM)
 PARTIALS_WIDTH = tl.constexpr(layout.PARTIALS_WIDTH)  # partial sums per program
 THRESHOLD = tl.constexpr(layout.THRESHOLD)  # slot of the settings table
+# Rows of col_stats [2, T*K]: importance weights, then sum_b e^2.
+COL_IMPORTANCE = tl.constexpr(layout.COL_IMPORTANCE)
+COL_SQ_ERR = tl.constexpr(layout.COL_SQ_ERR)
 # Terms (layout.TERMS order); a term's weight is settings[term].
 T_MSE = tl.constexpr(layout.TERMS.index("mse"))
 T_L1 = tl.constexpr(layout.TERMS.index("l1"))
@@ -223,13 +226,13 @@ def blendshape_forward_kernel(
     if COLS:
         if SINGLE_GROUP:  # this program holds whole columns: finish them here
             w = col_t / tl.maximum(B, 1)
-            tl.store(cols_ptr + cols, w, mask=col_ok)
-            tl.store(cols_ptr + C + cols, col_s2, mask=col_ok)
+            tl.store(cols_ptr + COL_IMPORTANCE * C + cols, w, mask=col_ok)
+            tl.store(cols_ptr + COL_SQ_ERR * C + cols, col_s2, mask=col_ok)
             weighted = tl.sum(tl.sum(w * w * col_s2, axis=1), axis=0)
         else:
             part = colpart_ptr + pid_b.to(tl.int64) * 2 * C
-            tl.store(part + cols, col_t, mask=col_ok)
-            tl.store(part + C + cols, col_s2, mask=col_ok)
+            tl.store(part + COL_IMPORTANCE * C + cols, col_t, mask=col_ok)
+            tl.store(part + COL_SQ_ERR * C + cols, col_s2, mask=col_ok)
     tl.store(out + S_WEIGHTED, weighted)
 
     # The last program to arrive reduces every program's partials, in program order.
@@ -252,11 +255,11 @@ def blendshape_forward_kernel(
                         g = g0 + tl.arange(0, BLOCK_GROUPS)
                         at = colpart_ptr + g.to(tl.int64)[:, None] * 2 * C + c[None, :]
                         ok = (g < n_b)[:, None] & c_ok[None, :]
-                        colt += tl.sum(tl.load(at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                        cols2 += tl.sum(tl.load(at + C, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                        colt += tl.sum(tl.load(at + COL_IMPORTANCE * C, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                        cols2 += tl.sum(tl.load(at + COL_SQ_ERR * C, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
                     w = colt / tl.maximum(B, 1)
-                    tl.store(cols_ptr + c, w, mask=c_ok)
-                    tl.store(cols_ptr + C + c, cols2, mask=c_ok)
+                    tl.store(cols_ptr + COL_IMPORTANCE * C + c, w, mask=c_ok)
+                    tl.store(cols_ptr + COL_SQ_ERR * C + c, cols2, mask=c_ok)
                     acc_w += w * w * cols2
                 s_w = tl.sum(acc_w)
         s_perc = s_grp if GROUPS else s_act + s_w
@@ -322,10 +325,10 @@ def blendshape_backward_kernel(
         if GROUPS:
             perc_scale = (2.0 * c_perc * tl.load(group_ptr + ks, mask=ks < G_LEN, other=0.0).to(ACC))[None, None, :]
         else:
-            w = tl.load(cols_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+            w = tl.load(cols_ptr + COL_IMPORTANCE * T * K + cols, mask=col_ok, other=0.0).to(ACC)
             perc_scale = (2.0 * c_perc * w * w)[None, :, :]
             # d/dtarget through the importance weights w = target.mean(0)
-            through_w = (2.0 * c_perc * w * tl.load(cols_ptr + T * K + cols, mask=col_ok, other=0.0).to(ACC)
+            through_w = (2.0 * c_perc * w * tl.load(cols_ptr + COL_SQ_ERR * T * K + cols, mask=col_ok, other=0.0).to(ACC)
                          / tl.maximum(B, 1))[None, :, :]
     for b0 in range(pid_b * BLOCK_B, B, n_b * BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)

@@ -3,7 +3,7 @@
 library, so that ``setup.py`` can load this file before the package is installed.
 
 ``csrc/`` holds one folder per family (``<family>.cpp``: schemas, CPU kernels, CUDA dispatch,
-autograd; ``<family>.cu``: CUDA kernels) and ``common/`` (headers only), plus ``module.cpp``,
+autograd; ``<family>_cuda.cu``: CUDA kernels) and ``common/`` (headers only), plus ``module.cpp``,
 the stub of the Python module ``fusedloss._C``.
 """
 
@@ -17,7 +17,9 @@ CUDA_DEFINE = "-DWITH_CUDA"  # compiles the CUDA dispatch of each family's .cpp
 
 
 def op_sources(csrc: Path, with_cuda: bool) -> list[Path]:
-    """The operator library's sources (without the Python module stub ``module.cpp``)."""
+    """The operator library's sources (without the Python module stub ``module.cpp``). No two share
+    a path without its suffix: setuptools names an object file after it (``pva/pva.cpp`` and
+    ``pva/pva.cu`` would both be ``pva/pva.o``), hence ``<family>_cuda.cu``."""
     sources = sorted(csrc.glob("*/*.cpp"))
     if with_cuda:
         sources += sorted(csrc.glob("*/*.cu"))

@@ -39,6 +39,10 @@ class FusedLoss(nn.Module):
         self._plans: dict = {}
 
     def __setattr__(self, name, value):
+        setting = getattr(type(self), name, None)
+        if isinstance(setting, Setting):  # (before nn.Module looks at the value: a Parameter is no setting)
+            setting.__set__(self, value)
+            return
         # A new backend, configuration or table (buffer) invalidates the plans made with the old.
         plans = self.__dict__.get("_plans")
         if plans and (name in ("backend", "config") or name in self._TABLES):
@@ -89,8 +93,8 @@ def buffers_on(module: nn.Module, names: tuple[str, ...], device: torch.device) 
     for i, (name, buffer) in enumerate(zip(names, out)):
         if buffer is not None and buffer.device != device:
             out[i] = buffer.to(device, non_blocking=True)
-            if not torch.compiler.is_compiling():
-                setattr(module, name, out[i])
+            if not torch.compiler.is_compiling():  # (not setattr: the plans made before keep their tables)
+                module.register_buffer(name, out[i], persistent=False)
     return out
 
 

@@ -79,19 +79,19 @@ def _part(table_ptr, p, D):
 def _term_stat(k, LAST: tl.constexpr):
     """Statistic of the k-th term of a part: P V A, then L (with LAST) and R."""
     if LAST:
-        return tl.where(k < 4, k, 4)
+        return tl.where(k <= STAT_L, k, STAT_R)
     else:
-        return tl.where(k < 3, k, 4)
+        return tl.where(k <= STAT_A, k, STAT_R)
 
 
 @triton.jit
 def _term_factor(stat, start, end, weight, reg_weight, B, L, ACC: tl.constexpr):
     """scale / count of a term (0 when it averages over an empty set)."""
     rows = tl.where(
-        stat == 1, B * (L - 1), tl.where(stat == 2, B * (L - 2), tl.where(stat == 3, B, B * L))
+        stat == STAT_V, B * (L - 1), tl.where(stat == STAT_A, B * (L - 2), tl.where(stat == STAT_L, B, B * L))
     )
     count = rows * (end - start)
-    scale = tl.where(stat == 4, reg_weight, weight).to(ACC)
+    scale = tl.where(stat == STAT_R, reg_weight, weight).to(ACC)
     return tl.where(count > 0, scale / tl.maximum(count, 1).to(ACC), 0.0)
 
 

@@ -48,9 +48,10 @@ finite_or_raise.register_autograd(_finite_or_raise_backward)
 
 def status_of(scores: torch.Tensor, logits: torch.Tensor | None, total: torch.Tensor) -> torch.Tensor:
     """The status bits from PyTorch ops (the reference backend's; the fused kernels make their own)."""
-    status = (~torch.isfinite(scores).all()).to(torch.int32) | ((~torch.isfinite(total)).to(torch.int32) << 2)
+    status = ((~torch.isfinite(scores).all()).to(torch.int32) * STATUS["scores"]
+              | (~torch.isfinite(total)).to(torch.int32) * STATUS["total"])
     if logits is not None:
-        status = status | ((~torch.isfinite(logits).all()).to(torch.int32) << 1)
+        status = status | (~torch.isfinite(logits).all()).to(torch.int32) * STATUS["logits"]
     return status
 
 

@@ -44,6 +44,10 @@ T_REG = tl.constexpr(layout.TERMS.index("regression"))
 T_CLS = tl.constexpr(layout.TERMS.index("classification"))
 T_RANK = tl.constexpr(layout.TERMS.index("ranking"))
 MARGIN = tl.constexpr(layout.MARGIN)
+# The status bits (layout.STATUS).
+BAD_SCORES = tl.constexpr(layout.STATUS["scores"])
+BAD_LOGITS = tl.constexpr(layout.STATUS["logits"])
+BAD_TOTAL = tl.constexpr(layout.STATUS["total"])
 # Partial sums per program: regression, classification, ranking, reals, bad scores, bad logits.
 P_REG = tl.constexpr(0)
 P_CLS = tl.constexpr(1)
@@ -189,8 +193,8 @@ def score_forward_kernel(
         tl.store(terms_ptr + T_RANK, v_rank)
         tl.store(total_ptr, total)
         tl.store(rank_scale_ptr, scale)
-        status = ((n_bad_s > 0).to(tl.int32) | ((n_bad_l > 0).to(tl.int32) << 1)
-                  | ((~_finite(total)).to(tl.int32) << 2))
+        status = ((n_bad_s > 0).to(tl.int32) * BAD_SCORES | (n_bad_l > 0).to(tl.int32) * BAD_LOGITS
+                  | (~_finite(total)).to(tl.int32) * BAD_TOTAL)
         tl.store(status_ptr, status)
         tl.atomic_xchg(counter_ptr, 0)
 

@@ -63,7 +63,7 @@ def workspace(nbytes: int) -> torch.Tensor:
 
 @functools.cache
 def arrival_counter() -> torch.Tensor:
-    """One int32 counter for every forward of the process, zeroed once, as csrc/arrival_counter.h
+    """One int32 counter for every forward of the process, zeroed once, as csrc/common/arrival_counter.h
     keeps one per stream: each kernel's last block must reset it."""
     return torch.zeros(1, dtype=torch.int32)
 

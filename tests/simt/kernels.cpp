@@ -1,7 +1,7 @@
-// simt_kernels: the host launch functions of csrc/<family>/<family>.cu, running on the CPU (simt_cuda.h),
+// simt_kernels: the host launch functions of csrc/<family>/<family>_cuda.cu, running on the CPU (simt_cuda.h),
 // for Python tests. Each family's structs (CudaInputs, CudaGradients, ...) are bound field by
 // field with the names they have in C++, so Python fills exactly what the torch dispatch code
-// (csrc/<family>.cpp, cuda_inputs) fills; pointers are passed as addresses (tensor.data_ptr()).
+// (csrc/<family>/<family>.cpp, cuda_inputs) fills; pointers are passed as addresses (tensor.data_ptr()).
 // Every call runs on the null stream and returns the cudaError_t as an int.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -4,7 +4,7 @@
     python tests/simt/mutants.py P1 S4        # some of them
     python tests/simt/mutants.py --list
 
-Each mutant replaces one exact piece of a ``csrc/<family>/<family>.cu`` file (or of csrc/common/cuda_helpers.cuh) (found exactly once) in a copy
+Each mutant replaces one exact piece of a ``csrc/<family>/<family>_cuda.cu`` file (or of csrc/common/cuda_helpers.cuh) (found exactly once) in a copy
 of ``csrc/``, then runs the lane on that copy (``FUSEDLOSS_SIMT_CSRC``), the mutated family's
 tests first, stopping at the first failure. tests/test_simt_mutants.py checks in every CI run
 that each mutant still applies to the current sources, and that one of them is caught.
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Mutant:
     name: str
-    file: str  # under csrc/: <family>/<family>.cu or common/cuda_helpers.cuh
+    file: str  # under csrc/: <family>/<family>_cuda.cu or common/cuda_helpers.cuh
     bug: str
     find: str
     replace: str
@@ -37,85 +37,85 @@ class Mutant:
     @property
     def family(self) -> str | None:
         """The loss family of the file, None for the shared helpers (common/cuda_helpers.cuh)."""
-        stem = Path(self.file).stem
-        return stem if stem in ("pva", "blendshape", "score") else None
+        folder = Path(self.file).parent.name
+        return folder if folder in ("pva", "blendshape", "score") else None
 
 
 MUTANTS = [
-    # ---- pva.cu ----
-    Mutant("P1", "pva/pva.cu", "barrier removed between the lane sums' writes and reads",
+    # ---- pva_cuda.cu ----
+    Mutant("P1", "pva/pva_cuda.cu", "barrier removed between the lane sums' writes and reads",
            "lane_sums[k][ty][tx] = s[k];\n  __syncthreads();", "lane_sums[k][ty][tx] = s[k];\n"),
-    Mutant("P2", "pva/pva.cu", "the last block does not reset the arrival counter",
+    Mutant("P2", "pva/pva_cuda.cu", "the last block does not reset the arrival counter",
            "if (tx == 0 && ty == 0) atomicExch(counter, 0u);", ""),
-    Mutant("P3", "pva/pva.cu", "off-by-one in a shared index (one lane row too many)",
+    Mutant("P3", "pva/pva_cuda.cu", "off-by-one in a shared index (one lane row too many)",
            "for (int l = 0; l < kLanes; ++l) v += lane_sums[ty][l][tx];",
            "for (int l = 0; l <= kLanes; ++l) v += lane_sums[ty][l][tx];"),
-    Mutant("P4", "pva/pva.cu", "warp shuffle in a divergent branch",
+    Mutant("P4", "pva/pva_cuda.cu", "warp shuffle in a divergent branch",
            "    v = warp_sum(v);\n    if (tx == 0) partials[block * T + j] = v;",
            "    if (inside) v = warp_sum(v);\n    if (tx == 0) partials[block * T + j] = v;"),
-    Mutant("P5", "pva/pva.cu", "wrong stride: target read along time with pred's time stride",
+    Mutant("P5", "pva/pva_cuda.cu", "wrong stride: target read along time with pred's time stride",
            "in.pred_strides[1], in.target_strides[1], in.L};", "in.pred_strides[1], in.pred_strides[1], in.L};"),
-    Mutant("P6", "pva/pva.cu", "partial sums published without __threadfence",
+    Mutant("P6", "pva/pva_cuda.cu", "partial sums published without __threadfence",
            "  FL_SHARED(bool, is_last);\n  __threadfence();", "  FL_SHARED(bool, is_last);\n"),
-    Mutant("P7", "pva/pva.cu", "time chunks overlap by one row", "it.t1 = min(it.t0 + kChunk, L);",
+    Mutant("P7", "pva/pva_cuda.cu", "time chunks overlap by one row", "it.t1 = min(it.t0 + kChunk, L);",
            "it.t1 = min(it.t0 + kChunk + 1, L);"),
-    Mutant("P8", "pva/pva.cu", "backward: no bound check on the column", "  if (d >= in.D) return;\n", "\n"),
-    Mutant("P9", "pva/pva.cu", "the last block reads the partials without __threadfence",
+    Mutant("P8", "pva/pva_cuda.cu", "backward: no bound check on the column", "  if (d >= in.D) return;\n", "\n"),
+    Mutant("P9", "pva/pva_cuda.cu", "the last block reads the partials without __threadfence",
            "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n  __threadfence();\n"
            "  for (int64_t j = ty;",
            "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
            "  for (int64_t j = ty;"),
-    Mutant("P10", "pva/pva.cu", "a missing (null) grad_total read as 1 instead of 0",
+    Mutant("P10", "pva/pva_cuda.cu", "a missing (null) grad_total read as 1 instead of 0",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(1);"),
-    # ---- blendshape.cu ----
-    Mutant("B1", "blendshape/blendshape.cu", "column partials of every batch group written to group 0's row",
+    # ---- blendshape_cuda.cu ----
+    Mutant("B1", "blendshape/blendshape_cuda.cu", "column partials of every batch group written to group 0's row",
            "acc_t* part = colpart + int64_t(blockIdx.y) * 2 * C;", "acc_t* part = colpart;"),
-    Mutant("B2", "blendshape/blendshape.cu", "barrier removed after the landmark loop (e_s overwritten while read)",
+    Mutant("B2", "blendshape/blendshape_cuda.cu", "barrier removed after the landmark loop (e_s overwritten while read)",
            "gram_row(in.gram, e_s, idx, el.k, K);\n      }\n      __syncthreads();",
            "gram_row(in.gram, e_s, idx, el.k, K);\n      }\n"),
-    Mutant("B3", "blendshape/blendshape.cu", "d/dtarget through the importance weights misses its 1/B",
-           "w_col[C + column] / static_cast<acc_t>(B);", "w_col[C + column];"),
-    Mutant("B4", "blendshape/blendshape.cu", "the last block's warp per column strides its groups by 16 (counted twice)",
+    Mutant("B3", "blendshape/blendshape_cuda.cu", "d/dtarget through the importance weights misses its 1/B",
+           "w_col[kColSqErr * C + column] / static_cast<acc_t>(B);", "w_col[kColSqErr * C + column];"),
+    Mutant("B4", "blendshape/blendshape_cuda.cu", "the last block's warp per column strides its groups by 16 (counted twice)",
            "for (int64_t g = lane; g < groups; g += 32) {", "for (int64_t g = lane; g < groups; g += 16) {"),
-    Mutant("B5", "blendshape/blendshape.cu", "the last block reads the partials without __threadfence",
+    Mutant("B5", "blendshape/blendshape_cuda.cu", "the last block reads the partials without __threadfence",
            "if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
            "  __threadfence();\n  const int warp",
            "if (tid == 0) atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"
            "  const int warp"),
-    Mutant("B6", "blendshape/blendshape.cu", "one final sum never written (uninitialised shared memory read)",
+    Mutant("B6", "blendshape/blendshape_cuda.cu", "one final sum never written (uninitialised shared memory read)",
            "for (int s = warp; s <= kWeightedSum; s += kThreads / 32) {",
            "for (int s = warp; s < kWeightedSum; s += kThreads / 32) {"),
-    Mutant("B7", "blendshape/blendshape.cu", "a missing (null) grad_total read as 1 instead of 0",
+    Mutant("B7", "blendshape/blendshape_cuda.cu", "a missing (null) grad_total read as 1 instead of 0",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(1);"),
-    # ---- score.cu ----
-    Mutant("S1", "score/score.cu", "sorted path: real scores searched in their own row",
+    # ---- score_cuda.cu ----
+    Mutant("S1", "score/score_cuda.cu", "sorted path: real scores searched in their own row",
            "active_fakes(margin, s, sorted + B, B)", "active_fakes(margin, s, sorted, B)"),
-    Mutant("S2", "score/score.cu", "all-pairs path: barrier removed before a tile is overwritten",
+    Mutant("S2", "score/score_cuda.cu", "all-pairs path: barrier removed before a tile is overwritten",
            "          __syncthreads();\n          if (t0 + tid < B) {", "          if (t0 + tid < B) {"),
-    Mutant("S3", "score/score.cu", "radix sort of one bit too few", "0, int(sizeof(acc_t) * 8), stream)",
+    Mutant("S3", "score/score_cuda.cu", "radix sort of one bit too few", "0, int(sizeof(acc_t) * 8), stream)",
            "0, int(sizeof(acc_t) * 8) - 1, stream)"),
-    Mutant("S4", "score/score.cu", "all-pairs path: off-by-one past the tile's end",
+    Mutant("S4", "score/score_cuda.cu", "all-pairs path: off-by-one past the tile's end",
            "for (int i = 0; i < len; ++i) {", "for (int i = 0; i <= len; ++i) {"),
-    Mutant("S5", "score/score.cu", "wrong stride: the second logit read next to the first",
+    Mutant("S5", "score/score_cuda.cu", "wrong stride: the second logit read next to the first",
            "l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);\n      sums[kBadLogits]",
            "l1 = load<scalar_t>(in.logits, at + 1);\n      sums[kBadLogits]"),
-    Mutant("S6", "score/score.cu", "a non-finite score not reported in the status", "sums[kBadScores] += !isfinite(s);", ""),
-    Mutant("S7", "score/score.cu", "keys kernel: reals padded with +inf in the fake row",
+    Mutant("S6", "score/score_cuda.cu", "a non-finite score not reported in the status", "sums[kBadScores] += !isfinite(s);", ""),
+    Mutant("S7", "score/score_cuda.cu", "keys kernel: reals padded with +inf in the fake row",
            "keys[B + k] = real ? -infinity<acc_t>() : s;", "keys[B + k] = real ? infinity<acc_t>() : s;"),
-    Mutant("S9", "score/score.cu", "partial sums published without __threadfence",
+    Mutant("S9", "score/score_cuda.cu", "partial sums published without __threadfence",
            "  __threadfence();\n  __syncthreads();\n  if (tid == 0) is_last",
            "  __syncthreads();\n  if (tid == 0) is_last"),
-    Mutant("S10", "score/score.cu", "the last block reads the partials without __threadfence",
+    Mutant("S10", "score/score_cuda.cu", "the last block reads the partials without __threadfence",
            "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n  __threadfence();\n",
            "atomicExch(counter, 0u);  // every block has arrived: ready for the next launch\n"),
-    Mutant("S8", "score/score.cu", "backward: a block-stride loop instead of a grid-stride one (blocks overlap)",
+    Mutant("S8", "score/score_cuda.cu", "backward: a block-stride loop instead of a grid-stride one (blocks overlap)",
            "k < B; k += int64_t(gridDim.x) * kThreads) {\n    const auto label",
            "k < B; k += kThreads) {\n    const auto label"),
-    Mutant("S11", "score/score.cu", "a missing (null) grad_terms read as 1 instead of 0",
+    Mutant("S11", "score/score_cuda.cu", "a missing (null) grad_terms read as 1 instead of 0",
            "(gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0))", "(gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(1))"),
-    Mutant("S12", "score/score.cu", "the class test reads a float64 label rounded to the arithmetic type",
+    Mutant("S12", "score/score_cuda.cu", "the class test reads a float64 label rounded to the arithmetic type",
            "      real = is_real(label);  // the label as given, before rounding to acc_t\n      y = static_cast<acc_t>(label);",
            "      y = static_cast<acc_t>(label);\n      real = is_real(y);"),
     # ---- common/cuda_helpers.cuh (every family) ----

@@ -182,13 +182,13 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
       const int64_t column = t0 * K + c;
       if (single_group) {
         const acc_t w = B > 0 ? ct[j] / static_cast<acc_t>(B) : acc_t(0);
-        col_stats[column] = w;
-        col_stats[C + column] = cs[j];
+        col_stats[kColImportance * C + column] = w;
+        col_stats[kColSqErr * C + column] = cs[j];
         weighted += w * w * cs[j];
       } else {
         acc_t* part = colpart + int64_t(blockIdx.y) * 2 * C;
-        part[column] = ct[j];
-        part[C + column] = cs[j];
+        part[kColImportance * C + column] = ct[j];
+        part[kColSqErr * C + column] = cs[j];
       }
     }
   }
@@ -235,8 +235,8 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
         cs = warp_sum(cs);
         if (lane == 0) {
           const acc_t w = ct * inv_B;
-          col_stats[c] = w;
-          col_stats[C + c] = cs;
+          col_stats[kColImportance * C + c] = w;
+          col_stats[kColSqErr * C + c] = cs;
           local += w * w * cs;
         }
       }
@@ -248,8 +248,8 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
           cs += __ldcg(colpart + g * 2 * C + C + c);
         }
         const acc_t w = ct * inv_B;
-        col_stats[c] = w;
-        col_stats[C + c] = cs;
+        col_stats[kColImportance * C + c] = w;
+        col_stats[kColSqErr * C + c] = cs;
         local += w * w * cs;
       }
     }
@@ -322,7 +322,10 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
       const int64_t column = el.t * K + el.k;
       acc_t ge = acc_t(2) * c_mse * e + c_l1 * sign(e);
       if (groups) ge += acc_t(2) * c_perc * (el.k < in.group_len ? static_cast<acc_t>(in.group_coef[el.k]) : acc_t(0)) * e;
-      if (cols) ge += acc_t(2) * c_perc * w_col[column] * w_col[column] * e;
+      if (cols) {
+        const acc_t w = w_col[kColImportance * C + column];
+        ge += acc_t(2) * c_perc * w * w * e;
+      }
       if (has(pb.term_mask, kTemporal)) {
         if (el.t >= 1)
           ge += acc_t(2) * c_temporal * (e - (load<scalar_t>(in.pred, in.strides[0], el.b, el.t - 1, el.k) -
@@ -335,7 +338,8 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
       const int64_t at = (el.b * T + el.t) * K + el.k;
       if (grad_target) {
         acc_t gq = -ge;
-        if (cols) gq += acc_t(2) * c_perc * w_col[column] * w_col[C + column] / static_cast<acc_t>(B);  // B > 0 here
+        if (cols)  // (B > 0 here)
+          gq += acc_t(2) * c_perc * w_col[kColImportance * C + column] * w_col[kColSqErr * C + column] / static_cast<acc_t>(B);
         grad_target[at] = from_acc<scalar_t>(gq);
       }
       acc_t gp = ge;
