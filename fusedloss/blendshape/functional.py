@@ -7,12 +7,14 @@ from collections.abc import Callable
 import torch
 
 from .. import backends
-from ..core import checks
+from ..core import checks, distributed
 from ..core.autograd import constant, is_eager
-from ..core.registry import forward_op
+from ..core.registry import backward_op, forward_op
 from ..core.terms import terms_of
+from . import distributed as over_group
 from .config import BlendshapeConfig, check_inputs, computed_terms
 from .config import landmark_gram as gram_of
+from .layout import TERMS
 from .reference import blendshape_loss_reference
 
 
@@ -33,6 +35,7 @@ def blendshape_loss(
     landmark_matrix: torch.Tensor | None = None,
     backend: str = "auto",
     return_components: bool = False,
+    process_group=None,
 ):
     """MSE + L1 + perceptual (+ temporal, landmark, smoothing, consistency) loss of KoeMorph (docs/losses.md §2).
 
@@ -48,6 +51,9 @@ def blendshape_loss(
         landmark_matrix: ``[J, K]`` blendshape-to-landmark matrix (landmark term; no gradient).
         backend: which implementation runs it.
         return_components: also return the dict of computed terms (unweighted) and "total".
+        process_group: a ``torch.distributed`` group whose ranks each pass a slice of the batch:
+            every rank gets the loss of the whole batch, with the importance weights of the whole
+            batch's target (docs/losses.md §5). None: this batch.
 
     Returns:
         ``total``, or ``(total, terms)`` with ``return_components=True``: differentiable 0-dim
@@ -59,7 +65,7 @@ def blendshape_loss(
     )
     return_components = checks.flag("return_components", return_components)
     terms = blendshape_loss_from_config(pred, target, raw_pred, prev_pred, config, landmark_matrix=landmark_matrix,
-                                        backend=backend, components=return_components)
+                                        backend=backend, components=return_components, process_group=process_group)
     return (terms["total"], terms) if return_components else terms["total"]
 
 
@@ -77,11 +83,12 @@ def blendshape_loss_from_config(
     landmark_gram: torch.Tensor | None = None,
     backend: str = "auto",
     components: bool = True,
+    process_group=None,
 ) -> dict[str, torch.Tensor]:
     """The terms (and "total") for a validated configuration; only "total" without ``components``."""
     run = blendshape_plan(pred, target, raw_pred, prev_pred, config, nonzero=nonzero, settings=settings,
                           group_coef=group_coef, landmark_matrix=landmark_matrix, landmark_gram=landmark_gram,
-                          backend=backend)
+                          backend=backend, process_group=process_group)
     total, terms = run(pred, target, raw_pred, prev_pred)
     out = dict(terms) if components else {}
     out["total"] = total
@@ -90,17 +97,21 @@ def blendshape_loss_from_config(
 
 def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig, *,
                     nonzero: tuple[bool, ...] | None = None, settings=None, group_coef=None, landmark_matrix=None,
-                    landmark_gram=None, backend: str = "auto") -> Callable:
+                    landmark_gram=None, backend: str = "auto", process_group=None) -> Callable:
     """Validate one call's metadata and choose the backend; returns ``run(pred, target, raw_pred,
     prev_pred) -> (total, terms)`` (``terms``: the computed terms, unweighted) for every call with
     the same metadata. ``BlendshapeLoss`` passes its device buffers (settings, group_coef,
     landmark_gram) and which weights are non-zero, so that changing a weight's value touches only
-    the settings buffer, and caches the plan."""
+    the settings buffer, and caches the plan. With ``process_group``: blendshape/distributed.py."""
     nonzero = nonzero if nonzero is not None else tuple(w != 0 for w in config.weights)
     check_inputs(config, pred, target, raw_pred, prev_pred, landmark_matrix, nonzero)
+    group = distributed.check_group(process_group)
     name = backends.resolve(backend, pred.device.type)
-    if name == "reference" or pred.shape[0] == 0:
+    if name == "reference" or (pred.shape[0] == 0 and group is None):
         def run_reference(pred, target, raw_pred, prev_pred):
+            if group is not None:
+                return over_group.reference_over_group(pred, target, raw_pred, prev_pred, config, landmark_matrix,
+                                                       group)
             terms = blendshape_loss_reference(pred, target, raw_pred, prev_pred, config, landmark_matrix)
             return terms.pop("total"), terms
 
@@ -121,12 +132,22 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
         landmark_gram = None
     op = forward_op("blendshape", name, eager=is_eager(pred))
     smoothing, consistency = "smoothing" in computed, "consistency" in computed
+    if group is not None:
+        ops = (forward_op("blendshape", name), backward_op("blendshape", name))
+        weight_index = torch.tensor([TERMS.index(t) for t in computed], dtype=torch.int64).to(pred.device,
+                                                                                              non_blocking=True)
 
     def run(pred, target, raw_pred, prev_pred):
         # prev_pred is a constant of the loss: detached, so backward never walks into its history.
         prev = (constant(prev_pred) if consistency else None)
-        terms, total, _ = op(pred, target, raw_pred if smoothing else None, prev, settings, group_coef,
-                             landmark_gram, landmark_rows, term_mask)
+        raw = raw_pred if smoothing else None
+        if group is not None:
+            terms, total = over_group.FusedOverGroup.apply(pred, target, raw, prev, settings, group_coef, landmark_gram,
+                                                           landmark_rows, term_mask, computed, weight_index, ops,
+                                                           group)
+        else:
+            terms, total, _ = op(pred, target, raw, prev, settings, group_coef, landmark_gram, landmark_rows,
+                                 term_mask)
         return total, terms_of(computed, terms)
 
     return run

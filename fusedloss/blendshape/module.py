@@ -42,8 +42,9 @@ class BlendshapeLoss(FusedLoss):
         perceptual_groups=None,
         landmark_matrix: torch.Tensor | None = None,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
-        super().__init__()
+        super().__init__(process_group)
         config = BlendshapeConfig.build(mse_weight, l1_weight, perceptual_weight, temporal_weight, landmark_weight,
                                         smoothing_weight, consistency_weight, threshold, perceptual_groups)
         self.backend = check_backend(backend)
@@ -105,6 +106,7 @@ class BlendshapeLoss(FusedLoss):
         run = blendshape_plan(
             pred, target, raw_pred, prev_pred, self._config, nonzero=self._nonzero, settings=settings,
             group_coef=group_coef, landmark_matrix=matrix, landmark_gram=gram, backend=self.backend,
+            process_group=self.process_group,
         )
         total, terms = self._remember(key, run)(pred, target, raw_pred, prev_pred)
         return _with_total(total, terms, return_components)

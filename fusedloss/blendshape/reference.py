@@ -37,8 +37,7 @@ def blendshape_loss_reference(
                 weight * mean_or_zero((p[..., list(idx)] - t[..., list(idx)]) ** 2) for idx, weight in config.groups
             )
         else:
-            # Compared in the inputs' dtype, as PyTorch compares a tensor with a Python float.
-            active = mean_or_zero(((pred > config.threshold).to(acc) - (target > config.threshold).to(acc)) ** 2)
+            active = active_fraction(pred, target, config.threshold)
             importance = t.sum(dim=0) / max(t.shape[0], 1)  # target.mean(dim=0); 0 for an empty batch
             weighted = mean_or_zero((p * importance - t * importance) ** 2)
             terms["perceptual"] = active + weighted
@@ -54,3 +53,11 @@ def blendshape_loss_reference(
     total = sum((w[name] * value for name, value in terms.items()), (p * 0).sum())
     terms["total"] = total
     return terms
+
+
+def active_fraction(pred: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The default perceptual form's ``active`` part: the fraction of elements where exactly one of
+    pred and target exceeds the threshold, compared in the inputs' dtype (as PyTorch compares a
+    tensor with a Python float). No gradient."""
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    return mean_or_zero(((pred > threshold).to(acc) - (target > threshold).to(acc)) ** 2)

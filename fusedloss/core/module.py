@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy as copy_module
+
 import torch
 from torch import nn
 
 from .. import backends
-from . import checks
+from . import checks, distributed
 
 
 def check_backend(backend: str) -> str:
@@ -34,18 +36,21 @@ class FusedLoss(nn.Module):
     _TABLES: tuple[str, ...] = ()  # float64 buffers the kernels read
     _MAX_PLANS = 64  # e.g. one per sequence length; beyond that the cache starts afresh
 
-    def __init__(self) -> None:
+    def __init__(self, process_group=None) -> None:
         super().__init__()
         self._plans: dict = {}
+        self.process_group = process_group
 
     def __setattr__(self, name, value):
         setting = getattr(type(self), name, None)
         if isinstance(setting, Setting):  # (before nn.Module looks at the value: a Parameter is no setting)
             setting.__set__(self, value)
             return
-        # A new backend, configuration or table (buffer) invalidates the plans made with the old.
+        if name == "process_group":  # None (the local batch) or a torch.distributed group (docs/losses.md §5)
+            value = distributed.check_group(value)
+        # A new backend, configuration, group or table (buffer) invalidates the plans made with the old.
         plans = self.__dict__.get("_plans")
-        if plans and (name in ("backend", "config") or name in self._TABLES):
+        if plans and (name in ("backend", "config", "process_group") or name in self._TABLES):
             plans.clear()
         super().__setattr__(name, value)
 
@@ -53,6 +58,17 @@ class FusedLoss(nn.Module):
         # Plans hold closures over this module's tables: a copy (pickle, deepcopy) makes its own.
         state = super().__getstate__()
         return {**state, "_plans": {}}
+
+    def __deepcopy__(self, memo):
+        # A process group is a handle on the processes, not data: a deep copy shares it.
+        group = self.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = group
+        cls = type(self)
+        copy = cls.__new__(cls)
+        memo[id(self)] = copy
+        copy.__setstate__(copy_module.deepcopy(self.__getstate__(), memo))
+        return copy
 
     def _cached(self, *inputs):
         """(key, cached plan or None) of a call on ``inputs``; no key while torch.compile traces or

@@ -39,3 +39,11 @@ def forward_op(family: str, backend: str, *, eager: bool = False):
         triton = importlib.import_module(f"fusedloss.{family}.triton")
         return getattr(triton, f"{family}_forward_eager" if eager else f"{family}_forward")
     return getattr(torch.ops.fusedloss, f"{family}_forward").default
+
+
+def backward_op(family: str, backend: str):
+    """The backward operator of ``family`` on a fused backend (called by code that forms its own
+    autograd, as the losses over a process group do)."""
+    if backend == "triton":
+        return getattr(importlib.import_module(f"fusedloss.{family}.triton"), f"{family}_backward")
+    return getattr(torch.ops.fusedloss, f"{family}_backward").default

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .. import backends
+from ..core import distributed
 from ..core.autograd import is_eager
 from ..core.registry import forward_op
 from ..core.terms import terms_of
@@ -25,6 +26,7 @@ def pva_loss(
     loss_type: str = "l2",
     reg_weights: Mapping | None = None,
     backend: str = "auto",
+    process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-part position / velocity / acceleration loss of Ditto (docs/losses.md §1).
 
@@ -39,13 +41,16 @@ def pva_loss(
         loss_type: ``"l2"`` (squared error) or ``"l1"`` (absolute error).
         reg_weights: ``{part: weight}``; default 0 for "scale" and 1e-4 for other parts.
         backend: which implementation runs it.
+        process_group: a ``torch.distributed`` group whose ranks each pass a slice of the batch:
+            every rank gets the loss of the whole batch (docs/losses.md §5). None: this batch.
 
     Returns:
         ``(total, terms)``: ``terms`` maps ``f"{part}_{P|V|A|L|R}"`` to differentiable 0-dim
         tensors (float32 for 16-bit inputs), and ``total`` is their sum. No host synchronisation.
     """
     config = PVAConfig.build(part_w_dict, use_last_frame_loss, use_reg_loss, loss_type, reg_weights)
-    return pva_loss_from_config(pred, target, cond_frame, config, dim_ws=dim_ws, backend=backend)
+    return pva_loss_from_config(pred, target, cond_frame, config, dim_ws=dim_ws, backend=backend,
+                                process_group=process_group)
 
 
 def pva_loss_from_config(
@@ -57,21 +62,34 @@ def pva_loss_from_config(
     part_table: torch.Tensor | None = None,
     dim_ws: torch.Tensor | None = None,
     backend: str = "auto",
+    process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``pva_loss`` for a validated configuration (``PVALoss`` keeps its part table on the device)."""
-    run = pva_plan(pred, target, cond_frame, config, part_table=part_table, dim_ws=dim_ws, backend=backend)
+    run = pva_plan(pred, target, cond_frame, config, part_table=part_table, dim_ws=dim_ws, backend=backend,
+                   process_group=process_group)
     return run(pred, target, cond_frame)
 
 
 def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, dim_ws=None,
-             backend: str = "auto") -> Callable:
+             backend: str = "auto", process_group=None) -> Callable:
     """Validate one call's metadata (types, shapes, dtypes, devices) and choose the backend; returns
     ``run(pred, target, cond_frame) -> (total, terms)`` for every call with the same metadata
-    (``PVALoss`` caches it, so that a training step pays only for the operator call)."""
+    (``PVALoss`` caches it, so that a training step pays only for the operator call).
+
+    With ``process_group``, every term is a mean over a set proportional to the batch, so the whole
+    batch's terms are one all_reduce of this rank's (core/distributed.py)."""
     check_inputs(config, pred, target, cond_frame, dim_ws)
+    group = distributed.check_group(process_group)
     name = backends.resolve(backend, pred.device.type)
     if name == "reference":
-        return lambda pred, target, cond_frame: pva_loss_reference(pred, target, cond_frame, config, dim_ws)
+        def run_reference(pred, target, cond_frame):
+            total, terms = pva_loss_reference(pred, target, cond_frame, config, dim_ws)
+            if group is None:
+                return total, terms
+            values = distributed.global_means(torch.stack([*terms.values(), total]), pred.shape[0], group)
+            return values[-1], terms_of(tuple(terms), values[:-1])
+
+        return run_reference
     if dim_ws is not None and dim_ws.requires_grad:
         raise ValueError(
             f"dim_ws requires grad, but the {name!r} backend treats dim_ws as a constant; "
@@ -90,6 +108,9 @@ def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, di
     def run(pred, target, cond_frame):
         terms, total = op(pred, target, cond_frame if use_last_frame else None, part_table, dim_ws,
                           loss_type, use_last_frame, use_reg)
+        if group is not None:
+            values = distributed.global_means(torch.cat([terms, total[None]]), pred.shape[0], group)
+            terms, total = values[:-1], values[-1]
         return total, terms_of(names, terms)
 
     return run

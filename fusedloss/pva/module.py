@@ -37,8 +37,9 @@ class PVALoss(FusedLoss):
         loss_type: str = "l2",
         reg_weights: Mapping | None = None,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
-        super().__init__()
+        super().__init__(process_group)
         self.config = PVAConfig.build(part_w_dict, use_last_frame_loss, use_reg_loss, loss_type, reg_weights)
         self.backend = check_backend(backend)
         self.register_buffer("part_table", self.config.part_table(), persistent=False)
@@ -73,7 +74,7 @@ class PVALoss(FusedLoss):
             raise TypeError(f"pred must be a torch.Tensor [B, L, D], got {type(pred).__name__}")
         table, dim_ws = buffers_on(self, ("part_table", "dim_ws"), pred.device)
         run = pva_plan(pred, target, cond_frame, self.config, part_table=table, dim_ws=dim_ws,
-                                  backend=self.backend)
+                       backend=self.backend, process_group=self.process_group)
         return self._remember(key, run)(pred, target, cond_frame)
 
     def extra_repr(self) -> str:

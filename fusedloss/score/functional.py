@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from .. import backends
-from ..core import checks
+from ..core import checks, distributed
 from ..core.autograd import constant, is_eager
 from ..core.registry import forward_op
 from ..core.terms import terms_of
@@ -28,6 +28,7 @@ def combined_loss(
     margin: float = 0.5,
     check_finite: bool = True,
     backend: str = "auto",
+    process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Regression + classification + all-pairs margin ranking loss of TIGAS (docs/losses.md §3).
 
@@ -43,6 +44,9 @@ def combined_loss(
         check_finite: raise ``RuntimeError`` naming scores, logits or the total when it holds a NaN
             or Inf; costs one host sync per call. ``False`` never syncs.
         backend: which implementation runs it.
+        process_group: a ``torch.distributed`` group whose ranks each pass a slice of the batch:
+            every rank gets the loss of the whole batch, over every (real, fake) pair of all
+            ranks (docs/losses.md §5). None: this batch.
 
     Returns:
         ``(total, terms)``: ``terms`` maps "regression", "classification", "ranking" and "total" to
@@ -51,7 +55,8 @@ def combined_loss(
     config = ScoreConfig.build(regression_weight, classification_weight, ranking_weight, regression_type,
                                          margin)
     terms = score_loss_from_config(scores, logits, labels, config,
-                                   check_finite=checks.flag("check_finite", check_finite), backend=backend)
+                                   check_finite=checks.flag("check_finite", check_finite), backend=backend,
+                                   process_group=process_group)
     return terms["total"], terms
 
 
@@ -61,6 +66,7 @@ def all_pairs_margin_ranking_loss(
     margin: float = 0.5,
     reduction: str = "mean",
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """max(0, margin - (s_i - s_j)) over every pair of a real score s_i (label > 0.5) and a fake
     score s_j, averaged over the pairs (``reduction="mean"``, 0 without pairs) or summed
@@ -69,10 +75,11 @@ def all_pairs_margin_ranking_loss(
     Args:
         scores: ``[B]`` or ``[B, 1]``.
         labels: ``[B]`` or ``[B, 1]`` floats in [0, 1], any float dtype (no gradient).
+        process_group: as in ``combined_loss``: the pairs of the whole batch of the group's ranks.
     """
     config = ScoreConfig.build(margin=margin, reduction=reduction)
     return score_loss_from_config(scores, None, labels, config, term_mask=RANKING_ONLY,
-                                  backend=backend)["ranking"]
+                                  backend=backend, process_group=process_group)["ranking"]
 
 
 def score_loss_from_config(
@@ -85,21 +92,38 @@ def score_loss_from_config(
     term_mask: int = ALL_TERMS,
     check_finite: bool = False,
     backend: str = "auto",
+    process_group=None,
 ) -> dict[str, torch.Tensor]:
     """The terms and "total" for a validated configuration (``CombinedLoss`` passes its settings
     buffer). ``term_mask`` is ALL_TERMS or RANKING_ONLY (no logits)."""
     run = score_plan(scores, logits, labels, config, settings=settings, term_mask=term_mask, check_finite=check_finite,
-                     backend=backend)
+                     backend=backend, process_group=process_group)
     return dict(run(scores, logits, labels)[1])
 
 
 def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
-               term_mask: int = ALL_TERMS, check_finite: bool = False, backend: str = "auto") -> Callable:
+               term_mask: int = ALL_TERMS, check_finite: bool = False, backend: str = "auto",
+               process_group=None) -> Callable:
     """Validate one call's metadata and choose the backend; returns ``run(scores, logits, labels) ->
     (total, terms)`` (``terms`` with "total") for every call with the same metadata
-    (``CombinedLoss`` caches it)."""
+    (``CombinedLoss`` caches it).
+
+    With ``process_group``, the ranking compares every pair of the whole batch: the O(B) inputs of
+    every rank are gathered and the loss runs on the whole batch, exactly as one process would run
+    it (core/distributed.py)."""
     with_logits = term_mask == ALL_TERMS
     check_inputs(scores, logits, labels, need_logits=with_logits)
+    group = distributed.check_group(process_group)
+    if group is not None:
+        def run_over_group(scores, logits, labels):
+            rows = [scores.reshape(-1), constant(labels).reshape(-1)] + ([logits] if with_logits else [])
+            scores, labels, *rest = distributed.gather_batch(rows, group)
+            logits = rest[0] if with_logits else None
+            run = score_plan(scores, logits, labels, config, settings=settings, term_mask=term_mask,
+                             check_finite=check_finite, backend=backend)
+            return run(scores, logits, labels)
+
+        return run_over_group
     name = backends.resolve(backend, scores.device.type)
     if name == "reference" or scores.shape[0] == 0:
         def run_reference(scores, logits, labels):

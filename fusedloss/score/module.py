@@ -36,8 +36,9 @@ class CombinedLoss(FusedLoss):
         margin: float = 0.5,
         check_finite: bool = True,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
-        super().__init__()
+        super().__init__(process_group)
         config = ScoreConfig.build(regression_weight, classification_weight, ranking_weight,
                                              regression_type, margin)
         self.check_finite = check_finite
@@ -90,7 +91,7 @@ class CombinedLoss(FusedLoss):
             raise TypeError(f"scores must be a torch.Tensor [B] or [B, 1], got {type(scores).__name__}")
         (settings,) = buffers_on(self, ("settings",), scores.device)
         run = score_plan(scores, logits, labels, self._config, settings=settings,
-                                    check_finite=self.check_finite, backend=self.backend)
+                         check_finite=self.check_finite, backend=self.backend, process_group=self.process_group)
         return self._remember(key, run)(scores, logits, labels)
 
     def extra_repr(self) -> str:
@@ -110,8 +111,9 @@ class AllPairsMarginRankingLoss(FusedLoss):
 
     _TABLES = ("settings",)
 
-    def __init__(self, margin: float = 0.5, reduction: str = "mean", backend: str = "auto") -> None:
-        super().__init__()
+    def __init__(self, margin: float = 0.5, reduction: str = "mean", backend: str = "auto",
+                 process_group=None) -> None:
+        super().__init__(process_group)
         self._config = ScoreConfig.build(margin=margin, reduction=reduction)
         self.backend = check_backend(backend)
         self.register_buffer("settings", self._config.settings(), persistent=False)
@@ -138,7 +140,7 @@ class AllPairsMarginRankingLoss(FusedLoss):
             raise TypeError(f"scores must be a torch.Tensor [B] or [B, 1], got {type(scores).__name__}")
         (settings,) = buffers_on(self, ("settings",), scores.device)
         run = score_plan(scores, None, labels, self._config, settings=settings,
-                                    term_mask=RANKING_ONLY, backend=self.backend)
+                         term_mask=RANKING_ONLY, backend=self.backend, process_group=self.process_group)
         return self._remember(key, run)(scores, None, labels)[0]
 
     def extra_repr(self) -> str:
