@@ -188,6 +188,60 @@ def check_score(sizes: list[int], classes: list[str]) -> None:
             check_call(functional, make_inputs, sizes, dtype, {"ranking": 1.0}, f"ranking functional {backend}")
 
 
+def check_host_group_twin(sizes: list[int]) -> None:
+    """A group without a CPU backend (NCCL's case) exchanges the gather's row counts over a gloo
+    twin made on first use: here gloo's group posing as one without."""
+    from fusedloss.core import distributed
+
+    group = dist.group.WORLD
+    real_get_backend = dist.get_backend
+    dist.get_backend = lambda g=None: "nccl" if g is group else real_get_backend(g)
+    try:
+        assert distributed.batch_sizes(sizes[dist.get_rank()], group) == sizes
+        twin = distributed._HOST_GROUPS[group]
+        assert twin is not group and distributed.batch_sizes(1, group) == [1] * len(sizes)
+        assert distributed._HOST_GROUPS[group] is twin  # made once
+    finally:
+        dist.get_backend = real_get_backend
+
+
+def check_compiled(sizes: list[int]) -> None:
+    """torch.compile traces the losses over a group (the collectives included; the score loss's
+    row counts are a graph break): the same values and gradients as eager."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    for backend in fused_backends()[:1]:
+        g = torch.Generator().manual_seed(8)
+        B = sum(sizes)
+        cases = [
+            ("pva", fusedloss.PVALoss({"a": (0, 0, 1.0)}, backend=backend, process_group=group),
+             [torch.randn(B, 4, 5, generator=g), torch.randn(B, 4, 5, generator=g)], True),
+            ("blendshape", fusedloss.BlendshapeLoss(backend=backend, process_group=group),
+             [torch.rand(B, 6, generator=g), torch.rand(B, 6, generator=g)], True),
+            ("score", fusedloss.CombinedLoss(backend=backend, check_finite=False, process_group=group),
+             [torch.randn(B, generator=g), torch.randn(B, 2, generator=g), (torch.rand(B, generator=g) > 0.5).float()],
+             False),
+        ]
+        for family, loss_fn, inputs, fullgraph in cases:
+            local = [x[slices(sizes, rank)] for x in inputs]
+
+            def step(first, *rest):
+                out = loss_fn(first, *rest)
+                return out[0] if isinstance(out, tuple) else out
+
+            torch._dynamo.reset()
+            compiled = torch.compile(step, backend="aot_eager", fullgraph=fullgraph)
+            results = []
+            for fn in (step, compiled):
+                first = local[0].clone().requires_grad_()
+                value = fn(first, *local[1:])
+                value.backward()
+                results.append((value.detach(), first.grad))
+            (value, grad), (value_c, grad_c) = results
+            assert_close(value_c, value, torch.float32, msg=f"compiled {family} {backend} rank {rank}/{world}")
+            assert_close(grad_c, grad, torch.float32, grad=True, msg=f"compiled {family} {backend} gradient")
+
+
 def check_ddp_gradients(sizes: list[int]) -> None:
     """A small model under DistributedDataParallel: its averaged parameter gradients equal the
     single-process gradient of the whole-batch loss, for every family."""
@@ -228,7 +282,8 @@ def check_ddp_gradients(sizes: list[int]) -> None:
                 assert_close(p.grad, q.grad, torch.float32, grad=True, msg=f"ddp {family} {backend} {name}")
 
 
-CHECKS = {"pva": check_pva, "blendshape": check_blendshape, "score": check_score, "ddp": check_ddp_gradients}
+CHECKS = {"pva": check_pva, "blendshape": check_blendshape, "score": check_score, "ddp": check_ddp_gradients,
+          "host group": check_host_group_twin, "compile": check_compiled}
 
 
 def worker(rank: int, world: int, init_file: str, check: str, args: tuple) -> None:

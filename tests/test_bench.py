@@ -60,3 +60,15 @@ def test_seed_shapes_table(tmp_path):
     path = seed_shapes.write(rows, device, tmp_path, "test")
     assert "| blendshape [4, 52] | fused cpu |" in path.read_text()
     assert len(json.loads(path.with_suffix(".json").read_text())["rows"]) == len(rows)
+
+
+def test_distributed_benchmark_writes_its_table(tmp_path):
+    """bench/distributed.py on 2 gloo processes, one round of two calls per variant."""
+    from fusedloss.benchmark import distributed
+
+    distributed.launch(2, "cpu", str(tmp_path), rounds=1, iterations=2, command="test")
+    (table,) = tmp_path.glob("distributed-*-W2.md")
+    text = table.read_text()
+    assert "| score B=64 | cpu |" in text and "| pva [64, 80, 265] last-frame | cpu |" in text
+    rows = json.loads(table.with_suffix(".json").read_text())["rows"]
+    assert all(r["local_us"] > 0 and r["over group_us"] > 0 and r["collectives_us"] > 0 for r in rows)

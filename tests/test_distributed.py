@@ -45,6 +45,14 @@ def test_ddp_averaged_gradients_are_the_single_process_gradients(tmp_path):
     run_ranks(tmp_path, "ddp", [5, 2])
 
 
+def test_row_counts_go_over_a_gloo_twin_of_a_group_without_cpu_backend(tmp_path):
+    run_ranks(tmp_path, "host group", [2, 0, 1])
+
+
+def test_compiled_over_group_matches_eager(tmp_path):
+    run_ranks(tmp_path, "compile", [3, 2])
+
+
 def test_process_group_is_checked():
     with pytest.raises(TypeError, match="process_group"):
         import fusedloss

@@ -81,7 +81,7 @@ class FusedOverGroup(torch.autograd.Function):
             i = computed.index("perceptual")
             importance, sq_err = col_stats[COL_IMPORTANCE], col_stats[COL_SQ_ERR]
             means = terms.clone()
-            means[i] -= _weighted(importance, sq_err, terms.new_tensor(batch), columns)  # -> the active part
+            means[i] -= (importance.square() * sq_err).sum() / max(batch * columns, 1)  # -> the active part
             sums = torch.cat([importance * batch, sq_err])
         means, sums, total_batch, ctx.mean_scale = distributed.reduce_stats(means, sums, batch, group)
         if default_perceptual:

@@ -99,6 +99,9 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _HOST_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -116,11 +119,12 @@ def _host_group(group):
     return twin
 
 
+@torch.compiler.disable  # host integers that size the gather: a graph break under torch.compile
 def batch_sizes(batch: int, group) -> list[int]:
     """Every rank's batch size, in rank order: a host collective of integers (no device sync)."""
     world = dist.get_world_size(group)
     sizes = torch.empty(world, dtype=torch.int64)
-    dist.all_gather_into_tensor(sizes, torch.tensor([batch], dtype=torch.int64), group=_host_group(group))
+    _all_gather(sizes, torch.tensor([batch], dtype=torch.int64), group=_host_group(group))
     return sizes.tolist()
 
 
@@ -141,7 +145,7 @@ def gather_batch(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
             packed[:like.shape[0]] = torch.cat([x.detach().reshape(x.shape[0], -1).to(torch.float64)
                                                 for x in tensors], dim=1)
         gathered = packed.new_empty((world * longest, packed.shape[1]))
-        dist.all_gather_into_tensor(gathered, packed, group=group)
+        _all_gather(gathered, packed, group=group)
     out = []
     start = 0
     for x, width in zip(tensors, widths):
