@@ -18,6 +18,8 @@ Steps, each with its own time limit inside one budget:
                kernel launches per step: <out>/<gpu>-seed-shapes.md and .json), then a reduced case
                list: <out>/<gpu>.md and .json (written after every case, so a run out of time keeps
                what it measured); the dry run skips the seed shapes (tests/test_bench.py runs them)
+  bench distributed  bench/distributed.py: the losses over a process group next to the local loss,
+               over NCCL with one rank (one GPU): <out>/distributed-<gpu>-W1.md and .json
 Everything goes to <out>/<gpu>-gpu-check.log, the summary table last. Exit status 1 if a step failed.
 """
 
@@ -182,7 +184,11 @@ def main(argv=None) -> int:
                            "--out", str(out), *(["--modes", "eager", "--phases", "full", "--section", "cases"] if dry else [])],
                  150)
 
-    stages = [[env_step], [build], [backends_step], [tests, *sanitizers], [bench]]
+    bench_group = Step("bench distributed", [PY, "bench/distributed.py", "--device", "cuda" if has_gpu else "cpu",
+                                             "--world", "1" if has_gpu else "2", "--out", str(out),
+                                             *(["--rounds", "1", "--iterations", "2"] if dry else [])], 60)
+
+    stages = [[env_step], [build], [backends_step], [tests, *sanitizers], [bench], [bench_group]]
     for stage in stages:
         for s in stage:
             s.timeout = min(s.timeout, left() - 5)

@@ -8,6 +8,7 @@ whole-batch gradient of its rows (what DDP's averaging turns into the single-pro
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -23,9 +24,12 @@ from fusedloss import backends  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import assert_close  # noqa: E402
 
+DEVICE = torch.device("cpu")  # the ranks' device: set by ``worker``
+
 
 def fused_backends() -> list[str]:
-    return [b for b in ("cpu", "triton") if backends.unavailable_reason(b, "cpu") is None]
+    candidates = ("cuda", "triton") if DEVICE.type == "cuda" else ("cpu", "triton")
+    return [b for b in candidates if backends.unavailable_reason(b, DEVICE.type) is None]
 
 
 def slices(sizes: list[int], rank: int) -> slice:
@@ -41,8 +45,9 @@ def check_call(call, make_inputs, sizes: list[int], dtype, grad_weights, msg: st
     world, rank = dist.get_world_size(), dist.get_rank()
     rows = slices(sizes, rank)
     whole = make_inputs()
-    local = [None if x is None else x.detach()[rows].clone().requires_grad_(x.requires_grad) for x in whole]
-    whole = [None if x is None else x.detach().clone().requires_grad_(x.requires_grad) for x in whole]
+    local = [None if x is None else x.detach().to(DEVICE)[rows].clone().requires_grad_(x.requires_grad)
+             for x in whole]
+    whole = [None if x is None else x.detach().to(DEVICE).clone().requires_grad_(x.requires_grad) for x in whole]
     got = call(*local, group)
     expected = (reference_call or call)(*whole, None)
     assert list(got) == list(expected), f"{msg}: terms {list(got)} != {list(expected)}"
@@ -83,7 +88,11 @@ def check_pva(sizes: list[int]) -> None:
 
             def call(pred, target, cond, group):
                 loss_fn = fusedloss.PVALoss(parts, use_last_frame_loss=last, use_reg_loss=reg, loss_type=loss_type,
-                                            backend=backend, process_group=group)
+                                            backend=backend)
+                loss_fn(pred, target, cond)  # a plan for the slice alone, dropped by the assignment
+                loss_fn.process_group = group
+                loss_fn = copy.deepcopy(loss_fn)
+                assert loss_fn.process_group is group  # a copy shares the group
                 total, terms = loss_fn(pred, target, cond)
                 return {**terms, "total": total}
 
@@ -223,7 +232,7 @@ def check_compiled(sizes: list[int]) -> None:
              False),
         ]
         for family, loss_fn, inputs, fullgraph in cases:
-            local = [x[slices(sizes, rank)] for x in inputs]
+            local = [x[slices(sizes, rank)].to(DEVICE) for x in inputs]
 
             def step(first, *rest):
                 out = loss_fn(first, *rest)
@@ -286,9 +295,15 @@ CHECKS = {"pva": check_pva, "blendshape": check_blendshape, "score": check_score
           "host group": check_host_group_twin, "compile": check_compiled}
 
 
-def worker(rank: int, world: int, init_file: str, check: str, args: tuple) -> None:
+def worker(rank: int, world: int, init_file: str, check: str, args: tuple, device: str = "cpu") -> None:
+    """Rank ``rank`` of ``world``: gloo on the CPU, NCCL on CUDA (one GPU per rank)."""
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    DEVICE = torch.device(device if device == "cpu" else f"cuda:{rank}")
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
     try:
         CHECKS[check](*args)
         dist.barrier()

@@ -14,11 +14,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def run_ranks(tmp_path, check: str, sizes: list[int], *args) -> None:
+def run_ranks(tmp_path, check: str, sizes: list[int], *args, device: str = "cpu") -> None:
     """``distributed_checks.<check>(sizes, *args)`` on len(sizes) processes; a failing rank's
     traceback fails the test."""
     mp.start_processes(distributed_checks.worker, args=(len(sizes), str(tmp_path / "rendezvous"), check,
-                                                        (sizes, *args)),
+                                                        (sizes, *args), device),
                        nprocs=len(sizes), start_method="spawn")
 
 
@@ -51,6 +51,16 @@ def test_row_counts_go_over_a_gloo_twin_of_a_group_without_cpu_backend(tmp_path)
 
 def test_compiled_over_group_matches_eager(tmp_path):
     run_ranks(tmp_path, "compile", [3, 2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+@pytest.mark.parametrize("check, args", [("pva", ()), ("blendshape", ()), ("score", (["mixed"],)), ("compile", ())])
+def test_cuda_backends_over_an_nccl_group(tmp_path, check, args):
+    """One rank per GPU (NCCL refuses two ranks on one GPU): with a single GPU this checks the
+    CUDA and Triton backends' code paths over a group of one, and the gloo twin of the row counts."""
+    world = min(torch.cuda.device_count(), 2)
+    sizes = [3, 2][:world]
+    run_ranks(tmp_path, check, sizes, *[a[:1] * world for a in args], device="cuda")
 
 
 def test_process_group_is_checked():
