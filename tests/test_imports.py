@@ -82,3 +82,14 @@ def test_operators_are_registered_in_one_place():
     assert 'FAMILIES = ("pva", "blendshape", "score")' in registry
     for name, targets in import_graph().items():
         assert not any(t.endswith(".triton") and t != "fusedloss.core.triton" for t in targets), name
+
+
+def test_import_loads_neither_dynamo_nor_triton():
+    """``import fusedloss`` stays cheap: torch._dynamo (about a second) and Triton load only when a
+    call needs them (torch.compile, the Triton backend)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fusedloss; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

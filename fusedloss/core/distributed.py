@@ -119,9 +119,15 @@ def _host_group(group):
     return twin
 
 
-@torch.compiler.disable  # host integers that size the gather: a graph break under torch.compile
 def batch_sizes(batch: int, group) -> list[int]:
-    """Every rank's batch size, in rank order: a host collective of integers (no device sync)."""
+    """Every rank's batch size, in rank order: a host collective of integers (no device sync).
+    Under torch.compile it is a graph break (host integers that size the gather)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_exchange_sizes)(batch, group)
+    return _exchange_sizes(batch, group)
+
+
+def _exchange_sizes(batch: int, group) -> list[int]:
     world = dist.get_world_size(group)
     sizes = torch.empty(world, dtype=torch.int64)
     _all_gather(sizes, torch.tensor([batch], dtype=torch.int64), group=_host_group(group))
