@@ -169,10 +169,17 @@ def train(args) -> int:
     options = {k: v for k, v in vars(args).items()
                if k in {f.name for f in dataclasses.fields(trainers.TrainConfig)} and v is not None}
     options["out"] = args.out or f"runs/{args.trainer}{'-sequential' if args.variant == 'sequential' else ''}"
+    options["extra"] = {k: getattr(args, k) for k in ("dropout", "norm") if getattr(args, k) is not None}
     config = trainers.config_for(args.trainer, **options)
-    print(f"fusedloss train {args.trainer}: {config.steps} steps, batch {config.batch}, loss backend "
-          f"{config.backend}, device {config.device}, writing to {config.out}", file=sys.stderr)
+    main_rank = os.environ.get("RANK", "0") == "0"   # under torchrun, rank 0 alone reports
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if main_rank:
+        print(f"fusedloss train {args.trainer}: {config.steps} steps, batch {config.batch}"
+              f"{f' over {ranks} ranks' if ranks > 1 else ''}, loss backend {config.backend}, device {config.device}, "
+              f"writing to {config.out}", file=sys.stderr)
     result = trainers.train(args.trainer, config)
+    if not main_rank:
+        return 0
     history = result.metric_history()
     print(f"{args.trainer}: {result.metric} {history[0]:.5f} -> {history[-1]:.5f} "
           f"({'higher' if result.higher_is_better else 'lower'} is better), {result.step_ms:.1f} ms/step; "
@@ -260,6 +267,9 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, help="model width")
     p.add_argument("--window", type=int, help="frames of context (blendshape, motion)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--dropout", type=float, help="the model's dropout (blendshape, motion; default 0.1)")
+    p.add_argument("--norm", choices=["batch", "group"],
+                   help="the score model's normalisation (default batch; group has no batch statistics)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--val-every", type=int)
     p.add_argument("--ckpt-every", type=int)

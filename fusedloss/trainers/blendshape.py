@@ -147,7 +147,8 @@ class _BlendshapeTask(Task):
         self.mel_bins, self.num_blendshapes = first["mel"].shape[1], first["blendshapes"].shape[1]
 
     def model_kwargs(self) -> dict:
-        return {"mel_bins": self.mel_bins, "num_blendshapes": self.num_blendshapes, "width": self.config.width}
+        return {"mel_bins": self.mel_bins, "num_blendshapes": self.num_blendshapes, "width": self.config.width,
+                "dropout": float(self.config.extra.get("dropout", 0.1))}
 
     def summary(self, terms):
         return {k: v for k, v in terms.items() if k in ("total", "mse", "l1", "perceptual", "consistency")}
@@ -248,7 +249,12 @@ class SequentialTask(_BlendshapeTask):
     def forward(self, model, batch, step):
         raw, pred = model(batch["mel"], batch["prev"], batch["has_prev"])
         prev = torch.where(batch["has_prev"][:, None], batch["prev"].to(pred.dtype), pred.detach())
-        self.streams[2] = pred.detach()   # stays on the device: no sync
+        if self.rows == slice(None):
+            self.streams[2] = pred.detach()   # stays on the device: no sync
+        else:   # this rank's rows of every stream (the others' rows are theirs to keep)
+            streams = self.streams[2].to(pred.device, pred.dtype, copy=True)
+            streams[self.rows] = pred.detach()
+            self.streams[2] = streams
         self.streams[3] = torch.ones_like(self.streams[3])
         return {"pred": pred, "target": batch["target"], "raw_pred": raw, "prev_pred": prev}
 
@@ -277,6 +283,15 @@ class SequentialTask(_BlendshapeTask):
 
     def load_state_dict(self, state):
         self.streams = state["streams"]
+
+    def merge_states(self, states):
+        """Each rank keeps its own rows of the previous predictions: the checkpoint takes them from it."""
+        merged = states[0]["streams"]
+        if merged is not None:
+            merged = [t.clone() for t in merged]
+            for rows, state in zip(self.rows_by_rank, states):
+                merged[2][rows] = state["streams"][2][rows]
+        return {"streams": merged}
 
 
 def make_task(config: TrainConfig) -> Task:

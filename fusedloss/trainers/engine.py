@@ -13,6 +13,7 @@ scheduler, scaler, global RNG and the task's own state) continues bit-for-bit as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import metrics
+from . import distributed, metrics
 
 
 @dataclass
@@ -77,6 +78,18 @@ class Task:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.rows = slice(None)    # this rank's rows of every global batch (all of them in one process)
+
+    def shard(self, batch: dict) -> dict:
+        """This rank's rows of a global batch (every tensor of ``batch`` is [batch, ...])."""
+        if self.rows == slice(None):
+            return batch
+        return {k: v[self.rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def merge_states(self, states: list[dict]) -> dict:
+        """The state to checkpoint from every rank's ``state_dict()`` (rank order); a task whose
+        state lives per row keeps each rank's rows (``rows_by_rank``, set by the engine)."""
+        return states[0]
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -270,12 +283,15 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError("resume=True needs an output folder (out) holding checkpoint.pt")
 
 
-def _resume(path: Path, config: TrainConfig, model, optimizer, scheduler, scaler, task) -> int:
+def _resume(path: Path, config: TrainConfig, model, optimizer, scheduler, scaler, task, ranks=None) -> int:
     """Load every piece of state from ``path``; returns the step it was saved at."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = state["config"]
     differ = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(config, k)!r}"
               for k in TrainConfig.RUN_FIELDS if saved.get(k) != getattr(config, k)]
+    world = 1 if ranks is None else ranks.world
+    if state.get("world", 1) != world:   # each rank's RNG (its dropout masks) continues its own sequence
+        differ.append(f"ranks: checkpoint {state.get('world', 1)}, now {world}")
     if differ:
         raise ValueError(f"cannot resume {path}: the run's settings differ ({'; '.join(differ)})")
     if config.steps < state["step"]:
@@ -286,17 +302,28 @@ def _resume(path: Path, config: TrainConfig, model, optimizer, scheduler, scaler
     scheduler.lr_lambdas[0] = warmup_cosine(config.warmup, config.steps)
     scaler.load_state_dict(state["scaler"])
     task.load_state_dict(state["task"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng"] if ranks is None else state["rng_by_rank"][ranks.rank])
     return state["step"]
 
 
 def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
-    """Train ``task`` for ``config.steps`` optimiser steps; returns the model and the records."""
+    """Train ``task`` for ``config.steps`` optimiser steps; returns the model and the records.
+
+    Under torchrun (or in an initialised process group of several ranks) it trains data-parallel:
+    trainers/distributed.py."""
     config = config or task.config
     _check_config(config)
-    device = resolve_device(config.device)
+    ranks, device = distributed.join(resolve_device(config.device))
+    try:
+        return _train(task, config, ranks, device)
+    finally:
+        distributed.leave(ranks)
+
+
+def _train(task: Task, config: TrainConfig, ranks, device: torch.device) -> TrainResult:
+    main = ranks is None or ranks.main
     out = Path(config.out) if config.out else None
-    if out:
+    if out and main:
         out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt" if out else None
 
@@ -304,38 +331,61 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
     model = task.build_model().to(device)
     loss_fn = task.make_loss(config.backend).to(device)
     reference_fn = task.make_loss("reference").to(device) if config.check_reference else None
+    trained = model   # the module itself, for state dicts and validation (no collectives)
+    if ranks is not None:
+        if config.batch < ranks.world:
+            raise ValueError(f"batch must be at least the number of ranks ({ranks.world}), got {config.batch}")
+        task.rows = distributed.rows_of(config.batch, ranks.world, ranks.rank)
+        task.rows_by_rank = [distributed.rows_of(config.batch, ranks.world, r) for r in range(ranks.world)]
+        model = distributed.wrap(model, device)
+        trained = model.module
+        for fn in (loss_fn, reference_fn):
+            if fn is not None:
+                fn.process_group = ranks.group   # the loss of the whole global batch on every rank
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
     autocast_dtype = amp_dtype(config.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    checks = GradientChecks(model) if config.grad_checks else None
+    checks = GradientChecks(trained) if config.grad_checks else None
 
+    world = 1 if ranks is None else ranks.world
     start = 0
     if config.resume and checkpoint.exists():
-        start = _resume(checkpoint, config, model, optimizer, scheduler, scaler, task)
-    log = metrics.MetricsLog(out, keep_until=start if start else None, tensorboard=config.tensorboard)
-    if out:
+        start = _resume(checkpoint, config, trained, optimizer, scheduler, scaler, task, ranks)
+    # Rank 0 alone writes (metrics, plots, TensorBoard, checkpoints) and validates.
+    log = metrics.MetricsLog(out if main else None, keep_until=start if start else None,
+                             tensorboard=config.tensorboard and main)
+    if out and main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
 
     def validate(step: int) -> None:
-        model.eval()
+        if not main:
+            return
+        trained.eval()
         with torch.no_grad(), torch.autocast(device.type, autocast_dtype or torch.float32,
                                              enabled=autocast_dtype is not None):
-            values = task.validate(model, device)
+            values = task.validate(trained, device)
         log.write({"step": step, "split": "val", **values})
 
     def save(step: int) -> None:
         if checkpoint is None:
             return
-        save_atomically({"step": step, "config": dataclasses.asdict(config), "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "task": task.state_dict(), "rng": _rng_state()},
-                        checkpoint)
+        task_state, rng = task.state_dict(), _rng_state()
+        if ranks is not None:   # every rank's rows of the task's state, and every rank's RNG (dropout)
+            states = distributed.gather_objects((task_state, rng))
+            task_state, rng = task.merge_states([s for s, _ in states]), states[0][1]
+            rng_by_rank = [r for _, r in states]
+        if main:
+            save_atomically({"step": step, "config": dataclasses.asdict(config), "model": trained.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "task": task_state, "rng": rng, "world": world,
+                             **({"rng_by_rank": rng_by_rank} if ranks is not None else {})},
+                            checkpoint)
 
     if start == 0:
         validate(0)
     bar = metrics.progress(config.steps, start, f"{task.name} [{config.backend}]",
-                           enabled=config.progress)
+                           enabled=config.progress and main)
     step_times: list[float] = []
     interval_sum: dict[str, torch.Tensor] = {}
     interval_steps, interval_time = 0, 0.0
@@ -347,21 +397,27 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
                 task.schedule(step, reference_fn)
             model.train()
             for micro in range(config.accum):
-                batch = task.batch(step * config.accum + micro, device)
-                with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                batch = task.shard(task.batch(step * config.accum + micro, device))
+                # DDP averages the gradients once per optimiser step, at the last micro-batch.
+                sync = ranks is None or micro == config.accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), \
+                        torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     inputs = task.forward(model, batch, step)
                     total, terms = task.loss(loss_fn, inputs)
                     terms = {**terms, "total": total}
                 if reference_fn is not None and micro == 0 and (step + 1) % config.check_reference == 0:
                     check_start = time.perf_counter()
                     errors = compare_with_reference(task, loss_fn, reference_fn, inputs)
+                    if ranks is not None:   # (gradients are per rank: every rank decides alike)
+                        errors = distributed.max_over_ranks(errors, device)
                     tick += time.perf_counter() - check_start   # the step time excludes the check
                     log.write({"step": step + 1, "split": "reference", **errors})
                     tolerance = reference_tolerance(inputs)
                     if max(errors.values()) > tolerance:
                         raise RuntimeError(f"{task.name}: the fused loss ({config.backend}) differs from the "
                                            f"reference at step {step + 1}: {errors} (tolerance {tolerance})")
-                scaler.scale(total / config.accum).backward()
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    scaler.scale(total / config.accum).backward()
                 for k, v in terms.items():
                     v = v.detach().float() / config.accum
                     interval_sum[k] = interval_sum[k] + v if k in interval_sum else v
@@ -393,7 +449,7 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
                 log.write({"step": done, "split": "train", "lr": lr, "step_ms": step_ms, **scheduled, **record})
                 if checks is not None:
                     found = checks.report()
-                    if any(found.values()):
+                    if any(found.values()) and main:
                         log.write({"step": done, "split": "gradients", **{k: len(v) for k, v in found.items()}})
                         bar.write(f"step {done}: gradient check: " + "; ".join(
                             f"{k}: {', '.join(v)}" for k, v in found.items() if v), file=sys.stderr)
@@ -408,5 +464,5 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
         bar.close()
         log.close()
     step_ms = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    return TrainResult(model=model, records=log.records, metric=task.metric, higher_is_better=task.higher_is_better,
+    return TrainResult(model=trained, records=log.records, metric=task.metric, higher_is_better=task.higher_is_better,
                        step_ms=step_ms, out=out)

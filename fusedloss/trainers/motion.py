@@ -128,7 +128,8 @@ class MotionTask(Task):
         motion = torch.cat([self.train_files[i]["motion"] for i in range(min(8, len(self.train_files)))])
         mean = motion.mean(0)
         return MotionDenoiser(audio_dim=self.audio_dim, width=self.config.width, max_frames=max(512, self.frames),
-                              mean=mean, variance=(motion - mean).pow(2).mean().item())
+                              mean=mean, variance=(motion - mean).pow(2).mean().item(),
+                              dropout=float(self.config.extra.get("dropout", 0.1)))
 
     def make_loss(self, backend: str) -> nn.Module:
         return PVALoss(use_last_frame_loss=True, backend=backend)   # Ditto's six parts, weight 1

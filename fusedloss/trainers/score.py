@@ -51,14 +51,19 @@ class ScoreNet(nn.Module):
     """images ``[B, 3, H, W]`` -> ``{"score": [B, 1] in (0, 1), "logits": [B, 2]}``: three
     stride-2 conv-BN-ReLU stages, global average pooling, a sigmoid score head and a class head."""
 
-    def __init__(self, width: int = 64) -> None:
+    def __init__(self, width: int = 64, norm: str = "batch") -> None:
         super().__init__()
         half = max(8, width // 2)
+        if norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+
+        def normalise(channels):  # "group": no batch statistics (each image alone; data-parallel runs on CPU)
+            return nn.BatchNorm2d(channels) if norm == "batch" else nn.GroupNorm(4, channels)
 
         def stage(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), normalise(cout), nn.ReLU()]
 
-        self.features = nn.Sequential(nn.Conv2d(3, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+        self.features = nn.Sequential(nn.Conv2d(3, half, 3, padding=1, bias=False), normalise(half), nn.ReLU(),
                                       *stage(half, width), *stage(width, width), *stage(width, width),
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.score_head = nn.Sequential(nn.Linear(width, half), nn.ReLU(), nn.Linear(half, 1), nn.Sigmoid())
@@ -98,7 +103,7 @@ class ScoreTask(Task):
             self.val_files = data.SyntheticCorpus(image_file, config.seed, 1_000_000, 2)
 
     def build_model(self) -> nn.Module:
-        return ScoreNet(self.config.width)
+        return ScoreNet(self.config.width, norm=self.config.extra.get("norm", "batch"))
 
     def make_loss(self, backend: str) -> nn.Module:
         return CombinedLoss(regression_weight=1.0, classification_weight=0.3, ranking_weight=0.2,
