@@ -127,3 +127,20 @@ def test_torchrun_command_line(tmp_path):
     assert result.stdout.count("val_auc") == 1 and "over 2 ranks" in result.stderr   # rank 0 alone reports
     assert [r["step"] for r in train_records(out) if r["split"] == "train"] == [1, 2]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["world"] == 2
+
+
+def test_lightning_ddp_trains_like_one_process():
+    """Lightning's DDP (2 CPU processes, spawned): the weights after three steps equal the
+    one-process engine's on the same global batches."""
+    L = pytest.importorskip("lightning")
+    from fusedloss.trainers.lightning import SeedSystemModule
+
+    trainer, options = CASES["score"]
+    options = {**options, "accum": 1, "backend": "cpu"}
+    module = SeedSystemModule(trainer, steps=3, **options)
+    L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0).fit(module)
+    one = train(trainer, config_for(trainer, **options, steps=3, progress=False, tensorboard=False, device="cpu"))
+    for (name, a), b in zip(module.model.state_dict().items(), one.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")

@@ -12,7 +12,13 @@ the module's loss::
     L.Trainer(max_steps=200, gradient_clip_val=1.0).fit(module)
 
 With Lightning's own accumulation, clipping and precision, leave ``accum``, ``clip`` and ``amp``
-of the config at their defaults; they are the engine's and are not read here. Under Lightning
+of the config at their defaults; they are the engine's and are not read here.
+
+Under Lightning's DDP strategies (``strategy="ddp"``, ``"ddp_spawn"``, several devices or nodes)
+each rank trains on its rows of the same global batches, and the loss's ``process_group`` is the
+world, so every rank's loss is the whole global batch's and the averaged gradient is the
+one-process gradient (docs/losses.md §5). Pass ``sync_batchnorm=True`` to the ``Trainer`` for the
+score model's BatchNorm on GPUs (on CPUs, ``norm="group"`` has no batch statistics). Under Lightning
 the data loader fetches a batch before ``training_step`` runs, so the sequential blendshape
 trainer's stride schedule takes effect one batch later than in ``fusedloss.trainers``.
 """
@@ -24,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import config_for, make_task
+from .distributed import rows_of
 from .engine import warmup_cosine
 
 
@@ -34,7 +41,7 @@ class _Batches(IterableDataset):
         self.task, self.count = task, count
 
     def __iter__(self):
-        return (self.task.batch(i, torch.device("cpu")) for i in range(self.count))
+        return (self.task.shard(self.task.batch(i, torch.device("cpu"))) for i in range(self.count))
 
 
 class SeedSystemModule(L.LightningModule):
@@ -49,6 +56,16 @@ class SeedSystemModule(L.LightningModule):
         torch.manual_seed(self.config.seed)
         self.model = self.task.build_model()
         self.loss_fn = self.task.make_loss(self.config.backend)
+
+    def setup(self, stage: str) -> None:
+        """Under a DDP strategy: this rank's rows of every batch, and the loss over the whole batch."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world, rank = dist.get_world_size(), dist.get_rank()
+            self.task.rows = rows_of(self.config.batch, world, rank)
+            self.task.rows_by_rank = [rows_of(self.config.batch, world, r) for r in range(world)]
+            self.loss_fn.process_group = dist.group.WORLD
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Batches(self.task, self.config.steps * self.trainer.accumulate_grad_batches),
