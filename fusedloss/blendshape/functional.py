@@ -132,6 +132,7 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
         landmark_gram = None
     op = forward_op("blendshape", name, eager=is_eager(pred))
     smoothing, consistency = "smoothing" in computed, "consistency" in computed
+    ops = weight_index = None  # (bound either way: torch.compile reads every cell of ``run``)
     if group is not None:
         ops = (forward_op("blendshape", name), backward_op("blendshape", name))
         weight_index = torch.tensor([TERMS.index(t) for t in computed], dtype=torch.int64).to(pred.device,
