@@ -16,6 +16,12 @@ PY
   ) >/dev/null 2>&1
 }
 
+# The published TIGAS package, for the tests of fusedloss.integrations.tigas: without its
+# dependencies (torchvision, OpenCV, scikit-learn, ...), which its training code does not use.
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tigas') is None)" 2>/dev/null; then
+  "$PY" -m pip install --quiet --no-deps "tigas-metric==0.2.1" \
+    || echo "install: tigas-metric==0.2.1 is not available; its tests will be skipped" >&2
+fi
 if installed; then
   exit 0
 fi

@@ -1,0 +1,168 @@
+"""The published TIGAS package's loss (``tigas-metric`` 0.2.1, ``tigas.training.losses.TIGASLoss``), fused.
+
+``TIGASLoss`` takes the package's constructor and call form::
+
+    loss_fn = TIGASLoss(regression_weight=1.0, classification_weight=0.5, ranking_weight=0.3,
+                        use_smooth_l1=True, margin=0.5, max_ranking_pairs=64, pairs="all")
+    losses = loss_fn({"score": scores [B, 1], "logits": logits [B, 2]}, labels [B, 1])
+    losses["total"].backward()      # also "regression", "classification", "ranking": 0-dim tensors
+
+and ``apply()`` patches the package so that its ``CombinedLoss`` (the default loss of
+``TIGASTrainer``) builds ours. How the package's loss is defined:
+  regression      SmoothL1Loss (beta 1) or MSELoss of scores against labels
+  classification  CrossEntropyLoss of logits against ``labels.squeeze(1).long()``
+  ranking         MarginRankingLoss(margin) over at most ``max_ranking_pairs`` pairs of a real score
+                  (label exactly 1) and a fake one (label exactly 0), drawn with a CPU generator
+                  seeded ``42 + calls so far`` (the ``_iteration`` buffer): ``min(max_ranking_pairs,
+                  n_real * n_fake, n_real, n_fake)`` real indices, then as many fake indices
+  total           regression_weight * regression + classification_weight * classification
+                  + ranking_weight * ranking
+``pairs`` chooses the ranking:
+  "all"      (the default) every real x fake pair, exact, fused with the other two terms in one
+             kernel pair (docs/losses.md §3), with no host synchronisation but ``check_finite``'s.
+             Real means label > 0.5 and fake the rest, and the class is label > 0.5, which is the
+             package's rule for labels 0 and 1, the labels it trains on.
+  "sampled"  the package's pairs, drawn as it draws them (so the same calls give the same
+             numbers, and the same ``_iteration``), with the host syncs that drawing needs;
+             regression and classification stay fused. Labels other than 0 and 1 (where the
+             package's classes and sets differ from "all") are handled as the package does.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import checks
+from ..score.module import CombinedLoss
+
+PAIRS = ("all", "sampled")
+
+
+class TIGASLoss(nn.Module):
+    """``tigas.training.losses.TIGASLoss`` (tigas-metric 0.2.1), fused; see the module docstring.
+
+    ``forward(outputs, labels, model=None)``: ``outputs`` holds ``"score"`` ``[B, 1]`` and
+    ``"logits"`` ``[B, 2]``; ``labels`` ``[B, 1]``. ``model`` is accepted and ignored, so that the
+    module can also be handed to ``TIGASTrainer(loss_fn=...)``, which passes its model. Returns
+    ``{"total", "regression", "classification", "ranking"}``.
+    """
+
+    def __init__(
+        self,
+        regression_weight: float = 1.0,
+        classification_weight: float = 0.5,
+        ranking_weight: float = 0.3,
+        use_smooth_l1: bool = True,
+        margin: float = 0.5,
+        max_ranking_pairs: int = 64,
+        *,
+        pairs: str = "all",
+        check_finite: bool = True,
+        backend: str = "auto",
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        if pairs not in PAIRS:
+            raise ValueError(f"pairs must be one of {', '.join(map(repr, PAIRS))}, got {pairs!r}")
+        self.pairs = pairs
+        self.ranking_weight = checks.real("ranking_weight", ranking_weight)
+        self.margin = checks.real("margin", margin)
+        if isinstance(max_ranking_pairs, bool) or not isinstance(max_ranking_pairs, int) or max_ranking_pairs < 0:
+            raise ValueError(f"max_ranking_pairs must be a non-negative integer, got {max_ranking_pairs!r}")
+        if pairs == "sampled" and process_group is not None:
+            raise ValueError("pairs='sampled' draws the package's pairs from one process's batch; "
+                             "use pairs='all' with a process_group")
+        self.max_ranking_pairs = max_ranking_pairs
+        self.use_smooth_l1 = checks.flag("use_smooth_l1", use_smooth_l1)
+        # "sampled": the fused kernels give regression and classification; the ranking is drawn here.
+        self.fused = CombinedLoss(regression_weight, classification_weight,
+                                  self.ranking_weight if pairs == "all" else 0.0,
+                                  regression_type="smoothl1" if use_smooth_l1 else "mse", margin=margin,
+                                  check_finite=check_finite, backend=backend, process_group=process_group)
+        # The package's call counter (its state_dict key), which seeds the sampled pairs.
+        self.register_buffer("_iteration", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def regression_weight(self) -> float:
+        return self.fused.regression_weight
+
+    @property
+    def classification_weight(self) -> float:
+        return self.fused.classification_weight
+
+    def forward(self, outputs, labels: torch.Tensor, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        scores, logits = outputs["score"], outputs["logits"]
+        if self.pairs == "all":
+            total, terms = self.fused(scores, logits, labels)
+            return {"total": total, "regression": terms["regression"], "classification": terms["classification"],
+                    "ranking": terms["ranking"]}
+        return self._sampled(scores, logits, labels)
+
+    def _sampled(self, scores, logits, labels):
+        binary = bool(((labels == 0) | (labels == 1)).all())   # (a host sync, as the package makes many)
+        if binary:
+            _, terms = self.fused(scores, logits, labels)
+            regression, classification = terms["regression"], terms["classification"]
+        else:  # the package's classes (truncated labels), which the fused kernel does not form
+            regression = (F.smooth_l1_loss if self.use_smooth_l1 else F.mse_loss)(scores, labels.to(scores.dtype))
+            classification = F.cross_entropy(logits, labels.squeeze(1).long())
+        ranking = self._sampled_ranking(scores, labels)
+        total = (self.regression_weight * regression + self.classification_weight * classification
+                 + self.ranking_weight * ranking)
+        return {"total": total, "regression": regression, "classification": classification, "ranking": ranking}
+
+    def _sampled_ranking(self, scores, labels):
+        """The package's ``_compute_ranking_loss`` on the same pairs (see the module docstring)."""
+        real_mask, fake_mask = (labels == 1.0).squeeze(1), (labels == 0.0).squeeze(1)
+        if not (real_mask.any() and fake_mask.any()):
+            return torch.zeros((), device=scores.device, dtype=scores.dtype)
+        real, fake = scores[real_mask], scores[fake_mask]
+        n_real, n_fake = len(real), len(fake)
+        count = min(self.max_ranking_pairs, n_real * n_fake, n_real, n_fake)
+        if count == 0:
+            return torch.zeros((), device=scores.device, dtype=scores.dtype)
+        generator = torch.Generator()
+        generator.manual_seed(42 + int(self._iteration))
+        real_index = torch.randint(0, n_real, (count,), generator=generator).to(scores.device)
+        fake_index = torch.randint(0, n_fake, (count,), generator=generator).to(scores.device)
+        self._iteration += 1
+        target = torch.ones(count, device=scores.device)
+        return F.margin_ranking_loss(real[real_index].squeeze(1), fake[fake_index].squeeze(1), target,
+                                     margin=self.margin)
+
+    def extra_repr(self) -> str:
+        return f"pairs={self.pairs!r}, max_ranking_pairs={self.max_ranking_pairs}, fused={self.fused.backend!r}"
+
+
+_ORIGINAL: dict = {}
+
+
+def apply(pairs: str = "all", backend: str = "auto") -> None:
+    """Patch the installed TIGAS package (Liger-style): ``tigas.training.losses.TIGASLoss`` and
+    ``tigas.training.TIGASLoss`` become ours with these defaults, so its ``CombinedLoss`` (and so
+    ``TIGASTrainer``'s default loss) builds the fused loss. Call it before building the loss;
+    ``revert()`` undoes it."""
+    if pairs not in PAIRS:
+        raise ValueError(f"pairs must be one of {', '.join(map(repr, PAIRS))}, got {pairs!r}")
+    losses = importlib.import_module("tigas.training.losses")
+    training = importlib.import_module("tigas.training")
+    _ORIGINAL.setdefault("TIGASLoss", losses.TIGASLoss)
+
+    class PatchedTIGASLoss(TIGASLoss):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{"pairs": pairs, "backend": backend, **kwargs})
+
+    PatchedTIGASLoss.__name__ = PatchedTIGASLoss.__qualname__ = "TIGASLoss"
+    losses.TIGASLoss = training.TIGASLoss = PatchedTIGASLoss
+
+
+def revert() -> None:
+    """Undo ``apply()``: the package's own ``TIGASLoss`` again."""
+    if "TIGASLoss" in _ORIGINAL:
+        losses = importlib.import_module("tigas.training.losses")
+        training = importlib.import_module("tigas.training")
+        losses.TIGASLoss = training.TIGASLoss = _ORIGINAL.pop("TIGASLoss")
