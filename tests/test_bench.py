@@ -72,3 +72,14 @@ def test_distributed_benchmark_writes_its_table(tmp_path):
     assert "| score B=64 | cpu |" in text and "| pva [64, 80, 265] last-frame | cpu |" in text
     rows = json.loads(table.with_suffix(".json").read_text())["rows"]
     assert all(r["local_us"] > 0 and r["over group_us"] > 0 and r["collectives_us"] > 0 for r in rows)
+
+
+def test_integrations_benchmark_writes_its_table(tmp_path):
+    from fusedloss.benchmark import integrations
+
+    device = torch.device("cpu")
+    rows = integrations.run(device, rounds=1, min_run_time=0.01, log=lambda line: None)
+    assert {"ours pairs='all' cpu", "ours pairs='sampled' cpu"} <= {r["variant"] for r in rows}
+    assert all(r["median_us"] > 0 for r in rows)
+    path = integrations.write(rows, device, tmp_path, "test")
+    assert "| TIGAS B=32 | ours pairs='all' cpu |" in path.read_text()

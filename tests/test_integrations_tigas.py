@@ -3,17 +3,15 @@ scripts/install.sh without its dependencies).
 
 The package's top-level ``tigas/__init__.py`` imports its inference API, which needs torchvision
 (not installed: the package declares torchvision, OpenCV, scikit-learn and more, none of which its
-training code uses). So ``tigas`` is put in ``sys.modules`` as a bare package over the installed
-folder: ``import tigas.training`` then runs only ``tigas/training`` and ``tigas/models``, never the
-top-level ``__init__``.
+training code uses). So ``fusedloss.integrations.tigas.import_training()`` puts ``tigas`` in
+``sys.modules`` as a bare package over the installed folder: ``import tigas.training`` then runs
+only ``tigas/training`` and ``tigas/models``, never the top-level ``__init__``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import sys
-import types
 
 import pytest
 import torch
@@ -22,18 +20,11 @@ from fusedloss.integrations import tigas as ours
 
 
 def _import_tigas_training():
-    spec = importlib.util.find_spec("tigas")
-    if spec is None:
+    if importlib.util.find_spec("tigas") is None:
         pytest.skip("tigas-metric is not installed (scripts/install.sh installs it)")
     if importlib.metadata.version("tigas-metric") != "0.2.1":
         pytest.skip(f"tigas-metric {importlib.metadata.version('tigas-metric')} installed; these tests pin 0.2.1")
-    if "tigas" not in sys.modules:
-        package = types.ModuleType("tigas")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["tigas"] = package
-    import tigas.training
-
-    return tigas.training
+    return ours.import_training()   # (the bare package of this module's docstring)
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,29 @@ class TIGASLoss(nn.Module):
         return f"pairs={self.pairs!r}, max_ranking_pairs={self.max_ranking_pairs}, fused={self.fused.backend!r}"
 
 
+def import_training():
+    """``tigas.training`` of the installed package, importable without torchvision.
+
+    The package's top-level ``tigas/__init__.py`` imports its inference API, which needs
+    torchvision (one of the dependencies it declares, with OpenCV and scikit-learn, that its
+    training code never uses). When ``tigas`` is not imported yet, it is registered as a bare
+    package over the installed folder, so that ``import tigas.training`` runs only
+    ``tigas/training`` and ``tigas/models``. Raises ``ModuleNotFoundError`` without the package."""
+    import importlib.util
+    import sys
+    import types
+
+    if "tigas" not in sys.modules:
+        spec = importlib.util.find_spec("tigas")
+        if spec is None:
+            raise ModuleNotFoundError("tigas-metric is not installed: pip install --no-deps tigas-metric==0.2.1")
+        package = types.ModuleType("tigas")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["tigas"] = package
+    return importlib.import_module("tigas.training")
+
+
 _ORIGINAL: dict = {}
 
 
