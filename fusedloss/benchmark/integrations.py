@@ -49,12 +49,31 @@ def tigas_cases(device: torch.device, batch: int = 32) -> tuple[str, dict[str, C
     return f"TIGAS B={batch}", variants
 
 
+def ditto_cases(device: torch.device, batch: int = 8) -> tuple[str, dict[str, Callable]]:
+    """Ditto's ``loss, loss_dict = p_losses(...)`` loss part at its shape [B, 80, 265], last-frame
+    term on (its train.sh), through ``integrations.ditto.pva_loss_dict``; the reference backend is
+    Ditto's per-part loop of small PyTorch ops."""
+    from ..integrations import ditto
+
+    g = torch.Generator().manual_seed(0)
+    pred, gt = (torch.randn(batch, 80, 265, generator=g).to(device) for _ in range(2))
+    cond = torch.randn(batch, 265, generator=g).to(device)
+
+    def call(backend):
+        return _grad_step(lambda p: sum(ditto.pva_loss_dict(p, gt, ditto.DEFAULT_PART_W_DICT, True, cond_frame=cond,
+                                                            backend=backend).values()), (pred,))
+
+    variants = {"reference (Ditto's per-part loop)": call("reference")}
+    variants.update({f"ours {b}": call(b) for b in _fused(device)})
+    return f"Ditto [{batch}, 80, 265]", variants
+
+
 def _fused(device: torch.device) -> list[str]:
     return [b for b in ("cuda", "triton", "cpu") if backends.unavailable_reason(b, device.type) is None
             and not (b == "triton" and device.type == "cpu")]
 
 
-CASES = (tigas_cases,)
+CASES = (tigas_cases, ditto_cases)
 
 
 def run(device: torch.device, *, rounds: int = 5, min_run_time: float = 0.1, cases=CASES, log=print) -> list[dict]:
