@@ -68,12 +68,31 @@ def ditto_cases(device: torch.device, batch: int = 8) -> tuple[str, dict[str, Ca
     return f"Ditto [{batch}, 80, 265]", variants
 
 
+def koemorph_cases(device: torch.device, batch: int = 16) -> tuple[str, dict[str, Callable]]:
+    """KoeMorph's ``src/train.py`` call ``loss, metrics = loss_fn(pred, target)`` at [B, 52]. The
+    reference backend stands in for the repository's plain-PyTorch loss (the same terms)."""
+    from ..integrations import koemorph
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = (torch.rand(batch, 52, generator=g).to(device) for _ in range(2))
+
+    def call(backend, metrics):
+        loss_fn = koemorph.KoeMorphLoss(metrics=metrics, backend=backend).to(device)
+        return _grad_step(lambda p: loss_fn(p, target)[0], (pred,))
+
+    variants = {"reference, float metrics (its form)": call("reference", "floats")}
+    for b in _fused(device):
+        variants[f"ours {b}, float metrics"] = call(b, "floats")
+        variants[f"ours {b}, tensor metrics"] = call(b, "tensors")
+    return f"KoeMorph [{batch}, 52]", variants
+
+
 def _fused(device: torch.device) -> list[str]:
     return [b for b in ("cuda", "triton", "cpu") if backends.unavailable_reason(b, device.type) is None
             and not (b == "triton" and device.type == "cpu")]
 
 
-CASES = (tigas_cases, ditto_cases)
+CASES = (tigas_cases, koemorph_cases, ditto_cases)
 
 
 def run(device: torch.device, *, rounds: int = 5, min_run_time: float = 0.1, cases=CASES, log=print) -> list[dict]:
