@@ -97,6 +97,21 @@ def test_all_pairs_is_the_exact_ranking_over_the_same_sets(tigas_training):
     assert int(fused._iteration) == 0   # no sampling, no host sync
 
 
+@pytest.mark.parametrize("pairs", ["all", "sampled"])
+def test_weights_and_margin_can_be_assigned(tigas_training, pairs):
+    original, fused = tigas_training.TIGASLoss(max_ranking_pairs=10**9), ours.TIGASLoss(pairs=pairs, backend="cpu")
+    for loss_fn in (original, fused):
+        loss_fn.regression_weight, loss_fn.classification_weight, loss_fn.ranking_weight = 0.2, 0.7, 1.1
+        loss_fn.margin = 0.9
+    scores, logits, labels = batch(torch.Generator().manual_seed(3), 5)
+    labels = torch.tensor([[1.0], [0.0], [1.0], [1.0], [0.0]])
+    got, expected = run(fused, scores, logits, labels)[0], run(original, scores, logits, labels)[0]
+    if pairs == "sampled":
+        torch.testing.assert_close(got["total"], expected["total"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["total"], 0.2 * got["regression"] + 0.7 * got["classification"]
+                               + 1.1 * got["ranking"], rtol=1e-6, atol=1e-7)
+
+
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="pairs"):
         ours.TIGASLoss(pairs="some")

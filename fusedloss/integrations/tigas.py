@@ -69,8 +69,8 @@ class TIGASLoss(nn.Module):
         if pairs not in PAIRS:
             raise ValueError(f"pairs must be one of {', '.join(map(repr, PAIRS))}, got {pairs!r}")
         self.pairs = pairs
-        self.ranking_weight = checks.real("ranking_weight", ranking_weight)
-        self.margin = checks.real("margin", margin)
+        self._ranking_weight = checks.real("ranking_weight", ranking_weight)
+        checks.real("margin", margin)
         if isinstance(max_ranking_pairs, bool) or not isinstance(max_ranking_pairs, int) or max_ranking_pairs < 0:
             raise ValueError(f"max_ranking_pairs must be a non-negative integer, got {max_ranking_pairs!r}")
         if pairs == "sampled" and process_group is not None:
@@ -80,19 +80,46 @@ class TIGASLoss(nn.Module):
         self.use_smooth_l1 = checks.flag("use_smooth_l1", use_smooth_l1)
         # "sampled": the fused kernels give regression and classification; the ranking is drawn here.
         self.fused = CombinedLoss(regression_weight, classification_weight,
-                                  self.ranking_weight if pairs == "all" else 0.0,
+                                  self._ranking_weight if pairs == "all" else 0.0,
                                   regression_type="smoothl1" if use_smooth_l1 else "mse", margin=margin,
                                   check_finite=check_finite, backend=backend, process_group=process_group)
         # The package's call counter (its state_dict key), which seeds the sampled pairs.
         self.register_buffer("_iteration", torch.tensor(0, dtype=torch.long))
 
+    # The package's attributes, assignable between steps (the fused module's settings, in place).
     @property
     def regression_weight(self) -> float:
         return self.fused.regression_weight
 
+    @regression_weight.setter
+    def regression_weight(self, value: float) -> None:
+        self.fused.regression_weight = value
+
     @property
     def classification_weight(self) -> float:
         return self.fused.classification_weight
+
+    @classification_weight.setter
+    def classification_weight(self, value: float) -> None:
+        self.fused.classification_weight = value
+
+    @property
+    def ranking_weight(self) -> float:
+        return self._ranking_weight
+
+    @ranking_weight.setter
+    def ranking_weight(self, value: float) -> None:
+        self._ranking_weight = checks.real("ranking_weight", value)
+        if self.pairs == "all":
+            self.fused.ranking_weight = value
+
+    @property
+    def margin(self) -> float:
+        return self.fused.margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self.fused.margin = value
 
     def forward(self, outputs, labels: torch.Tensor, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         scores, logits = outputs["score"], outputs["logits"]
