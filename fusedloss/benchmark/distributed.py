@@ -28,20 +28,13 @@ import torch.distributed as dist
 
 from .. import backends
 from ..core import distributed
+from ..trainers.distributed import rows_of
 from . import device_name, file_stem, seed_shapes
 
 
-def _split(B: int, world: int, rank: int) -> slice:
-    base, extra = divmod(B, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
-
-
-def _stats_width(case: seed_shapes.SeedCase, predictions, constants) -> int:
+def _stats_width(case: seed_shapes.SeedCase, predictions) -> int:
     """The length of the all_reduce a loss over a group makes (its terms, column sums, count)."""
     module = case.module("reference")
-    out = case.loss(module, *predictions, *constants)
-    del out
     if case.name.startswith("pva"):
         return len(module.config.term_names()) + 2
     pred = predictions[0]
@@ -52,7 +45,7 @@ def _stats_width(case: seed_shapes.SeedCase, predictions, constants) -> int:
 def _variants(case: seed_shapes.SeedCase, backend: str, device: torch.device, world: int, rank: int):
     group = dist.group.WORLD
     predictions, constants = case.make(device)
-    rows = _split(predictions[0].shape[0], world, rank)
+    rows = rows_of(predictions[0].shape[0], world, rank)
     predictions = tuple(p[rows].contiguous() for p in predictions)
     constants = tuple(c[rows].contiguous() for c in constants)
     leaves = tuple(p.detach().requires_grad_() for p in predictions)
@@ -70,7 +63,7 @@ def _variants(case: seed_shapes.SeedCase, backend: str, device: torch.device, wo
         def collectives():
             distributed.gather_batch([scores.reshape(-1), labels.reshape(-1), logits], group)
     else:
-        stats = torch.zeros(_stats_width(case, predictions, constants), device=device)
+        stats = torch.zeros(_stats_width(case, predictions), device=device)
 
         def collectives():
             dist.all_reduce(stats, group=group)

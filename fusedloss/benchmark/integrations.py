@@ -17,7 +17,7 @@ import torch
 
 from .. import backends
 from . import device_name, file_stem
-from .seed_shapes import _median_us
+from .seed_shapes import best_of_rounds
 
 
 def _grad_step(loss: Callable, outputs: tuple[torch.Tensor, ...]):
@@ -99,13 +99,7 @@ def run(device: torch.device, *, rounds: int = 5, min_run_time: float = 0.1, cas
     rows = []
     for make in cases:
         name, variants = make(device)
-        for fn in variants.values():  # warm-up: plans, caches
-            fn()
-            fn()
-        best = {v: float("inf") for v in variants}
-        for _ in range(rounds):
-            for v, fn in variants.items():
-                best[v] = min(best[v], _median_us(fn, device, min_run_time))
+        best = best_of_rounds(variants, device, rounds, min_run_time)
         first = next(iter(best.values()))
         for v, us in best.items():
             rows.append({"case": name, "variant": v, "median_us": us, "vs_first": first / us})

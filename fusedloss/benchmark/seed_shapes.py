@@ -155,18 +155,25 @@ def launches(case: SeedCase, backend: str, device: torch.device) -> tuple[int, i
     return counts[0], counts[1]
 
 
+def best_of_rounds(variants: dict[str, Callable], device: torch.device, rounds: int,
+                   min_run_time: float) -> dict[str, float]:
+    """Each variant's median microseconds, best of ``rounds`` interleaved rounds (so that a noisy
+    machine slows them alike), after two warm-up calls (compilation, plans, caches)."""
+    for fn in variants.values():
+        fn()
+        fn()
+    best = {name: float("inf") for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            best[name] = min(best[name], _median_us(fn, device, min_run_time))
+    return best
+
+
 def run(device: torch.device, *, rounds: int = 5, min_run_time: float = 0.1, cases=CASES,
         log: Callable[[str], None] = print) -> list[SeedRow]:
     rows: list[SeedRow] = []
     for case in cases:
-        variants = _variants(case, device)
-        for fn in variants.values():  # warm-up: compilation, plans, caches
-            fn()
-            fn()
-        best = {name: float("inf") for name in variants}
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                best[name] = min(best[name], _median_us(fn, device, min_run_time))
+        best = best_of_rounds(_variants(case, device), device, rounds, min_run_time)
         for name, us in best.items():
             row = SeedRow(case.name, name, us, us / best["mse_loss"])
             if device.type == "cuda" and name.startswith("fused"):

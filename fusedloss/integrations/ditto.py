@@ -30,6 +30,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from ..pva.functional import pva_loss
 from ..pva.module import PVALoss
 
 # Ditto's defaults when no part_w_dict is given (D = 265): the six parts, each with weight 1.
@@ -42,9 +43,10 @@ def pva_loss_dict(pred: torch.Tensor, gt: torch.Tensor, part_w_dict, use_last_fr
                   loss_type: str = "l2", backend: str = "auto"):
     """Ditto's ``_get_pva_loss``: ``{f"{part}_{P|V|A|L|R}": 0-dim tensor}`` (``cond_frame`` [B, D]
     needed with ``use_last_frame_loss``; ``loss_type`` "l2" is MSE, as Ditto's LMDM trains)."""
-    _, terms = PVALoss(part_w_dict, use_last_frame_loss, use_reg_loss, dim_ws=_constant(dim_ws), loss_type=loss_type,
-                       backend=backend).to(pred.device)(pred, gt, cond_frame)
-    return terms
+    if dim_ws is not None:
+        dim_ws = torch.as_tensor(_constant(dim_ws), device=pred.device)
+    return pva_loss(pred, gt, cond_frame, part_w_dict, use_last_frame_loss, use_reg_loss, dim_ws, loss_type,
+                    backend=backend)[1]
 
 
 def loss_from_options(opt, *, loss_type: str = "l2", backend: str = "auto") -> PVALoss:
