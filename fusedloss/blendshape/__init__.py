@@ -10,9 +10,9 @@
   module.py      BlendshapeLoss
 """
 
-from .config import SEED_001_GROUPS, BlendshapeConfig
+from .config import DUAL_STREAM_GROUPS, BlendshapeConfig
 from .functional import blendshape_loss, blendshape_loss_from_config, blendshape_plan
 from .module import BlendshapeLoss
 
 __all__ = ["BlendshapeLoss", "blendshape_loss", "blendshape_loss_from_config", "blendshape_plan",
-           "BlendshapeConfig", "SEED_001_GROUPS"]
+           "BlendshapeConfig", "DUAL_STREAM_GROUPS"]
