@@ -18,8 +18,8 @@ import torch
 
 from .. import backends
 from ..core import checks, distributed
-from ..core.autograd import constant, is_eager
-from ..core.terms import terms_of
+from ..core.autograd import is_eager
+from ..core.terms import terms_maker
 from . import distributed as over_group
 from .config import BlendshapeConfig, check_inputs, computed_terms, landmark_gram
 from .layout import TERMS
@@ -139,7 +139,7 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
     if "landmark" in computed:
         gram, landmark_rows = landmark_gram(landmark_matrix).to(pred.device, non_blocking=True), landmark_matrix.shape[0]
     forward, backward = operators(name, eager=is_eager(pred) and group is None)
-    smoothing, consistency = "smoothing" in computed, "consistency" in computed
+    smoothing, consistency, terms_of = "smoothing" in computed, "consistency" in computed, terms_maker()
     weight_index = None  # (bound either way: torch.compile reads every cell of ``run``)
     if group is not None:
         weight_index = torch.tensor([TERMS.index(t) for t in computed], dtype=torch.int64).to(pred.device,
@@ -147,7 +147,7 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
 
     def run(pred, target, raw_pred, prev_pred):
         # prev_pred is a constant of the loss: detached, so backward never walks into its history.
-        prev = constant(prev_pred) if consistency else None
+        prev = (prev_pred.detach() if prev_pred.requires_grad else prev_pred) if consistency else None
         raw = raw_pred if smoothing else None
         if group is not None:
             terms, total = over_group.FusedOverGroup.apply(pred, target, raw, prev, settings, group_coef, gram,

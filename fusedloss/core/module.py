@@ -42,12 +42,6 @@ def check_backend(backend) -> str:
     return backend
 
 
-def meta(x):
-    """What validating a call looks at in one input: its type, shape, dtype and device (an
-    AttributeError for an object that is not a tensor)."""
-    return None if x is None else (type(x), x.shape, x.dtype, x.device)
-
-
 class Plans(dict):
     """A module's cached plans ``{inputs' metadata: run}``, all made in one ``state`` of it. A copy
     of the module (deepcopy, pickle) starts with none."""
@@ -173,26 +167,24 @@ class FusedLoss(nn.Module):
 
     # -- the cache of call plans --------------------------------------------------------------
 
-    def _state(self) -> tuple:
+    def _plan(self, *inputs):
+        """The plan of a call on ``inputs`` (``_make_plan``), cached per state and per what validating
+        the call looks at in each input: its type, shape, dtype and device (an AttributeError for
+        an object that is not a tensor). Written out, as the state, since this runs at every call.
+        A cached plan keeps the tables it was made with alive, so no identity in a cached state
+        is reused by another tensor."""
+        if torch.compiler.is_compiling():
+            return self._make_plan(*inputs)
+        plans = self.__dict__["_plans"]
         state = [self.__dict__["_revision"]]
         for table in self._buffers.values():
             if table is not None:
                 state += (id(table), table._version)
-        return tuple(state)
-
-    def _plan(self, *inputs):
-        """The plan of a call on ``inputs`` (``_make_plan``), cached per state and inputs' metadata.
-        A cached plan keeps the tables it was made with alive, so no identity in a cached state is
-        reused by another tensor."""
-        if torch.compiler.is_compiling():
-            return self._make_plan(*inputs)
-        plans = self.__dict__["_plans"]
-        state = self._state()
         if plans.state != state:
             plans.clear()
             plans.state = state
         try:
-            key = tuple(map(meta, inputs))
+            key = tuple([None if x is None else (type(x), x.shape, x.dtype, x.device) for x in inputs])
         except AttributeError:  # (not a tensor: the plan says what is wrong)
             return self._make_plan(*inputs)
         run = plans.get(key)

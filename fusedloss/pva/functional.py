@@ -18,7 +18,7 @@ import torch
 from .. import backends
 from ..core import distributed
 from ..core.autograd import is_eager
-from ..core.terms import terms_of
+from ..core.terms import terms_maker
 from .config import PVAConfig, check_inputs
 from .reference import pva_loss_reference
 
@@ -106,7 +106,7 @@ def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, di
             if group is None:
                 return total, terms
             values = distributed.global_means(torch.stack([*terms.values(), total]), pred.shape[0], group)
-            return values[-1], terms_of(tuple(terms), values[:-1])
+            return values[-1], terms_maker()(tuple(terms), values[:-1])
 
         return run_reference
     if dim_ws is not None and dim_ws.requires_grad:
@@ -121,7 +121,7 @@ def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, di
     if dim_ws is not None:
         dim_ws = dim_ws.to(torch.float64).contiguous()
     op = operator(name, eager=is_eager(pred))
-    names = config.term_names()
+    names, terms_of = config.term_names(), terms_maker()
     loss_type, use_last_frame, use_reg = config.loss_type, config.use_last_frame, config.use_reg
 
     def run(pred, target, cond_frame):

@@ -18,7 +18,7 @@ import torch
 from .. import backends
 from ..core import checks, distributed
 from ..core.autograd import constant, is_eager
-from ..core.terms import terms_of
+from ..core.terms import terms_maker
 from .config import ScoreConfig, check_inputs
 from .layout import ALL_TERMS, RANKING_ONLY, TERMS
 from .finite import finite_or_raise, status_of
@@ -160,12 +160,13 @@ def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
     # A tiny table: an asynchronous copy (from pageable memory, staged at once) never syncs.
     settings = (settings if settings is not None else config.settings()).to(scores.device, non_blocking=True)
     op = operator(name, eager=is_eager(scores))
-    smooth_l1, ranking_sum = config.regression_type == "smoothl1", config.reduction == "sum"
+    smooth_l1, ranking_sum, terms_of = config.regression_type == "smoothl1", config.reduction == "sum", terms_maker()
 
     # Scores and labels go to the operators as given, [B] or [B, 1]; labels are targets (constants
     # of the loss): detached.
     def run(scores, logits, labels):
-        values, total, _, _, status = op(scores, logits if with_logits else None, constant(labels), settings, term_mask,
+        labels = labels.detach() if labels.requires_grad else labels
+        values, total, _, _, status = op(scores, logits if with_logits else None, labels, settings, term_mask,
                                          smooth_l1, ranking_sum)
         if with_logits:
             if check_finite:
