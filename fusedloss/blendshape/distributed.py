@@ -61,18 +61,21 @@ def _weighted(importance, sq_err, batch, columns):
 
 
 class FusedOverGroup(torch.autograd.Function):
-    """A fused blendshape forward (``forward_op``, one backend's operator) over ``group``, and its
-    backward (``backward_op``): see the module docstring. Returns (terms [n], total)."""
+    """A fused blendshape forward over ``group``: the backend's forward operator on this rank's
+    slice, then the reduction; and its backward: the backend's backward operator with the
+    gradients scaled and the whole batch's column statistics (see the module docstring).
+    ``operators`` is (forward, backward) of one backend (``functional.operators``). Returns
+    (terms [n], total)."""
 
     @staticmethod
     def forward(ctx, pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows,
-                term_mask, computed, weight_index, ops, group):
+                term_mask, computed, weight_index, operators, group):
         acc = acc_dtype(pred.dtype)
         batch = pred.shape[0]
         default_perceptual = "perceptual" in computed and group_coef is None
         columns = math.prod(pred.shape[1:]) if default_perceptual else 0
         if batch:
-            terms, _, col_stats = ops[0](pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
+            terms, _, col_stats = operators[0](pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
                                          landmark_rows, term_mask)
         else:  # an empty slice: its sums are 0, and so is its share of every gradient
             terms, col_stats = pred.new_zeros((len(computed),), dtype=acc), pred.new_zeros((2, columns), dtype=acc)
@@ -90,7 +93,7 @@ class FusedOverGroup(torch.autograd.Function):
             col_stats = torch.stack([importance, sums[columns:] * (batch / total_batch.clamp_min(1))])
         total = (settings.index_select(0, weight_index).to(acc) * means).sum()
         ctx.save_for_backward(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, col_stats)
-        ctx.call = (landmark_rows, term_mask, ops[1])
+        ctx.call = (landmark_rows, term_mask, operators[1])
         return means, total
 
     @staticmethod

@@ -48,7 +48,7 @@ def register_terms_autograd(forward_op, backward_op, grad_inputs: tuple[int, ...
     Returns the same formula as an ``autograd.Function`` that calls the two launchers directly
     (``op._init_fn``), for eager calls on real tensors: it skips the dispatcher and the custom-op
     autograd machinery, which cost more than the launches at small shapes. Under torch.compile
-    and on fake tensors the operator itself is called (``core/registry.py`` ``forward_op``).
+    and on fake tensors the operator itself is called (the family's ``functional.py`` picks which).
     """
     schema = _overload(forward_op)._schema
     setup_context, backward = _formula(schema, backward_op, grad_inputs, num_aux, constants)
