@@ -169,7 +169,7 @@ def test_patched_p_losses_reads_the_current_settings():
             try:
                 torch.manual_seed(5)
                 loss, loss_dict = diffusion.p_losses(x, cond_frame, cond, t)
-                expected.append({k: float(v) for k, v in loss_dict.items()})
+                expected.append({k: float(v.detach()) for k, v in loss_dict.items()})
             finally:
                 ditto.revert(DittoLikeDiffusion)
         assert list(expected[1]) == list(expected[0]), change
