@@ -7,7 +7,9 @@ signature): it checks the inputs, resolves the backend, and returns ``run``, whi
               csrc/common/autograd.h)
   triton      this family's Triton operator ``triton.blendshape_forward`` (its autograd:
               core/autograd.py), eagerly as the ``autograd.Function`` ``blendshape_forward_eager``
-  over a process group: ``distributed.py`` (the reference, or the same operators and a reduction).
+  over a process group: ``distributed.py``: the reference on the reduced statistics, or
+              ``fused_over_group``: the same operators and autograd formula (core/autograd.py),
+              the forward's terms reduced over the group and the gradients scaled.
 """
 
 from __future__ import annotations
@@ -138,23 +140,19 @@ def blendshape_plan(pred, target, raw_pred, prev_pred, config: BlendshapeConfig,
     gram, landmark_rows = None, 0
     if "landmark" in computed:
         gram, landmark_rows = landmark_gram(landmark_matrix).to(pred.device, non_blocking=True), landmark_matrix.shape[0]
-    forward, backward = operators(name, eager=is_eager(pred) and group is None)
     smoothing, consistency, terms_of = "smoothing" in computed, "consistency" in computed, terms_maker()
-    weight_index = None  # (bound either way: torch.compile reads every cell of ``run``)
-    if group is not None:
+    if group is None:
+        forward = operators(name, eager=is_eager(pred))[0]
+    else:  # the same operators and autograd formula, the terms reduced over the group
         weight_index = torch.tensor([TERMS.index(t) for t in computed], dtype=torch.int64).to(pred.device,
                                                                                               non_blocking=True)
+        forward = over_group.fused_over_group(operators(name), computed, weight_index, group)
 
     def run(pred, target, raw_pred, prev_pred):
         # prev_pred is a constant of the loss: detached, so backward never walks into its history.
         prev = (prev_pred.detach() if prev_pred.requires_grad else prev_pred) if consistency else None
         raw = raw_pred if smoothing else None
-        if group is not None:
-            terms, total = over_group.FusedOverGroup.apply(pred, target, raw, prev, settings, group_coef, gram,
-                                                           landmark_rows, term_mask, computed, weight_index,
-                                                           (forward, backward), group)
-        else:
-            terms, total, _ = forward(pred, target, raw, prev, settings, group_coef, gram, landmark_rows, term_mask)
+        terms, total, *_ = forward(pred, target, raw, prev, settings, group_coef, gram, landmark_rows, term_mask)
         return total, terms_of(computed, terms)
 
     return run

@@ -4,11 +4,21 @@ A call's route: ``forward`` -> ``FusedLoss._plan`` (cached per module state and 
 core/module.py) -> ``functional.blendshape_plan`` (validation, backend choice) -> its ``run``,
 which calls, per backend:
   reference   ``reference.blendshape_loss_reference`` (PyTorch autograd)
-  cpu, cuda   the C++ operator ``torch.ops.fusedloss.blendshape_forward`` (autograd in C++:
-              csrc/common/autograd.h)
-  triton      ``triton.blendshape_forward`` (autograd: core/autograd.py; eagerly its
-              ``autograd.Function`` form ``blendshape_forward_eager``)
-  with ``process_group``: ``distributed.py`` around the same operators.
+  cpu, cuda   the C++ operator ``torch.ops.fusedloss.blendshape_forward``; its autograd is registered
+              in C++ (csrc/common/autograd.h), so an eager step runs no Python between the
+              forward and the backward kernel
+  triton      the Triton operator ``triton.blendshape_forward``, its autograd registered from
+              core/autograd.py (the Python statement of the same formula); an eager call on
+              real tensors takes that formula as an ``autograd.Function`` over the launchers
+              (``triton.blendshape_forward_eager``), which skips the dispatcher's cost
+  with ``process_group``: ``distributed.py``. The reference runs on statistics all_reduced with
+              their gradient (``reference_over_group``); a fused backend calls
+              ``fused_over_group``, an ``autograd.Function`` of the same formula (core/autograd.py)
+              around the same operators: the forward's terms and column statistics all_reduced,
+              the backward operator given scaled gradients and the whole batch's statistics (the
+              default perceptual form's importance weights are column sums over every rank, so a
+              rank's gradient needs them: the registered autograd, which keeps the rank's own,
+              cannot be reused as it is).
 """
 
 from __future__ import annotations

@@ -506,7 +506,7 @@ def blendshape_backward(
     return grad_pred, grad_target, grad_raw
 
 
-# The autograd of the operators (core/autograd.py), and its eager form: pred, target and raw_pred
-# (0, 1, 2) get gradients; col_stats is the one aux output; prev_pred (3) is a constant of the loss.
-blendshape_forward_eager = register_terms_autograd(blendshape_forward, blendshape_backward, grad_inputs=(0, 1, 2),
-                                                   num_aux=1, constants=(3,))
+# The autograd of the operators (core/autograd.py), and its eager form: col_stats is the one aux
+# output.
+blendshape_forward_eager = register_terms_autograd(blendshape_forward, blendshape_backward, layout.GRAD_INPUTS,
+                                                   num_aux=1, constants=layout.CONSTANTS)

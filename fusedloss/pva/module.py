@@ -4,11 +4,16 @@ A call's route: ``forward`` -> ``FusedLoss._plan`` (cached per module state and 
 core/module.py) -> ``functional.pva_plan`` (validation, backend choice) -> its ``run``, which
 calls, per backend:
   reference   ``reference.pva_loss_reference`` (PyTorch autograd)
-  cpu, cuda   the C++ operator ``torch.ops.fusedloss.pva_forward`` (autograd in C++:
-              csrc/common/autograd.h)
-  triton      ``triton.pva_forward`` (autograd: core/autograd.py; eagerly its ``autograd.Function``
-              form ``pva_forward_eager``)
-  with ``process_group``: the same, then one all_reduce of the terms (core/distributed.py).
+  cpu, cuda   the C++ operator ``torch.ops.fusedloss.pva_forward``; its autograd is registered
+              in C++ (csrc/common/autograd.h), so an eager step runs no Python between the
+              forward and the backward kernel
+  triton      the Triton operator ``triton.pva_forward``, its autograd registered from
+              core/autograd.py (the Python statement of the same formula); an eager call on
+              real tensors takes that formula as an ``autograd.Function`` over the launchers
+              (``triton.pva_forward_eager``), which skips the dispatcher's cost
+  with ``process_group``: the same operator, then ``core.distributed.global_means``: one
+              all_reduce of the terms, whose backward only scales the gradient (W * B_r / B), so
+              the operator's own autograd runs underneath.
 """
 
 from __future__ import annotations

@@ -4,11 +4,16 @@ A call's route: ``forward`` -> ``FusedLoss._plan`` (cached per module state and 
 core/module.py) -> ``functional.score_plan`` (validation, backend choice) -> its ``run``, which
 calls, per backend:
   reference   ``reference.score_loss_reference`` / ``all_pairs_margin_ranking_reference``
-  cpu, cuda   the C++ operator ``torch.ops.fusedloss.score_forward`` (autograd in C++:
-              csrc/common/autograd.h)
-  triton      ``triton.score_forward`` (autograd: core/autograd.py; eagerly its
-              ``autograd.Function`` form ``score_forward_eager``)
-  with ``process_group``: the inputs of every rank gathered, then the same (core/distributed.py).
+  cpu, cuda   the C++ operator ``torch.ops.fusedloss.score_forward``; its autograd is registered
+              in C++ (csrc/common/autograd.h), so an eager step runs no Python between the
+              forward and the backward kernel
+  triton      the Triton operator ``triton.score_forward``, its autograd registered from
+              core/autograd.py (the Python statement of the same formula); an eager call on
+              real tensors takes that formula as an ``autograd.Function`` over the launchers
+              (``triton.score_forward_eager``), which skips the dispatcher's cost
+  with ``process_group``: ``core.distributed.gather_batch`` gathers the O(B) inputs of every
+              rank (this rank's rows keep their history, their gradient times W), then the same
+              operator, with its own autograd, on the whole batch.
 """
 
 from __future__ import annotations
