@@ -384,13 +384,15 @@ def test_module_wide_changes(family, backend):
             problem = differences(outcome(case, lambda: changed, ins), exp)
             if problem:
                 failures.append(f"{kind}{label}: {problem}")
-    # Every table of the state dict edited in place (its last number), as loading the edited state
-    # dict into a fresh module gives it.
+    # Every table of the state dict edited in place (its first number + 1, e.g. a weight or a part's
+    # start, and its last + 0.5), as loading the edited state dict into a fresh module gives it.
     for key in case.cls(**base).state_dict():
         module = case.cls(**base)
         run(case, module, inputs)
         with torch.no_grad():
-            getattr(module, key).view(-1)[-1] += 0.5
+            numbers = getattr(module, key).view(-1)
+            numbers[0] += 1.0
+            numbers[-1] += 0.5
         edited = case.cls(**base)
         edited.load_state_dict(module.state_dict())
         problem = differences(outcome(case, lambda: module, inputs), outcome(case, lambda: edited, inputs))
