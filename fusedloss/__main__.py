@@ -1,10 +1,10 @@
 """Command line: ``python -m fusedloss {demo,train,bench}`` (also installed as ``fusedloss``).
 
-demo   the three seed systems trained briefly on their built-in data with the fused losses (and
+demo   the three trainers (KoeMorph, Ditto, TIGAS) trained briefly on their built-in data with the fused losses (and
        with the reference loss, for the step time), the fused losses checked against the
        reference during training and on every backend, then the speed table of this machine.
-train  one seed system's full trainer: ``fusedloss train {blendshape,motion,score} --steps 500``.
-bench  the full loss benchmark: the seed systems' shapes against one F.mse_loss
+train  one system's full trainer: ``fusedloss train {blendshape,motion,score} --steps 500``.
+bench  the full loss benchmark: the systems' own shapes against one F.mse_loss
        (bench/results/<device>-seed-shapes), then every case on every backend, eager and
        torch.compile, forward / backward / full (bench/results/<device>), markdown and JSON.
 """
@@ -122,7 +122,7 @@ def demo(args) -> int:
     ok = True
     for device in _devices(args.device):
         steps = args.train_steps
-        print(f"Training the seed systems for {steps} steps on {device}, built-in synthetic data; the fused loss "
+        print(f"Training KoeMorph, Ditto and TIGAS for {steps} steps on {device}, built-in synthetic data; the fused loss "
               f"is compared with the reference every 10 steps (values and gradients):")
         start = time.time()
         rows = trainer_bench.step_times(device, steps=steps, check_every=10)
@@ -216,7 +216,7 @@ def bench(args) -> int:
     for device in _devices(args.device):
         command = command_line()
         if args.section in ("all", "seed-shapes"):
-            print(f"# seed shapes on {benchmark.device_name(device)}: fused vs one F.mse_loss (forward+backward)")
+            print(f"# the systems' shapes on {benchmark.device_name(device)}: fused vs one F.mse_loss (forward+backward)")
             rows = seed_shapes.run(device)
             if args.out:
                 path = seed_shapes.write(rows, device, Path(args.out), command)
@@ -246,8 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--train-steps", type=int, default=300, help="optimiser steps per trainer")
     p.set_defaults(func=demo)
-    p = sub.add_parser("train", help="train a seed system with the fused losses",
-                       description="Train a seed system with the fused losses. Writes metrics.jsonl, metrics.csv, "
+    p = sub.add_parser("train", help="train KoeMorph, Ditto or TIGAS with the fused losses",
+                       description="Train KoeMorph, Ditto or TIGAS with the fused losses. Writes metrics.jsonl, metrics.csv, "
                                    "losses.png, checkpoint.pt (and TensorBoard events when installed) to --out.")
     p.add_argument("trainer", choices=["blendshape", "motion", "score"])
     p.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output folder (default runs/<trainer>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--sequential", dest="variant", action="store_const", const="sequential",
-                   help="blendshape: seed 001's sequential variant (streams, smoothing, consistency, strides)")
+                   help="blendshape: KoeMorph's sequential variant (streams, smoothing, consistency, strides)")
     p.add_argument("--data", help="folder of .npz files to train on instead of the built-in synthetic data")
     p.add_argument("--lr", type=float)
     p.add_argument("--accum", type=int, help="micro-batches per optimiser step (gradient accumulation)")
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--check-reference", type=int, metavar="N",
                    help="every N steps, compare the fused loss with the reference (values, gradients)")
     p.add_argument("--grad-checks", action="store_true", default=None,
-                   help="seed 003's checks: parameters with a missing, zero or exploding gradient")
+                   help="KoeMorph's gradient checks: parameters with a missing, zero or exploding gradient")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
     p.set_defaults(func=train)
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     p.add_argument("--phases", default="forward,backward,full")
     p.add_argument("--out", default="bench/results", help="folder for <device>.md/.json ('' to skip)")
     p.add_argument("--section", default="all", choices=["all", "seed-shapes", "cases"],
-                   help="seed-shapes: the seed systems' shapes against one F.mse_loss (<device>-seed-shapes.md); "
+                   help="seed-shapes: the systems' own shapes against one F.mse_loss (<device>-seed-shapes.md); "
                         "cases: the families' cases, every backend and phase; all (default): both")
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import fusedloss
 from fusedloss import functional as F
-from fusedloss.blendshape.config import SEED_001_GROUPS
+from fusedloss.blendshape.config import DUAL_STREAM_GROUPS
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPTIONAL = {
@@ -106,7 +106,7 @@ def test_seed_000_default_terms(fused, dtype):
 def test_seed_001_groups(fused, dtype):
     """[4, 52] with seed 001's mouth and expression groups and its dense-stride weights."""
     backend, device = fused
-    compare(backend, device, dtype, (4, 52), perceptual_groups=SEED_001_GROUPS, temporal_weight=0.3,
+    compare(backend, device, dtype, (4, 52), perceptual_groups=DUAL_STREAM_GROUPS, temporal_weight=0.3,
             smoothing_weight=0.15, consistency_weight=0.3)
 
 
@@ -220,9 +220,9 @@ def test_deterministic(fused):
     assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
 
 
-def test_module_is_the_seed_drop_in(fused):
-    """loss = loss_fn(pred, target); loss.backward() (seed 000), and seed 001's weight schedules as
-    attribute changes that update the settings in place."""
+def test_module_is_the_drop_in(fused):
+    """loss = loss_fn(pred, target); loss.backward() (KoeMorph's call), and the sequential trainer's
+    weight schedules as attribute changes, which replace the settings table (copy on write)."""
     backend, device = fused
     loss_fn = fusedloss.BlendshapeLoss(backend=backend)
     bases, _ = make_inputs((16, 52), torch.float32, device)
@@ -230,18 +230,19 @@ def test_module_is_the_seed_drop_in(fused):
     loss = loss_fn(pred, bases[1])
     loss.backward()
     assert_close(loss, F.blendshape_loss(pred, bases[1], backend="reference"), torch.float32)
-    assert loss_fn.settings.device == pred.device
+    assert loss_fn.settings.device.type == "cpu"  # (a call copies the tables to the inputs' device)
 
     sequential = fusedloss.BlendshapeLoss(temporal_weight=0.3, smoothing_weight=0.15, consistency_weight=0.3,
-                                          perceptual_groups=SEED_001_GROUPS, backend=backend)
+                                          perceptual_groups=DUAL_STREAM_GROUPS, backend=backend)
     dense = sequential(*bases, return_components=True)[1]
-    settings_buffer = sequential.settings
+    settings_buffer, before = sequential.settings, sequential.settings.clone()
     sequential.perceptual_weight, sequential.temporal_weight = 0.7, 0.1  # sparse stride
     sequential.smoothing_weight, sequential.consistency_weight = 0.05, 0.1
-    assert sequential.settings is settings_buffer and sequential.perceptual_weight == 0.7
+    assert sequential.settings is not settings_buffer and torch.equal(settings_buffer, before)
+    assert sequential.perceptual_weight == 0.7 and sequential.settings[2] == 0.7
     sparse = sequential(*bases, return_components=True)[1]
     expected = F.blendshape_loss(*bases, perceptual_weight=0.7, temporal_weight=0.1, smoothing_weight=0.05,
-                                 consistency_weight=0.1, perceptual_groups=SEED_001_GROUPS, backend="reference",
+                                 consistency_weight=0.1, perceptual_groups=DUAL_STREAM_GROUPS, backend="reference",
                                  return_components=True)[1]
     for k in expected:
         assert_close(sparse[k], expected[k], torch.float32, msg=k)

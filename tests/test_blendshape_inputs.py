@@ -13,7 +13,7 @@ def no_kernel(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("a backend ran before the input was rejected")
 
-    monkeypatch.setattr(blendshape_functional, "forward_op", reached)
+    monkeypatch.setattr(blendshape_functional, "operators", reached)
     monkeypatch.setattr(blendshape_functional, "blendshape_loss_reference", reached)
 
 

@@ -9,8 +9,7 @@ from fusedloss import backends
 from fusedloss import functional as F
 from fusedloss.blendshape import config as blendshape_config
 from fusedloss.blendshape import layout as blendshape_layout
-from fusedloss.blendshape.config import SEED_001_GROUPS
-from fusedloss.core.registry import forward_op
+from fusedloss.blendshape.config import DUAL_STREAM_GROUPS
 
 
 def op_args(device, dtype=torch.float64, *, shape=(3, 4, 9), groups=None, terms=blendshape_layout.TERMS):
@@ -28,7 +27,7 @@ def op_args(device, dtype=torch.float64, *, shape=(3, 4, 9), groups=None, terms=
 
 
 def ops_of(backend, device):
-    forward_op("blendshape", backends.resolve(backend, device))
+    backends.resolve(backend, device)  # (loads or defines the operators)
     namespace = torch.ops.fusedloss_triton if backend == "triton" else torch.ops.fusedloss
     return namespace.blendshape_forward.default, namespace.blendshape_backward.default
 
@@ -48,7 +47,7 @@ def test_opcheck(fused, dtype, case):
                           + ([True, True, True],))
 
 
-@pytest.mark.parametrize("groups", [None, SEED_001_GROUPS[:1]], ids=["default", "groups"])
+@pytest.mark.parametrize("groups", [None, DUAL_STREAM_GROUPS[:1]], ids=["default", "groups"])
 def test_gradcheck_cpp_cpu(groups):
     if backends.unavailable_reason("cpu", "cpu"):
         pytest.skip(backends.unavailable_reason("cpu", "cpu"))
@@ -90,7 +89,7 @@ def test_compile_fullgraph_with_weight_schedules(case):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 52), torch.nn.Sigmoid()).to(device)
     loss_fn = fusedloss.BlendshapeLoss(temporal_weight=0.3, smoothing_weight=0.15, consistency_weight=0.3,
-                                       perceptual_groups=SEED_001_GROUPS, backend=backend).to(device)
+                                       perceptual_groups=DUAL_STREAM_GROUPS, backend=backend).to(device)
     x = torch.randn(4, 32, device=device)
     target, raw, prev = (torch.rand(4, 52, device=device) for _ in range(3))
 

@@ -134,3 +134,63 @@ def test_loss_from_options_reads_ditto_files(tmp_path):
         part_w_dict_json = dim_ws_npy = ""
 
     assert list(ditto.loss_from_options(Defaults()).config.names) == list(ditto.DEFAULT_PART_W_DICT)
+
+
+def test_patched_p_losses_reads_the_current_settings():
+    """Settings changed on the diffusion object between steps (a part's weight in place, new parts,
+    the flags, the criterion, dim_ws in place) take effect as in Ditto's own p_losses."""
+    D = 7
+    g = torch.Generator().manual_seed(3)
+    x, cond_frame, cond = torch.randn(3, 6, D, generator=g), torch.randn(3, D, generator=g), torch.randn(3, 6, D, generator=g)
+    t = torch.tensor([10, 500, 990])
+    parts = {name: list(spec) for name, spec in PARTS.items()}
+    diffusion = DittoLikeDiffusion(D, parts, False, False, torch.rand(D, generator=g, dtype=torch.float64) + 0.5,
+                                   "l2", False)
+
+    def changes():
+        yield "as built"
+        diffusion.part_w_dict["pose"][2] = 3.0          # in place, as a schedule would
+        yield "a part weight in place"
+        diffusion.part_w_dict = {"a": [0, 3, 1.0], "b": [2, 0, 0.5]}
+        yield "other parts"
+        diffusion.use_last_frame_loss, diffusion.use_reg_loss = True, True
+        yield "the flags"
+        diffusion.loss_fn = F.l1_loss
+        yield "the criterion"
+        with torch.no_grad():
+            diffusion.dim_ws.mul_(2)
+        yield "dim_ws in place"
+
+    for change in changes():
+        expected = []
+        for patched in (False, True):
+            if patched:
+                ditto.apply(DittoLikeDiffusion, backend="cpu")
+            try:
+                torch.manual_seed(5)
+                loss, loss_dict = diffusion.p_losses(x, cond_frame, cond, t)
+                expected.append({k: float(v.detach()) for k, v in loss_dict.items()})
+            finally:
+                ditto.revert(DittoLikeDiffusion)
+        assert list(expected[1]) == list(expected[0]), change
+        for key, value in expected[0].items():
+            assert expected[1][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (change, key)
+
+
+def test_apply_again_takes_effect():
+    D = 7
+    diffusion = DittoLikeDiffusion(D, PARTS, True, False, None, "l2", False)
+    args = (torch.randn(2, 6, D), torch.randn(2, D), torch.randn(2, 6, D), torch.tensor([1, 2]))
+    original = DittoLikeDiffusion.p_losses
+    try:
+        ditto.apply(DittoLikeDiffusion, backend="cpu")
+        diffusion.p_losses(*args)
+        assert diffusion.__dict__["_fused_pva_loss"][1].backend == "cpu"
+        ditto.apply(DittoLikeDiffusion, backend="reference")   # replaces the patch
+        diffusion.p_losses(*args)
+        assert diffusion.__dict__["_fused_pva_loss"][1].backend == "reference"
+        with pytest.raises(ValueError, match="backend"):
+            ditto.apply(DittoLikeDiffusion, backend="gpu")
+    finally:
+        ditto.revert(DittoLikeDiffusion)
+    assert DittoLikeDiffusion.p_losses is original   # one revert undoes every apply

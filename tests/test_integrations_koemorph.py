@@ -1,7 +1,9 @@
 """fusedloss.integrations.koemorph against KoeMorph's loss as its repository defines it.
 
 KoeMorph is not a package, so ``koemorph_loss`` below restates, in plain PyTorch, what its
-``src/model/losses.py`` ``KoeMorphLoss`` computes (see the adapter's docstring for the terms).
+``src/model/losses.py`` ``KoeMorphLoss`` computes (see the adapter's docstring for the terms), and
+``RepositoryKoeMorphLoss`` restates the module: its attributes, its submodules, its landmark
+parameter drawn from the global random stream when built, and so its state dict.
 """
 
 from __future__ import annotations
@@ -9,8 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fusedloss.integrations import koemorph
+
+TERMS = ("mse", "l1", "perceptual", "temporal", "sparsity", "smoothness", "landmark", "velocity")
+
+
+def weights_of(loss_fn) -> dict:
+    return {t: getattr(loss_fn, f"{t}_weight") for t in TERMS}
 
 
 def koemorph_loss(pred, target, weights, matrix, prev_pred=None, prev_target=None, audio=None, reduction="mean"):
@@ -52,7 +61,7 @@ def test_matches_the_repository_loss(options, with_prev, with_audio):
     audio = torch.randn(6, 4, 80, generator=g) if with_audio else None
     results = []
     for fn in (lambda p: loss_fn(p, target, *prev, audio),
-               lambda p: koemorph_loss(p, target, loss_fn.weights, matrix, *prev, audio, loss_fn.reduction)):
+               lambda p: koemorph_loss(p, target, weights_of(loss_fn), matrix, *prev, audio, loss_fn.reduction)):
         leaf = pred.clone().requires_grad_()
         total, terms = fn(leaf)
         (total * 1.3).backward()
@@ -69,9 +78,119 @@ def test_matches_the_repository_loss(options, with_prev, with_audio):
 def test_tensor_metrics_and_config():
     loss_fn = koemorph.from_config({"mse_weight": 1.0, "l1_weight": 0.1, "perceptual_weight": 0.5,
                                     "smoothness_weight": 0.0}, metrics="tensors", backend="cpu")
-    assert loss_fn.weights["smoothness"] == 0.0 and loss_fn.weights["temporal"] == 0.2
+    assert loss_fn.smoothness_weight == 0.0 and loss_fn.temporal_weight == 0.2
     total, terms = loss_fn(torch.rand(3, 52), torch.rand(3, 52))
     assert set(terms) == {"mse", "l1", "perceptual", "sparsity", "landmark"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in terms.values())
     with pytest.raises(ValueError, match="metrics"):
         koemorph.KoeMorphLoss(metrics="dict")
+
+
+class RepositoryKoeMorphLoss(nn.Module):
+    """The repository's module, restated: plain attributes, nn.MSELoss / nn.L1Loss, a perceptual
+    submodule when perceptual_weight > 0, and when landmark_weight > 0 a landmark submodule whose
+    [136, 52] parameter (no gradient) is ``torch.randn(136, 52) * 0.01`` of the global stream."""
+
+    def __init__(self, mse_weight=1.0, l1_weight=0.1, perceptual_weight=0.5, temporal_weight=0.2,
+                 sparsity_weight=0.01, smoothness_weight=0.1, landmark_weight=0.3, velocity_weight=0.05,
+                 reduction="mean", eps=1e-8):
+        super().__init__()
+        self.mse_weight, self.l1_weight, self.perceptual_weight = mse_weight, l1_weight, perceptual_weight
+        self.temporal_weight, self.sparsity_weight, self.smoothness_weight = temporal_weight, sparsity_weight, \
+            smoothness_weight
+        self.landmark_weight, self.velocity_weight = landmark_weight, velocity_weight
+        self.reduction, self.eps = reduction, eps
+        self.mse_loss, self.l1_loss = nn.MSELoss(reduction=reduction), nn.L1Loss(reduction=reduction)
+        if perceptual_weight > 0:
+            self.perceptual_loss = nn.Module()
+        if landmark_weight > 0:
+            self.landmark_loss = nn.Module()
+            self.landmark_loss.bs_to_landmark_weights = nn.Parameter(torch.randn(136, 52) * 0.01, requires_grad=False)
+
+    def forward(self, pred, target, prev_pred=None, prev_target=None, audio_features=None):
+        weights = weights_of(self)
+        if not hasattr(self, "landmark_loss"):
+            weights["landmark"] = 0.0
+        matrix = self.landmark_loss.bs_to_landmark_weights if hasattr(self, "landmark_loss") else None
+        return koemorph_loss(pred, target, weights, matrix, prev_pred, prev_target, audio_features,
+                             self.mse_loss.reduction)
+
+
+def _both(ours, theirs, g, B=5):
+    pred, target = torch.rand(B, 52, generator=g), torch.rand(B, 52, generator=g)
+    prev = (torch.rand(B, 52, generator=g), torch.rand(B, 52, generator=g))
+    got, expected = ours(pred, target, *prev), theirs(pred, target, *prev)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-7)
+    assert list(got[1]) == list(expected[1])
+    for name, value in expected[1].items():
+        torch.testing.assert_close(got[1][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_same_surface_state_dict_and_random_stream():
+    """Built after the same seed, ours and the repository's draw the same landmark matrix and leave
+    the global stream in the same place; the state dicts have the same keys and load both ways."""
+    results = []
+    for cls, kwargs in ((koemorph.KoeMorphLoss, {"metrics": "tensors", "backend": "cpu"}), (RepositoryKoeMorphLoss, {})):
+        torch.manual_seed(11)
+        loss_fn = cls(**kwargs)
+        results.append((loss_fn, torch.rand(8)))   # what the run draws next (shuffling, dropout)
+    (ours, after), (theirs, expected_after) = results
+    assert torch.equal(after, expected_after)
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"landmark_loss.bs_to_landmark_weights"}
+    assert torch.equal(ours.landmark_loss.bs_to_landmark_weights, theirs.landmark_loss.bs_to_landmark_weights)
+    for name in ("mse_weight", "velocity_weight", "reduction", "eps", "mse_loss", "l1_loss", "perceptual_loss",
+                 "landmark_loss"):
+        assert hasattr(ours, name), name
+    g = torch.Generator().manual_seed(0)
+    _both(ours, theirs, g)
+    torch.manual_seed(12)
+    other = RepositoryKoeMorphLoss()           # another matrix: an upstream checkpoint loads into ours ...
+    ours.load_state_dict(other.state_dict())
+    _both(ours, other, g)
+    with torch.no_grad():
+        ours.landmark_loss.bs_to_landmark_weights.mul_(3)   # ... ours into upstream, edits included
+    theirs.load_state_dict(ours.state_dict())
+    _both(ours, theirs, g)
+    # A private seed draws nothing from the global stream.
+    torch.manual_seed(11)
+    seeded = koemorph.KoeMorphLoss(landmark_seed=5, metrics="tensors", backend="cpu")
+    drawn = torch.rand(8)
+    torch.manual_seed(11)
+    assert torch.equal(drawn, torch.rand(8))
+    assert not torch.equal(seeded.landmark_loss.bs_to_landmark_weights, theirs.landmark_loss.bs_to_landmark_weights)
+
+
+@pytest.mark.parametrize("name, value", [("mse_weight", 2.5), ("l1_weight", 0.0), ("perceptual_weight", -1.0),
+                                         ("temporal_weight", 3.0), ("sparsity_weight", 0.5),
+                                         ("smoothness_weight", -0.2), ("landmark_weight", 1.7),
+                                         ("velocity_weight", 0.0), ("reduction", "sum")])
+def test_assigned_attributes_take_effect(name, value):
+    """Every attribute assigned between calls changes the next total as in the repository's loss;
+    a weight <= 0 switches its term off."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    ours = koemorph.KoeMorphLoss(metrics="tensors", backend="cpu")
+    torch.manual_seed(0)
+    theirs = RepositoryKoeMorphLoss()
+    _both(ours, theirs, g)
+    setattr(ours, name, value)
+    setattr(theirs, name, value)
+    if name == "reduction":   # (the repository's reduction lives in its criteria)
+        theirs.mse_loss.reduction = theirs.l1_loss.reduction = value
+    _both(ours, theirs, g)
+
+
+def test_weight_at_or_below_zero_switches_the_term_off():
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    loss_fn = koemorph.KoeMorphLoss(landmark_weight=-0.3, perceptual_weight=0.0, metrics="tensors", backend="cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)   # no matrix drawn, as upstream
+    assert not hasattr(loss_fn, "landmark_loss") and not hasattr(loss_fn, "perceptual_loss")
+    total, terms = loss_fn(torch.rand(3, 52), torch.rand(3, 52))
+    assert "landmark" not in terms and "perceptual" not in terms and set(terms) == {"mse", "l1", "sparsity",
+                                                                                       "smoothness"}
+    with pytest.raises(ValueError, match="landmark_loss"):
+        loss_fn.landmark_weight = 0.3   # no matrix: raises rather than skipping the term silently
+    loss_fn.landmark_matrix = torch.rand(136, 52)
+    loss_fn.landmark_weight, loss_fn.perceptual_weight = 0.3, 0.5
+    assert {"landmark", "perceptual"} <= set(loss_fn(torch.rand(3, 52), torch.rand(3, 52))[1])

@@ -165,3 +165,46 @@ def test_the_package_trainer_trains_with_ours(tigas_training, tmp_path):
         torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
     assert all(torch.isfinite(torch.tensor(v)) for v in all_losses.values())
     assert all_losses["ranking"] != losses["ranking"]   # every pair, not the sampled ones
+
+
+@pytest.mark.parametrize("pairs", ["all", "sampled"])
+def test_use_smooth_l1_and_regression_loss_can_be_switched(tigas_training, pairs):
+    """use_smooth_l1 assigned (or the package's regression_loss replaced) takes effect, as a
+    package loss built with it computes; the state dict stays the package's."""
+    g = torch.Generator().manual_seed(4)
+    fused = ours.TIGASLoss(pairs=pairs, max_ranking_pairs=10**9, backend="cpu")
+    for switch in ("use_smooth_l1", "regression_loss"):
+        for smooth in (False, True):
+            if switch == "use_smooth_l1":
+                fused.use_smooth_l1 = smooth
+            else:
+                fused.regression_loss = torch.nn.SmoothL1Loss() if smooth else torch.nn.MSELoss()
+            assert fused.use_smooth_l1 is smooth
+            assert type(fused.regression_loss) is (torch.nn.SmoothL1Loss if smooth else torch.nn.MSELoss)
+            original = tigas_training.TIGASLoss(use_smooth_l1=smooth, max_ranking_pairs=10**9)
+            scores, logits, labels = batch(g, 9)
+            got, expected = run(fused, scores, logits, labels)[0], run(original, scores, logits, labels)[0]
+            torch.testing.assert_close(got["regression"], expected["regression"], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="regression_loss"):
+        fused.regression_loss = torch.nn.HuberLoss(delta=2.0)
+    assert set(fused.state_dict()) == {"_iteration"}
+
+
+def test_pairs_can_be_switched(tigas_training):
+    """pairs assigned between calls: "sampled" -> "all" puts the exact ranking (with its weight) back
+    into the fused total, and "all" -> "sampled" takes it out again."""
+    g = torch.Generator().manual_seed(5)
+    loss_fn = ours.TIGASLoss(pairs="sampled", ranking_weight=0.7, backend="cpu")
+    scores, logits, labels = batch(g, 12)
+    for pairs in ("all", "sampled", "all"):
+        loss_fn.pairs = pairs
+        fresh = ours.TIGASLoss(pairs=pairs, ranking_weight=0.7, backend="cpu")
+        fresh._iteration.copy_(loss_fn._iteration)
+        got, expected = run(loss_fn, scores, logits, labels), run(fresh, scores, logits, labels)
+        for key in expected[0]:
+            torch.testing.assert_close(got[0][key], expected[0][key], rtol=1e-6, atol=1e-7, msg=f"{pairs} {key}")
+        torch.testing.assert_close(got[1], expected[1])
+        torch.testing.assert_close(got[0]["total"], got[0]["regression"] + 0.5 * got[0]["classification"]
+                                   + 0.7 * got[0]["ranking"], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="pairs"):
+        loss_fn.pairs = "some"

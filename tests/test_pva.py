@@ -201,7 +201,8 @@ def test_deterministic(fused):
 
 
 def test_module_matches_functional(fused):
-    """PVALoss takes Ditto's arguments (lists, numpy dim_ws) and moves its buffers to the inputs."""
+    """PVALoss takes Ditto's arguments (lists, numpy dim_ws); a call copies its tables to the inputs'
+    device and leaves the module's own where they are."""
     backend, device = fused
     D = 265
     part_w_dict = {name: [s, e, w] for name, (s, e, w) in DITTO_PARTS.items()}
@@ -214,7 +215,7 @@ def test_module_matches_functional(fused):
     ref_total, ref_terms = F.pva_loss(pred, target, cond, part_w_dict, True, True,
                                       torch.tensor(dim_ws, device=device), backend="reference")
     assert_close(total, ref_total, torch.float32)
-    assert loss_fn.part_table.device == pred.device
+    assert loss_fn.part_table.device.type == loss_fn.dim_ws.device.type == "cpu"
     assert "exp" in repr(loss_fn)
 
     loss_fn.set_part_weight("exp", 0.5, reg_weight=0.25)

@@ -16,7 +16,7 @@ def no_kernel(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("a backend ran before the input was rejected")
 
-    monkeypatch.setattr(pva_functional, "forward_op", reached)
+    monkeypatch.setattr(pva_functional, "operator", reached)
     monkeypatch.setattr(pva_functional, "pva_loss_reference", reached)
 
 

@@ -7,7 +7,6 @@ from conftest import HAS_CUDA, assert_close
 import fusedloss
 from fusedloss import backends
 from fusedloss import functional as F
-from fusedloss.core.registry import forward_op
 from fusedloss.pva import config as pva_config
 
 
@@ -21,7 +20,7 @@ def op_args(device, dtype=torch.float64, *, last=True, reg=True, dim_ws=True, B=
 
 
 def ops_of(backend):
-    forward_op("pva", backends.resolve(backend, "cpu" if backend != "cuda" else "cuda"))  # registers them
+    backends.resolve(backend, "cpu" if backend != "cuda" else "cuda")  # (loads or defines the operators)
     if backend == "triton":
         return torch.ops.fusedloss_triton.pva_forward.default, torch.ops.fusedloss_triton.pva_backward.default
     return torch.ops.fusedloss.pva_forward.default, torch.ops.fusedloss.pva_backward.default

@@ -220,9 +220,9 @@ def test_deterministic(fused):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_module_is_the_seed_drop_in(fused):
+def test_module_is_the_drop_in(fused):
     """TIGAS: total_loss, loss_dict = loss_fn(scores=out['score'].squeeze(-1), logits=..., labels=...);
-    weights and the margin change in place (the settings buffer), as attributes."""
+    weights and the margin change as attributes, which replace the settings table (copy on write)."""
     backend, device = fused
     scores, logits, labels = make_inputs(64, torch.float32, device)
     loss_fn = fusedloss.CombinedLoss(regression_type="smoothl1", backend=backend)
@@ -233,7 +233,7 @@ def test_module_is_the_seed_drop_in(fused):
         assert_close(loss_dict[k], expected[k], torch.float32, msg=k)
     buffer = loss_fn.settings
     loss_fn.regression_weight, loss_fn.ranking_weight, loss_fn.margin = 1.5, 0.1, 0.25
-    assert loss_fn.settings is buffer and loss_fn.margin == 0.25 and loss_fn.ranking_weight == 0.1
+    assert loss_fn.settings is not buffer and loss_fn.margin == 0.25 and loss_fn.ranking_weight == 0.1
     changed = loss_fn(scores, logits, labels)[1]
     expected = F.combined_loss(scores, logits, labels, regression_weight=1.5, ranking_weight=0.1, margin=0.25,
                                regression_type="smoothl1", backend="reference")[1]

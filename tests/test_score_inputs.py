@@ -16,7 +16,7 @@ def no_kernel(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("a backend ran before the input was rejected")
 
-    monkeypatch.setattr(score_functional, "forward_op", reached)
+    monkeypatch.setattr(score_functional, "operator", reached)
     monkeypatch.setattr(score_functional, "score_loss_reference", reached)
     monkeypatch.setattr(score_functional, "all_pairs_margin_ranking_reference", reached)
 

@@ -12,13 +12,12 @@ from test_score import make_inputs
 import fusedloss
 from fusedloss import backends
 from fusedloss import functional as F
-from fusedloss.core.registry import forward_op
 from fusedloss.score import config as score_config
 from fusedloss.score import layout as score_layout
 
 
 def ops_of(backend, device):
-    forward_op("score", backends.resolve(backend, device))
+    backends.resolve(backend, device)  # (loads or defines the operators)
     namespace = torch.ops.fusedloss_triton if backend == "triton" else torch.ops.fusedloss
     return namespace.score_forward.default, namespace.score_backward.default
 

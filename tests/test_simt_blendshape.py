@@ -23,12 +23,12 @@ from simt.harness import (
 )
 
 from fusedloss.blendshape.config import (
-    SEED_001_GROUPS,
+    DUAL_STREAM_GROUPS,
     BlendshapeConfig,
     computed_terms,
     landmark_gram,
 )
-from fusedloss.blendshape.ops import needs_col_stats
+from fusedloss.blendshape.fake import needs_col_stats
 from fusedloss.blendshape.reference import blendshape_loss_reference
 
 pytestmark = pytest.mark.simt
@@ -141,7 +141,7 @@ CASES = {
     "fp16 no landmark, no prev": dict(B=3, T=9, K=20, dtype=torch.float16, weights=(1.0, 0.1, 0.5, 0.3, 0, 0.4, 0),
                                       prev=False),
     "bf16 seed 001 groups": dict(B=64, T=None, K=52, dtype=torch.bfloat16, weights=(1.0, 0.1, 0.5, 0, 0.2, 0, 0),
-                                 groups=SEED_001_GROUPS, raw=False, prev=False, J=3),
+                                 groups=DUAL_STREAM_GROUPS, raw=False, prev=False, J=3),
     "transposed, grad_terms stride 2": dict(B=6, T=8, K=24, dtype=torch.float32, layout="transposed", grad_stride=2),
     "sliced pred and raw_pred": dict(B=5, T=3, K=21, dtype=torch.float64, layout="sliced"),
     "fp64 K=300 tail time tile": dict(B=5, T=7, K=300, dtype=torch.float64, J=3),

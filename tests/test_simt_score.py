@@ -27,7 +27,7 @@ from simt.harness import (
 from fusedloss.score import layout as score_layout
 from fusedloss.score.config import ScoreConfig
 from fusedloss.score.layout import ALL_TERMS, RANKING_ONLY, TERM_BIT
-from fusedloss.score.ops import status_of
+from fusedloss.score.finite import status_of
 from fusedloss.score.reference import (
     all_pairs_margin_ranking_reference,
     score_loss_reference,

@@ -278,9 +278,9 @@ def test_tensorboard_events_when_installed(tmp_path):
 def test_lightning_module_trains_like_the_engine():
     """Lightning owns the loop; after three steps its weights equal the engine's."""
     L = pytest.importorskip("lightning")
-    from fusedloss.trainers.lightning import SeedSystemModule
+    from fusedloss.trainers.lightning import TrainerModule
 
-    module = SeedSystemModule("score", steps=3, backend="cpu", **TINY["score"] | {"accum": 1})
+    module = TrainerModule("score", steps=3, backend="cpu", **TINY["score"] | {"accum": 1})
     assert module.loss_fn.backend == "cpu"
     L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -290,7 +290,7 @@ def test_lightning_module_trains_like_the_engine():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2)
-    trainer.fit(SeedSystemModule("motion", steps=2, backend="cpu", **TINY["motion"]))
+    trainer.fit(TrainerModule("motion", steps=2, backend="cpu", **TINY["motion"]))
     assert math.isfinite(trainer.callback_metrics["val_x0_mse"].item())
 
 

@@ -133,11 +133,11 @@ def test_lightning_ddp_trains_like_one_process():
     """Lightning's DDP (2 CPU processes, spawned): the weights after three steps equal the
     one-process engine's on the same global batches."""
     L = pytest.importorskip("lightning")
-    from fusedloss.trainers.lightning import SeedSystemModule
+    from fusedloss.trainers.lightning import TrainerModule
 
     trainer, options = CASES["score"]
     options = {**options, "accum": 1, "backend": "cpu"}
-    module = SeedSystemModule(trainer, steps=3, **options)
+    module = TrainerModule(trainer, steps=3, **options)
     L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0).fit(module)

@@ -23,7 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fusedloss.blendshape import config as blendshape_config  # noqa: E402
 from fusedloss.blendshape import triton as triton_blendshape  # noqa: E402
 from fusedloss.pva import config as pva_config  # noqa: E402
-from fusedloss.pva import ops as pva_ops  # noqa: E402
+from fusedloss.pva import fake as pva_fake  # noqa: E402
 from fusedloss.pva import triton as triton_pva  # noqa: E402
 from fusedloss.score import config as score_config  # noqa: E402
 from fusedloss.score import layout as score_layout  # noqa: E402
@@ -147,8 +147,8 @@ def pva_kernels():
         dim_ws = torch.rand(D, dtype=torch.float64) if weighted else None
         args = (pred, target, cond, table, dim_ws, config.loss_type, last, reg)
         forward(*args)
-        T = table.shape[0] * pva_ops.terms_per_part(last, reg)
-        grad_total = torch.ones((), dtype=pva_ops.acc_dtype(dtype))
+        T = table.shape[0] * pva_fake.terms_per_part(last, reg)
+        grad_total = torch.ones((), dtype=pva_fake.acc_dtype(dtype))
         for mask in ([True, True, True], [True, False, False], [False, True, False]):
             backward(torch.zeros_like(grad_total).expand(T), grad_total, *args, mask)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..blendshape import BlendshapeLoss
-from ..blendshape.config import SEED_001_GROUPS
+from ..blendshape.config import DUAL_STREAM_GROUPS
 from . import Case
 
 # (label, shape, loss arguments)
 SHAPES = (
     ("seed 000", (16, 52), {}),
-    ("seed 001 groups", (4, 52), {"perceptual_groups": SEED_001_GROUPS}),
+    ("seed 001 groups", (4, 52), {"perceptual_groups": DUAL_STREAM_GROUPS}),
     ("temporal", (16, 256, 52), {"temporal_weight": 0.2}),
     ("large", (65536, 52), {}),
 )

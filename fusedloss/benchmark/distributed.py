@@ -38,8 +38,8 @@ def _stats_width(case: seed_shapes.SeedCase, predictions) -> int:
     if case.name.startswith("pva"):
         return len(module.config.term_names()) + 2
     pred = predictions[0]
-    columns = pred[0].numel() if module._config.groups is None else 0
-    return sum(module._nonzero) + 2 * columns + 1
+    columns = pred[0].numel() if module.config.groups is None else 0
+    return sum(module.config.nonzero) + 2 * columns + 1
 
 
 def _variants(case: seed_shapes.SeedCase, backend: str, device: torch.device, world: int, rank: int):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import BlendshapeLoss, CombinedLoss, PVALoss, backends
-from ..blendshape.config import SEED_001_GROUPS
+from ..blendshape.config import DUAL_STREAM_GROUPS
 from . import device_name, file_stem
 
 
@@ -87,7 +87,7 @@ def _pva(B: int) -> SeedCase:
 
 CASES = (
     _blendshape((16, 52), {}),
-    _blendshape((4, 52), {"perceptual_groups": SEED_001_GROUPS}),
+    _blendshape((4, 52), {"perceptual_groups": DUAL_STREAM_GROUPS}),
     _score(64),
     _pva(8),
     _pva(64),

@@ -1,7 +1,7 @@
-"""Training step time of the three seed systems with each loss backend, side by side.
+"""Training step time of the three trainers (KoeMorph, Ditto, TIGAS) with each loss backend, side by side.
 
 Each trainer runs ``steps`` optimiser steps from the same seed with every available backend
-(the fused ones and ``reference``, the plain-PyTorch loss the seeds use); the step time is the
+(the fused ones and ``reference``, the plain-PyTorch loss the original code uses); the step time is the
 median over log intervals of the wall time of a whole step (data, forward, loss, backward,
 optimiser), so the ratio shows what the fused loss saves in a real step, not in the loss alone.
 """
@@ -15,10 +15,10 @@ from ..trainers import config_for, train
 
 # (row name, trainer, options): the trainers at their CPU-sized defaults.
 RUNS = (
-    ("blendshape (seed 003)", "blendshape", {}),
-    ("blendshape sequential (seed 001)", "blendshape", {"variant": "sequential"}),
-    ("motion (seed 002)", "motion", {}),
-    ("score (seed 004)", "score", {"accum": 2}),
+    ("blendshape (KoeMorph)", "blendshape", {}),
+    ("blendshape sequential (KoeMorph)", "blendshape", {"variant": "sequential"}),
+    ("motion (Ditto)", "motion", {}),
+    ("score (TIGAS)", "score", {"accum": 2}),
 )
 
 

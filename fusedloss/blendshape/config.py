@@ -8,15 +8,15 @@ tables the fused kernels read (docs/losses.md §2; layout: ``layout.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..core import checks
 from .layout import TERM_BIT, TERMS
 
-# Seed 001's dual-stream groups: mouth and expression blendshapes of ARKit's 52.
-SEED_001_GROUPS = ((tuple(range(12, 22)), 1.0), (tuple(range(0, 10)), 1.0))
+# KoeMorph's sequential (dual-stream) trainer's groups: mouth and expression blendshapes of ARKit's 52.
+DUAL_STREAM_GROUPS = ((tuple(range(12, 22)), 1.0), (tuple(range(0, 10)), 1.0))
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class BlendshapeConfig:
     weights: tuple[float, ...]  # TERMS order
     threshold: float
     groups: tuple[tuple[tuple[int, ...], float], ...] | None
+    # Which weights are non-zero (the computed terms): what a fused call's plan reads, so that
+    # under torch.compile a weight's value is never a constant of the graph, only its being 0.
+    nonzero: tuple[bool, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nonzero", tuple(w != 0 for w in self.weights))
 
     @classmethod
     def build(cls, mse_weight=1.0, l1_weight=0.1, perceptual_weight=0.5, temporal_weight=0.0,
@@ -44,12 +50,11 @@ class BlendshapeConfig:
     def group_coef(self) -> torch.Tensor | None:
         if self.groups is None:
             return None
-        size = max(max(indices) for indices, _ in self.groups) + 1
-        coef = torch.zeros(size, dtype=torch.float64)
+        coef = [0.0] * (max(max(indices) for indices, _ in self.groups) + 1)
         for indices, weight in self.groups:
             for k in indices:
                 coef[k] += weight / len(indices)
-        return coef
+        return torch.tensor(coef, dtype=torch.float64)
 
 
 def parse_groups(groups):
@@ -86,12 +91,10 @@ def term_mask(terms: Sequence[str]) -> int:
     return sum(TERM_BIT[t] for t in terms)
 
 
-def check_inputs(config: BlendshapeConfig, pred, target, raw_pred, prev_pred, landmark_matrix,
-                 nonzero: tuple[bool, ...] | None = None) -> None:
+def check_inputs(config: BlendshapeConfig, pred, target, raw_pred, prev_pred, landmark_matrix) -> None:
     """Validate one call's tensors against the configuration (metadata only, no sync). Reads only
-    which weights are non-zero (``nonzero``), not their values."""
-    nonzero = nonzero if nonzero is not None else tuple(w != 0 for w in config.weights)
-    uses = dict(zip(TERMS, nonzero))
+    which weights are non-zero (``config.nonzero``), not their values."""
+    uses = dict(zip(TERMS, config.nonzero))
     checks.tensor("pred", pred, shape_doc="[B, K] or [B, T, K]")
     if pred.dim() not in (2, 3):
         raise ValueError(f"pred must be [B, K] or [B, T, K], got shape {tuple(pred.shape)}")

@@ -19,14 +19,16 @@ term 2 c w_c S2_c / B of the whole batch.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 
 from ..core import distributed
+from ..core.autograd import terms_function
 from ..core.numerics import acc_dtype
 from .config import BlendshapeConfig
-from .layout import COL_IMPORTANCE, COL_SQ_ERR, TERMS
+from .layout import COL_IMPORTANCE, COL_SQ_ERR, CONSTANTS, GRAD_INPUTS, TERMS
 from .reference import active_fraction, blendshape_loss_reference
 
 
@@ -60,51 +62,64 @@ def _weighted(importance, sq_err, batch, columns):
     return (importance.square() * sq_err).sum() / (batch.clamp_min(1) * columns)
 
 
-class FusedOverGroup(torch.autograd.Function):
-    """A fused blendshape forward (``forward_op``, one backend's operator) over ``group``, and its
-    backward (``backward_op``): see the module docstring. Returns (terms [n], total)."""
+def _forward_over_group(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows,
+                        term_mask, operators, computed, weight_index, group):
+    """The forward operator on this rank's slice, then one all_reduce of its terms and column
+    statistics: the whole batch's (terms [n], total, col_stats [2, T*K], mean_scale)."""
+    acc = acc_dtype(pred.dtype)
+    batch = pred.shape[0]
+    default_perceptual = "perceptual" in computed and group_coef is None
+    columns = math.prod(pred.shape[1:]) if default_perceptual else 0
+    if batch:
+        terms, _, col_stats = operators[0](pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
+                                           landmark_rows, term_mask)
+    else:  # an empty slice: its sums are 0, and so is its share of every gradient
+        terms, col_stats = pred.new_zeros((len(computed),), dtype=acc), pred.new_zeros((2, columns), dtype=acc)
+    means, sums = terms, terms.new_zeros((0,))
+    if default_perceptual:
+        i = computed.index("perceptual")
+        importance, sq_err = col_stats[COL_IMPORTANCE], col_stats[COL_SQ_ERR]
+        means = terms.clone()
+        means[i] -= (importance.square() * sq_err).sum() / max(batch * columns, 1)  # -> the active part
+        sums = torch.cat([importance * batch, sq_err])
+    means, sums, total_batch, mean_scale = distributed.reduce_stats(means, sums, batch, group)
+    if default_perceptual:
+        importance = sums[:columns] / total_batch.clamp_min(1)
+        means[i] += _weighted(importance, sums[columns:], total_batch, columns)
+        col_stats = torch.stack([importance, sums[columns:] * (batch / total_batch.clamp_min(1))])
+    total = (settings.index_select(0, weight_index).to(acc) * means).sum()
+    return means, total, col_stats, mean_scale
 
-    @staticmethod
-    def forward(ctx, pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows,
-                term_mask, computed, weight_index, ops, group):
-        acc = acc_dtype(pred.dtype)
-        batch = pred.shape[0]
-        default_perceptual = "perceptual" in computed and group_coef is None
-        columns = math.prod(pred.shape[1:]) if default_perceptual else 0
-        if batch:
-            terms, _, col_stats = ops[0](pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram,
-                                         landmark_rows, term_mask)
-        else:  # an empty slice: its sums are 0, and so is its share of every gradient
-            terms, col_stats = pred.new_zeros((len(computed),), dtype=acc), pred.new_zeros((2, columns), dtype=acc)
-        means, sums = terms, terms.new_zeros((0,))
-        if default_perceptual:
-            i = computed.index("perceptual")
-            importance, sq_err = col_stats[COL_IMPORTANCE], col_stats[COL_SQ_ERR]
-            means = terms.clone()
-            means[i] -= (importance.square() * sq_err).sum() / max(batch * columns, 1)  # -> the active part
-            sums = torch.cat([importance * batch, sq_err])
-        means, sums, total_batch, ctx.mean_scale = distributed.reduce_stats(means, sums, batch, group)
-        if default_perceptual:
-            importance = sums[:columns] / total_batch.clamp_min(1)
-            means[i] += _weighted(importance, sums[columns:], total_batch, columns)
-            col_stats = torch.stack([importance, sums[columns:] * (batch / total_batch.clamp_min(1))])
-        total = (settings.index_select(0, weight_index).to(acc) * means).sum()
-        ctx.save_for_backward(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, col_stats)
-        ctx.call = (landmark_rows, term_mask, ops[1])
-        return means, total
 
-    @staticmethod
-    def backward(ctx, grad_terms, grad_total):
-        pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, col_stats = ctx.saved_tensors
-        landmark_rows, term_mask, backward_op = ctx.call
-        needs = ctx.needs_input_grad
-        mask = [bool(needs[0]), bool(needs[1]), bool(needs[2]) and raw_pred is not None]
-        if not any(mask):
-            return (None,) * 13
-        if pred.shape[0] == 0:
-            grads = [torch.zeros_like(x) if x is not None else None for x in (pred, target, raw_pred)]
-        else:
-            scale = ctx.mean_scale
-            grads = backward_op(grad_terms * scale, grad_total * scale, col_stats, pred, target, raw_pred, prev_pred,
-                                settings, group_coef, landmark_gram, landmark_rows, term_mask, mask)
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 10
+def _backward_over_group(grad_terms, grad_total, col_stats, mean_scale, pred, target, raw_pred, *rest):
+    """The backward operator with the gradients times ``mean_scale`` and the whole batch's column
+    statistics; zeros for an empty slice."""
+    *inputs, operators, computed, weight_index, group, mask = rest
+    if pred.shape[0] == 0:
+        return [torch.zeros_like(x) if wanted else None for x, wanted in zip((pred, target, raw_pred), mask)]
+    return operators[1](grad_terms * mean_scale, grad_total * mean_scale, col_stats, pred, target, raw_pred, *inputs,
+                        mask)
+
+
+# The operators' call form and autograd formula (core/autograd.py); the aux outputs are col_stats
+# and mean_scale.
+_over_group = terms_function(_forward_over_group, _backward_over_group, GRAD_INPUTS, num_aux=2, constants=CONSTANTS,
+                             name="blendshape_over_group",
+                             arguments=tuple(inspect.signature(_forward_over_group).parameters))
+
+
+def fused_over_group(operators, computed: tuple[str, ...], weight_index: torch.Tensor, group):
+    """A fused backend's operators (``functional.operators``: forward, backward) over ``group``,
+    called as the forward operator and with its autograd formula (core/autograd.py):
+      forward   the forward operator on this rank's slice, then one all_reduce (``reduce_stats``):
+                the whole batch's terms and total
+      backward  the backward operator with the gradients times W * B_r / B (a mean's share) and
+                the whole batch's column statistics (see the module docstring)
+    ``computed`` names the terms the forward computes; ``weight_index`` [n] their slots of the
+    settings table."""
+
+    def forward(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows, term_mask):
+        return _over_group(pred, target, raw_pred, prev_pred, settings, group_coef, landmark_gram, landmark_rows,
+                           term_mask, operators, computed, weight_index, group)
+
+    return forward

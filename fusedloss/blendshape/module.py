@@ -1,16 +1,56 @@
-"""``BlendshapeLoss``: KoeMorph's loss as a drop-in ``nn.Module`` holding its settings."""
+"""``BlendshapeLoss``: KoeMorph's loss as a drop-in ``nn.Module``.
+
+A call's route: ``forward`` -> ``FusedLoss._plan`` (cached per module state and inputs' metadata,
+core/module.py) -> ``functional.blendshape_plan`` (validation, backend choice) -> its ``run``,
+which calls, per backend:
+  reference   ``reference.blendshape_loss_reference`` (PyTorch autograd)
+  cpu, cuda   the C++ operator ``torch.ops.fusedloss.blendshape_forward``; its autograd is registered
+              in C++ (csrc/common/autograd.h), so an eager step runs no Python between the
+              forward and the backward kernel
+  triton      the Triton operator ``triton.blendshape_forward``, its autograd registered from
+              core/autograd.py (the Python statement of the same formula); an eager call on
+              real tensors takes that formula as an ``autograd.Function`` over the launchers
+              (``triton.blendshape_forward_eager``), which skips the dispatcher's cost
+  with ``process_group``: ``distributed.py``. The reference runs on statistics all_reduced with
+              their gradient (``reference_over_group``); a fused backend calls
+              ``fused_over_group``, an ``autograd.Function`` of the same formula (core/autograd.py)
+              around the same operators: the forward's terms and column statistics all_reduced,
+              the backward operator given scaled gradients and the whole batch's statistics (the
+              default perceptual form's importance weights are column sums over every rank, so a
+              rank's gradient needs them: the registered autograd, which keeps the rank's own,
+              cannot be reused as it is).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
+from torch.distributed import ProcessGroup
 
 from ..core import checks
-from ..core.module import FusedLoss, Setting, buffers_on, check_backend
-from .config import BlendshapeConfig, landmark_gram
+from ..core.module import Backend, ConfigValue, FusedLoss, table
+from .config import BlendshapeConfig, parse_groups
 from .functional import blendshape_plan
 from .layout import SETTINGS, TERMS
+
+
+def _weight(config: BlendshapeConfig, name: str) -> float:
+    return config.threshold if name == "threshold" else config.weights[TERMS.index(name[: -len("_weight")])]
+
+
+def _with_weight(config: BlendshapeConfig, name: str, value: float) -> BlendshapeConfig:
+    if name == "threshold":
+        return dataclasses.replace(config, threshold=value)
+    weights = list(config.weights)
+    weights[TERMS.index(name[: -len("_weight")])] = value
+    return dataclasses.replace(config, weights=tuple(weights))
+
+
+def _setting():
+    """A weight or the threshold: a slot of the ``settings`` table (``layout.SETTINGS``)."""
+    return ConfigValue(checks.real, _weight, _with_weight)
 
 
 class BlendshapeLoss(FusedLoss):
@@ -21,13 +61,14 @@ class BlendshapeLoss(FusedLoss):
     ``total``, or ``(total, terms)`` with the computed terms (unweighted) and "total". Arguments
     as ``fusedloss.functional.blendshape_loss``.
 
-    The weights and the threshold are attributes (``loss_fn.temporal_weight = 0.3``): assigning one
-    updates a small settings buffer in place, so seed 001's stride and epoch schedules never
-    rebuild or recompile anything (a weight going to or from 0 adds or drops its term). The
-    buffers follow ``.to(device)``; a module left on the CPU moves them on its first call.
+    Every constructor argument is an attribute that can be assigned between calls
+    (docs/losses.md §0.6), e.g. ``loss_fn.temporal_weight = 0.3``: a weight going to or from 0
+    adds or drops its term. The weights and the threshold live in the float64 ``settings`` table
+    and the landmark matrix in ``landmark_matrix``, both in the state dict.
     """
 
-    _TABLES = ("settings", "group_coef", "landmark_gram")
+    _TABLES = ("settings", "landmark_matrix")
+    _CONFIG_TABLES = ("settings",)
 
     def __init__(
         self,
@@ -39,89 +80,76 @@ class BlendshapeLoss(FusedLoss):
         smoothing_weight: float = 0.0,
         consistency_weight: float = 0.0,
         threshold: float = 0.1,
-        perceptual_groups=None,
+        perceptual_groups: Sequence[tuple[Sequence[int], float]] | None = None,
         landmark_matrix: torch.Tensor | None = None,
-        backend: str = "auto",
-        process_group=None,
+        backend: Backend = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(process_group)
         config = BlendshapeConfig.build(mse_weight, l1_weight, perceptual_weight, temporal_weight, landmark_weight,
                                         smoothing_weight, consistency_weight, threshold, perceptual_groups)
-        self.backend = check_backend(backend)
-        if landmark_matrix is not None:
-            landmark_matrix = checks.tensor("landmark_matrix", torch.as_tensor(landmark_matrix), rank=2,
-                                             shape_doc="[J, K]").detach()
-        elif config.weight("landmark") != 0:
-            raise ValueError("landmark_matrix [J, K] is required when landmark_weight is non-zero")
-        self.register_buffer("settings", config.settings(), persistent=False)
-        self.register_buffer("group_coef", config.group_coef(), persistent=False)
-        self.register_buffer("landmark_matrix", landmark_matrix, persistent=False)
-        self.register_buffer("landmark_gram", None if landmark_matrix is None else landmark_gram(landmark_matrix),
-                             persistent=False)
-        self._config = config
-        self._nonzero = tuple(w != 0 for w in config.weights)
+        super().__init__(config, {"landmark_matrix": landmark_matrix}, backend, process_group)
+        self._check_config(config)
 
-    # The settings (layout.SETTINGS, the slots of the settings buffer).
-    mse_weight = Setting()
-    l1_weight = Setting()
-    perceptual_weight = Setting()
-    temporal_weight = Setting()
-    landmark_weight = Setting()
-    smoothing_weight = Setting()
-    consistency_weight = Setting()
-    threshold = Setting()
+    mse_weight = _setting()
+    l1_weight = _setting()
+    perceptual_weight = _setting()
+    temporal_weight = _setting()
+    landmark_weight = _setting()
+    smoothing_weight = _setting()
+    consistency_weight = _setting()
+    threshold = _setting()
 
-    def _get_setting(self, name: str) -> float:
-        config = self._config
-        return config.threshold if name == "threshold" else config.weight(name[: -len("_weight")])
-
-    def _set_setting(self, name: str, value: float) -> None:
-        config = self._config
-        if name == "threshold":
-            config = dataclasses.replace(config, threshold=value)
-        else:
-            index = TERMS.index(name[: -len("_weight")])
-            if index == TERMS.index("landmark") and value != 0 and self.landmark_matrix is None:
-                raise ValueError("landmark_weight needs the landmark_matrix given at construction")
-            weights = list(config.weights)
-            weights[index] = value
-            config = dataclasses.replace(config, weights=tuple(weights))
-            self._nonzero = tuple(w != 0 for w in config.weights)
-        self.settings[SETTINGS.index(name)] = value
-        self._config = config
-        self._plans.clear()
+    perceptual_groups = ConfigValue(lambda name, value: parse_groups(value), lambda config, name: config.groups,
+                                    lambda config, name, value: dataclasses.replace(config, groups=value))
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, raw_pred: torch.Tensor | None = None,
                 prev_pred: torch.Tensor | None = None, return_components: bool = False):
-        key, run = self._cached(pred, target, raw_pred, prev_pred)
-        if run is not None:
-            total, terms = run(pred, target, raw_pred, prev_pred)
-            if return_components is False:
-                return total
-            return _with_total(total, terms, return_components)
-        if not isinstance(pred, torch.Tensor):
-            raise TypeError(f"pred must be a torch.Tensor [B, K] or [B, T, K], got {type(pred).__name__}")
-        settings, group_coef, matrix, gram = buffers_on(
-            self, ("settings", "group_coef", "landmark_matrix", "landmark_gram"), pred.device)
-        run = blendshape_plan(
-            pred, target, raw_pred, prev_pred, self._config, nonzero=self._nonzero, settings=settings,
-            group_coef=group_coef, landmark_matrix=matrix, landmark_gram=gram, backend=self.backend,
-            process_group=self.process_group,
-        )
-        total, terms = self._remember(key, run)(pred, target, raw_pred, prev_pred)
-        return _with_total(total, terms, return_components)
+        total, terms = self._plan(pred, target, raw_pred, prev_pred)(pred, target, raw_pred, prev_pred)
+        if return_components is False:
+            return total
+        if not checks.flag("return_components", return_components):
+            return total
+        out = dict(terms)
+        out["total"] = total
+        return total, out
+
+    def _make_plan(self, pred, target, raw_pred, prev_pred):
+        device = pred.device if isinstance(pred, torch.Tensor) else None
+        return blendshape_plan(pred, target, raw_pred, prev_pred, self._config_now(), settings=self.settings,
+                               landmark_matrix=self._table_on("landmark_matrix", device), backend=self.backend,
+                               process_group=self.process_group)
+
+    # -- the tables (core/module.py) -----------------------------------------------------------
+
+    def _table_values(self, name, config):
+        return config.weights + (config.threshold,)
+
+    def _config_with(self, name, values, config):
+        return dataclasses.replace(config, weights=tuple(values[:len(TERMS)]), threshold=values[len(TERMS)])
+
+    def _check_table(self, name, value):
+        if name == "settings":
+            value = table(name, value, 1, f"[{len(SETTINGS)}]", self._device())
+            checks.shape(name, value, (len(SETTINGS),), "[len(layout.SETTINGS)]")
+            for slot, number in zip(SETTINGS, value.tolist()):
+                checks.real(f"{name}[{slot}]", number)
+            return value
+        if value is None:
+            if self._config_now().weight("landmark") != 0:
+                raise ValueError("landmark_matrix [J, K] is required while landmark_weight is non-zero; "
+                                 "set landmark_weight = 0 first")
+            return None
+        value = table(name, value, 2, "[J, K]", self._device())
+        if value.shape[0] < 1 or value.shape[1] < 1:
+            raise ValueError(f"landmark_matrix must be [J, K] with J, K >= 1, got {tuple(value.shape)}")
+        return value
+
+    def _check_config(self, config):
+        if config.weight("landmark") != 0 and self._buffers.get("landmark_matrix") is None:
+            raise ValueError("landmark_matrix [J, K] is required when landmark_weight is non-zero")
 
     def extra_repr(self) -> str:
-        c = self._config
+        c = self._config_now()
         weights = ", ".join(f"{t}_weight={w}" for t, w in zip(TERMS, c.weights) if w)
         groups = f", perceptual_groups={len(c.groups)} groups" if c.groups else ""
         return f"{weights}, threshold={c.threshold}{groups}, backend={self.backend!r}"
-
-
-def _with_total(total: torch.Tensor, terms, return_components):
-    """``BlendshapeLoss``'s result: total, or (total, terms with "total") with return_components."""
-    if not checks.flag("return_components", return_components):
-        return total
-    out = dict(terms)
-    out["total"] = total
-    return total, out

@@ -32,7 +32,7 @@ from ..core.triton import (
     triton_operator,
     zeroed_counter,
 )
-from . import layout, ops
+from . import fake, layout
 
 # Positions in a program's row of partial sums (layout.SUMS, then the weighted column sum).
 S_SQ = tl.constexpr(layout.SUMS.index("sq_err"))
@@ -429,7 +429,7 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@triton_operator("fusedloss_triton::blendshape_forward", ops.forward_fake)
+@triton_operator("fusedloss_triton::blendshape_forward", fake.forward_fake)
 def blendshape_forward(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -442,10 +442,10 @@ def blendshape_forward(
     term_mask: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, K, kp, block_t, block_b = _layout(pred)
-    needs_cols = ops.needs_col_stats(term_mask, group_coef)
+    needs_cols = fake.needs_col_stats(term_mask, group_coef)
     t_blocks, b_groups = _grid(pred, needs_cols, per_sm=4)
     acc = acc_dtype(pred.dtype)
-    out_terms, total, col_stats = ops.empty_outputs(pred, term_mask, group_coef)
+    out_terms, total, col_stats = fake.empty_outputs(pred, term_mask, group_coef)
     partials = torch.empty((t_blocks * b_groups, layout.PARTIALS_WIDTH), dtype=acc, device=pred.device)
     single_group = b_groups == 1
     colpart = torch.empty((b_groups, 2, T * K) if needs_cols and not single_group else (1,), dtype=acc,
@@ -465,7 +465,7 @@ def blendshape_forward(
     return out_terms, total, col_stats
 
 
-@triton_operator("fusedloss_triton::blendshape_backward", ops.backward_fake)
+@triton_operator("fusedloss_triton::blendshape_backward", fake.backward_fake)
 def blendshape_backward(
     grad_terms: torch.Tensor,
     grad_total: torch.Tensor,
@@ -481,12 +481,12 @@ def blendshape_backward(
     term_mask: int,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_pred, grad_target, grad_raw = ops.empty_gradients(pred, output_mask, raw_pred is not None)
+    grad_pred, grad_target, grad_raw = fake.empty_gradients(pred, output_mask, raw_pred is not None)
     need = (grad_pred.numel() > 0, grad_target.numel() > 0, grad_raw.numel() > 0)
     if not any(need):
         return grad_pred, grad_target, grad_raw
     B, T, K, kp, block_t, block_b = _layout(pred)
-    needs_cols = ops.needs_col_stats(term_mask, group_coef)
+    needs_cols = fake.needs_col_stats(term_mask, group_coef)
     t_blocks, b_groups = _grid(pred, False, per_sm=8)
     with on_device(pred):
         wrap_triton(blendshape_backward_kernel)[(t_blocks, b_groups)](
@@ -506,7 +506,7 @@ def blendshape_backward(
     return grad_pred, grad_target, grad_raw
 
 
-# The autograd of the operators (core/autograd.py), and its eager form; col_stats is the one aux
-# output, prev_pred (3) a constant of the loss.
-blendshape_forward_eager = register_terms_autograd(blendshape_forward, blendshape_backward, ops.GRAD_INPUTS,
-                                                   num_aux=1, constants=(3,))
+# The autograd of the operators (core/autograd.py), and its eager form: col_stats is the one aux
+# output.
+blendshape_forward_eager = register_terms_autograd(blendshape_forward, blendshape_backward, layout.GRAD_INPUTS,
+                                                   num_aux=1, constants=layout.CONSTANTS)

@@ -14,6 +14,12 @@ wanted (an empty tensor is returned otherwise). Inputs outside ``grad_inputs`` g
 ``constants`` (targets, labels) by the losses' contract, and the tables, which must not require
 one.
 
+This one Python statement of the convention (``_formula``) backs three routes:
+  the Triton operators       ``torch.library.register_autograd`` (under torch.compile, fake tensors)
+  eager Triton calls         ``terms_function`` over the launchers (no dispatcher on the way)
+  a family over a group      ``terms_function`` over a forward that reduces across ranks and a
+                             backward that scales the gradients (blendshape/distributed.py)
+
 Every tensor is saved with ``save_for_backward`` (so saved-tensor hooks see all of them); the
 other arguments are kept on the context. A gradient that does not reach an output is never
 materialised: a missing grad_terms is a cached zero scalar expanded to [T] (stride 0) and a
@@ -48,28 +54,39 @@ def register_terms_autograd(forward_op, backward_op, grad_inputs: tuple[int, ...
     Returns the same formula as an ``autograd.Function`` that calls the two launchers directly
     (``op._init_fn``), for eager calls on real tensors: it skips the dispatcher and the custom-op
     autograd machinery, which cost more than the launches at small shapes. Under torch.compile
-    and on fake tensors the operator itself is called (``core/registry.py`` ``forward_op``).
+    and on fake tensors the operator itself is called (the family's ``functional.py`` picks which).
     """
     schema = _overload(forward_op)._schema
-    setup_context, backward = _formula(schema, backward_op, grad_inputs, num_aux, constants)
+    name, arguments = schema.name, tuple(a.name for a in schema.arguments)
+    setup_context, backward = _formula(backward_op, grad_inputs, num_aux, constants, name, arguments)
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-    _, eager_backward = _formula(schema, backward_op._init_fn, grad_inputs, num_aux, constants, eager=True)
-    launcher = forward_op._init_fn
+    return terms_function(forward_op._init_fn, backward_op._init_fn, grad_inputs, num_aux, constants,
+                          name=f"{name.split('::')[-1]}_eager", arguments=arguments)
 
-    class Eager(torch.autograd.Function):
+
+def terms_function(forward_call, backward_call, grad_inputs: tuple[int, ...], num_aux: int = 0,
+                   constants: tuple[int, ...] = (), name: str = "terms_function", arguments: tuple[str, ...] = ()):
+    """The formula above as an ``autograd.Function`` (its ``apply``): ``forward_call(*inputs) ->
+    (terms, total, *aux)`` and ``backward_call(grad_terms, grad_total, *aux, *inputs, mask)`` are
+    plain calls that build no autograd graph (launchers, or operators called inside a Function).
+    ``arguments`` names the inputs in error messages. Used for the eager Triton route, and by a
+    wrapper that runs a family's operators over a process group (blendshape/distributed.py)."""
+    setup_context, backward = _formula(backward_call, grad_inputs, num_aux, constants, name, arguments, eager=True)
+
+    class Function(torch.autograd.Function):
         @staticmethod
         def forward(*inputs):
-            return launcher(*inputs)
+            return forward_call(*inputs)
 
-    Eager.setup_context = staticmethod(setup_context)
-    Eager.backward = staticmethod(eager_backward)
-    Eager.__name__ = Eager.__qualname__ = f"{schema.name.split('::')[-1]}_eager"
-    return Eager.apply
+    Function.setup_context = staticmethod(setup_context)
+    Function.backward = staticmethod(backward)
+    Function.__name__ = Function.__qualname__ = name
+    return Function.apply
 
 
 class _NoDerivative(torch.autograd.Function):
-    """A gradient of the eager Triton path with create_graph=True: differentiating it raises
-    (the launchers build no graph, so it would otherwise count as 0)."""
+    """A gradient of a ``terms_function`` with create_graph=True: differentiating it raises (its
+    backward call builds no graph, so it would otherwise count as 0)."""
 
     @staticmethod
     def forward(grad, *inputs):
@@ -85,33 +102,35 @@ class _NoDerivative(torch.autograd.Function):
                            "this loss); use backend='reference' for that")
 
 
-def _formula(schema, backward_call, grad_inputs: tuple[int, ...], num_aux: int, constants: tuple[int, ...],
-             eager: bool = False):
+def _formula(backward_call, grad_inputs: tuple[int, ...], num_aux: int, constants: tuple[int, ...], name: str,
+             arguments: tuple[str, ...] = (), eager: bool = False):
     """(setup_context, backward) of the convention above, the backward calling ``backward_call``
-    (``eager``: the launcher itself, whose gradients get _NoDerivative under create_graph=True)."""
-    num_inputs = len(schema.arguments)
-    # Positions of the tensor arguments (saved for backward), and of the tables among them: the
-    # arguments without a gradient that are not constants of the loss by its contract (targets).
-    tensor_positions = tuple(i for i, a in enumerate(schema.arguments) if "Tensor" in str(a.type))
-    tables = tuple(i for i in tensor_positions if i not in grad_inputs and i not in constants)
+    (``eager``: a plain call building no graph, whose gradients get _NoDerivative under
+    create_graph=True). The tensor inputs are saved; the tables among them (neither in
+    ``grad_inputs`` nor ``constants``) must not require grad."""
+    differentiable_or_constant = set(grad_inputs) | set(constants)
 
     def setup_context(ctx, inputs, output):
-        for i in tables:  # as csrc/common/autograd.h's refuse_grad: raising beats dropping a gradient
-            if torch.is_grad_enabled() and inputs[i] is not None and inputs[i].requires_grad:
-                raise RuntimeError(f"{schema.name}: {schema.arguments[i].name} requires grad, but the fused backends "
-                                   "have no gradient for it; detach it or use backend='reference'")
+        tensors = tuple(i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor))
+        if torch.is_grad_enabled():
+            for i in tensors:  # as csrc/common/autograd.h's refuse_grad: raising beats dropping a gradient
+                if inputs[i].requires_grad and i not in differentiable_or_constant:
+                    argument = arguments[i] if i < len(arguments) else f"argument {i}"
+                    raise RuntimeError(f"{name}: {argument} requires grad, but the fused backends have no gradient "
+                                       "for it; detach it or use backend='reference'")
         ctx.set_materialize_grads(False)
         aux = output[2:2 + num_aux]
         ctx.mark_non_differentiable(*aux)
-        ctx.save_for_backward(*aux, *(inputs[i] for i in tensor_positions))
+        ctx.save_for_backward(*aux, *(inputs[i] for i in tensors))
         args = list(inputs)
-        for i in tensor_positions:
+        for i in tensors:
             args[i] = None  # restored from the saved tensors in backward
-        ctx.args = args
+        ctx.args, ctx.tensors = args, tensors
         terms = output[0]
         ctx.terms_meta = (terms.shape[0], terms.dtype)
 
     def backward(ctx, grad_terms, grad_total, *aux_grads):
+        num_inputs = len(ctx.args)
         if grad_terms is None and grad_total is None:
             return (None,) * num_inputs
         needs = ctx.needs_input_grad
@@ -120,7 +139,7 @@ def _formula(schema, backward_call, grad_inputs: tuple[int, ...], num_aux: int, 
             return (None,) * num_inputs
         saved = ctx.saved_tensors
         args = list(ctx.args)
-        for i, tensor in zip(tensor_positions, saved[num_aux:]):
+        for i, tensor in zip(ctx.tensors, saved[num_aux:]):
             args[i] = tensor
         num_terms, dtype = ctx.terms_meta
         like = saved[num_aux]

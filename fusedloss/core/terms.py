@@ -98,9 +98,17 @@ torch.utils._pytree.register_pytree_node(
 def terms_of(names: tuple[str, ...], values: torch.Tensor, extra: dict | None = None):
     """The named rows of ``values`` (then ``extra``): made lazily in eager mode (``Terms``), a plain
     dict under torch.compile."""
-    if torch.compiler.is_compiling():
-        out = dict(zip(names, values.unbind(0)))
-        if extra:
-            out.update(extra)
-        return out
-    return Terms(names, values, extra)
+    return terms_maker()(names, values, extra)
+
+
+def _terms_dict(names: tuple[str, ...], values: torch.Tensor, extra: dict | None = None) -> dict:
+    out = dict(zip(names, values.unbind(0)))
+    if extra:
+        out.update(extra)
+    return out
+
+
+def terms_maker():
+    """What makes a call's terms mapping, chosen once when its plan is made: ``Terms`` in eager
+    mode, a plain dict while torch.compile traces."""
+    return _terms_dict if torch.compiler.is_compiling() else Terms

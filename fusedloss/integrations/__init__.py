@@ -1,4 +1,4 @@
-"""The seed systems' own call forms, where they differ from our modules (``fusedloss.integrations.<system>``).
+"""The published code's own call forms of KoeMorph, Ditto and TIGAS, where they differ from our modules (``fusedloss.integrations.<system>``).
 
 - ``tigas``: the published ``tigas-metric`` package's ``TIGASLoss`` (and ``apply()``, which makes
   its ``CombinedLoss`` and ``TIGASTrainer`` use ours).

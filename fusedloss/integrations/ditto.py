@@ -15,9 +15,12 @@ call forms:
   ``loss_from_options(opt)``
       ``PVALoss`` from Ditto's ``TrainOptions`` fields (``part_w_dict_json``, ``dim_ws_npy``,
       ``use_last_frame_loss``, ``use_reg_loss``), as its trainer builds ``MotionDiffusion``
-  ``apply(MotionDiffusion)``
+  ``apply(MotionDiffusion, backend="auto")``
       replaces the class's ``p_losses`` with one that makes the same calls (the same noise draw,
-      so the same random stream) and computes the loss fused; ``revert(MotionDiffusion)`` undoes it.
+      so the same random stream) and computes the loss fused, from the diffusion's settings as
+      they are at each call (``part_w_dict``, ``use_last_frame_loss``, ``use_reg_loss``,
+      ``dim_ws``, ``loss_fn``); ``apply()`` again replaces the patch; ``revert(MotionDiffusion)``
+      undoes it.
 What differs on purpose: the dict is our lazy terms mapping (``dict(loss_dict)`` makes a plain
 one; item assignment and ``float(v)`` work as on a dict), and the fused backends treat ``dim_ws``
 as a constant (Ditto keeps it in a buffer, so it never gets a gradient there either).
@@ -75,25 +78,40 @@ def _loss_type(diffusion) -> str:
     return "l1" if getattr(diffusion, "loss_fn", F.mse_loss) is F.l1_loss else "l2"
 
 
+def _settings(diffusion, backend: str) -> tuple:
+    """What the diffusion's PVA loss is made from, as it is now: its ``part_w_dict`` (by value: a
+    dict changed in place counts), flags, ``dim_ws`` (by identity and version counter), loss type
+    and the backend ``apply()`` was given."""
+    part_w_dict = diffusion.part_w_dict
+    if not part_w_dict:
+        raise NotImplementedError("Ditto's p_losses needs a part_w_dict (as its own code does)")
+    dim_ws = getattr(diffusion, "dim_ws", None)
+    dim_ws_key = None if dim_ws is None else (id(dim_ws), getattr(dim_ws, "_version", None))
+    parts = tuple((name, tuple(spec) if isinstance(spec, (list, tuple)) else spec) for name, spec in part_w_dict.items())
+    return (parts, bool(diffusion.use_last_frame_loss), bool(diffusion.use_reg_loss), dim_ws_key, _loss_type(diffusion),
+            backend)
+
+
 def _fused_loss(diffusion, backend: str) -> PVALoss:
-    """The diffusion's PVALoss, made on first use from its settings and kept on it."""
-    loss_fn = diffusion.__dict__.get("_fused_pva_loss")
-    if loss_fn is None:
-        part_w_dict = diffusion.part_w_dict
-        if not part_w_dict:
-            raise NotImplementedError("Ditto's p_losses needs a part_w_dict (as its own code does)")
-        loss_fn = PVALoss(part_w_dict, bool(diffusion.use_last_frame_loss), bool(diffusion.use_reg_loss),
-                          dim_ws=_constant(getattr(diffusion, "dim_ws", None)), loss_type=_loss_type(diffusion),
-                          backend=backend)
-        diffusion.__dict__["_fused_pva_loss"] = loss_fn   # (not a submodule: its state_dict stays Ditto's)
-    return loss_fn
+    """The diffusion's PVALoss for its current settings: kept on it, and made again whenever one of
+    them changed since (so an assignment between steps takes effect, as in Ditto's own code)."""
+    key = _settings(diffusion, backend)
+    kept = diffusion.__dict__.get("_fused_pva_loss")
+    if kept is None or kept[0] != key:
+        loss_fn = PVALoss(diffusion.part_w_dict, bool(diffusion.use_last_frame_loss), bool(diffusion.use_reg_loss),
+                          dim_ws=_constant(getattr(diffusion, "dim_ws", None)), loss_type=key[4], backend=backend)
+        # (not a submodule: the state dict stays Ditto's; dim_ws is kept so that its id is not reused)
+        kept = diffusion.__dict__["_fused_pva_loss"] = (key, loss_fn, getattr(diffusion, "dim_ws", None))
+    return kept[1]
 
 
 def apply(diffusion_class, backend: str = "auto") -> None:
-    """Make ``diffusion_class`` (Ditto's ``MotionDiffusion``) compute its PVA loss fused."""
-    if "_fusedloss_original_p_losses" in diffusion_class.__dict__:
-        return
-    original = diffusion_class.p_losses
+    """Make ``diffusion_class`` (Ditto's ``MotionDiffusion``) compute its PVA loss fused. Calling it
+    again on a patched class replaces the patch (e.g. with another backend)."""
+    from ..core.module import check_backend
+
+    check_backend(backend)
+    original = diffusion_class.__dict__.get("_fusedloss_original_p_losses", diffusion_class.p_losses)
 
     def p_losses(self, x_start, cond_frame, cond, t):
         noise = torch.randn_like(x_start)

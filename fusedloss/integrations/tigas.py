@@ -31,15 +31,24 @@ and ``apply()`` patches the package so that its ``CombinedLoss`` (the default lo
 from __future__ import annotations
 
 import importlib
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from ..core import checks
+from ..core.module import Backend
 from ..score.module import CombinedLoss
 
 PAIRS = ("all", "sampled")
+
+
+def _check_sampled(pairs: str, process_group) -> None:
+    if pairs == "sampled" and process_group is not None:
+        raise ValueError("pairs='sampled' draws the package's pairs from one process's batch; "
+                         "use pairs='all' with a process_group")
 
 
 class TIGASLoss(nn.Module):
@@ -49,6 +58,11 @@ class TIGASLoss(nn.Module):
     ``"logits"`` ``[B, 2]``; ``labels`` ``[B, 1]``. ``model`` is accepted and ignored, so that the
     module can also be handed to ``TIGASTrainer(loss_fn=...)``, which passes its model. Returns
     ``{"total", "regression", "classification", "ranking"}``.
+
+    Every constructor argument is an attribute that can be assigned between calls, as are the
+    package's ``regression_loss`` (an ``nn.SmoothL1Loss()`` or ``nn.MSELoss()``) and
+    ``classification_loss``. The state dict is the package's (``_iteration``): the fused
+    ``CombinedLoss`` (``fused``) is held outside it.
     """
 
     def __init__(
@@ -60,33 +74,24 @@ class TIGASLoss(nn.Module):
         margin: float = 0.5,
         max_ranking_pairs: int = 64,
         *,
-        pairs: str = "all",
+        pairs: Literal["all", "sampled"] = "all",
         check_finite: bool = True,
-        backend: str = "auto",
-        process_group=None,
+        backend: Backend = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if pairs not in PAIRS:
-            raise ValueError(f"pairs must be one of {', '.join(map(repr, PAIRS))}, got {pairs!r}")
-        self.pairs = pairs
-        self._ranking_weight = checks.real("ranking_weight", ranking_weight)
-        checks.real("margin", margin)
-        if isinstance(max_ranking_pairs, bool) or not isinstance(max_ranking_pairs, int) or max_ranking_pairs < 0:
-            raise ValueError(f"max_ranking_pairs must be a non-negative integer, got {max_ranking_pairs!r}")
-        if pairs == "sampled" and process_group is not None:
-            raise ValueError("pairs='sampled' draws the package's pairs from one process's batch; "
-                             "use pairs='all' with a process_group")
-        self.max_ranking_pairs = max_ranking_pairs
-        self.use_smooth_l1 = checks.flag("use_smooth_l1", use_smooth_l1)
         # "sampled": the fused kernels give regression and classification; the ranking is drawn here.
-        self.fused = CombinedLoss(regression_weight, classification_weight,
-                                  self._ranking_weight if pairs == "all" else 0.0,
-                                  regression_type="smoothl1" if use_smooth_l1 else "mse", margin=margin,
-                                  check_finite=check_finite, backend=backend, process_group=process_group)
+        fused = CombinedLoss(regression_weight, classification_weight, ranking_weight,
+                             regression_type="smoothl1" if checks.flag("use_smooth_l1", use_smooth_l1) else "mse",
+                             margin=margin, check_finite=check_finite, backend=backend)
+        self.__dict__.update(fused=fused, _ranking_weight=fused.ranking_weight, _pairs="all")
+        self.max_ranking_pairs = max_ranking_pairs
+        self.pairs = pairs
+        self.process_group = process_group
         # The package's call counter (its state_dict key), which seeds the sampled pairs.
         self.register_buffer("_iteration", torch.tensor(0, dtype=torch.long))
 
-    # The package's attributes, assignable between steps (the fused module's settings, in place).
+    # The package's attributes, assignable between steps: the fused module's settings.
     @property
     def regression_weight(self) -> float:
         return self.fused.regression_weight
@@ -105,13 +110,12 @@ class TIGASLoss(nn.Module):
 
     @property
     def ranking_weight(self) -> float:
-        return self._ranking_weight
+        return self.__dict__["_ranking_weight"]
 
     @ranking_weight.setter
     def ranking_weight(self, value: float) -> None:
-        self._ranking_weight = checks.real("ranking_weight", value)
-        if self.pairs == "all":
-            self.fused.ranking_weight = value
+        self.__dict__["_ranking_weight"] = checks.real("ranking_weight", value)
+        self._sync_ranking()
 
     @property
     def margin(self) -> float:
@@ -120,6 +124,99 @@ class TIGASLoss(nn.Module):
     @margin.setter
     def margin(self, value: float) -> None:
         self.fused.margin = value
+
+    @property
+    def use_smooth_l1(self) -> bool:
+        """Smooth L1 (beta 1) regression, else MSE; the package chooses ``regression_loss`` by it."""
+        return self.fused.regression_type == "smoothl1"
+
+    @use_smooth_l1.setter
+    def use_smooth_l1(self, value: bool) -> None:
+        self.fused.regression_type = "smoothl1" if checks.flag("use_smooth_l1", value) else "mse"
+
+    @property
+    def regression_loss(self) -> nn.Module:
+        """The package's regression criterion (read from ``use_smooth_l1``; assignable as
+        ``nn.SmoothL1Loss()`` or ``nn.MSELoss()``, with their default reduction and beta)."""
+        return nn.SmoothL1Loss() if self.use_smooth_l1 else nn.MSELoss()
+
+    @property
+    def classification_loss(self) -> nn.Module:
+        """The package's classification criterion: ``nn.CrossEntropyLoss()``."""
+        return nn.CrossEntropyLoss()
+
+    @property
+    def max_ranking_pairs(self) -> int:
+        return self.__dict__["_max_ranking_pairs"]
+
+    @max_ranking_pairs.setter
+    def max_ranking_pairs(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"max_ranking_pairs must be a non-negative integer, got {value!r}")
+        self.__dict__["_max_ranking_pairs"] = value
+
+    @property
+    def pairs(self) -> str:
+        """"all" (every real x fake pair, fused) or "sampled" (the package's pairs)."""
+        return self.__dict__["_pairs"]
+
+    @pairs.setter
+    def pairs(self, value: str) -> None:
+        if value not in PAIRS:
+            raise ValueError(f"pairs must be one of {', '.join(map(repr, PAIRS))}, got {value!r}")
+        _check_sampled(value, self.fused.process_group)
+        self.__dict__["_pairs"] = value
+        self._sync_ranking()
+
+    @property
+    def check_finite(self) -> bool:
+        return self.fused.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self.fused.check_finite = value
+
+    @property
+    def backend(self) -> str:
+        return self.fused.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.fused.backend = value
+
+    @property
+    def process_group(self):
+        return self.fused.process_group
+
+    @process_group.setter
+    def process_group(self, value) -> None:
+        _check_sampled(self.pairs, value)
+        self.fused.process_group = value
+
+    def _sync_ranking(self) -> None:
+        """The fused ranking weight: the ranking's with every pair, 0 when the pairs are sampled here."""
+        self.fused.ranking_weight = self.ranking_weight if self.pairs == "all" else 0.0
+
+    def __setattr__(self, name, value) -> None:
+        if name == "regression_loss":   # (nn.Module would keep a module as a submodule, unread)
+            if type(value) is nn.SmoothL1Loss and value.beta == 1.0 and value.reduction == "mean":
+                self.use_smooth_l1 = True
+            elif type(value) is nn.MSELoss and value.reduction == "mean":
+                self.use_smooth_l1 = False
+            else:
+                raise ValueError(f"regression_loss must be nn.SmoothL1Loss() or nn.MSELoss() (mean), got {value!r}")
+            return
+        if name == "classification_loss":
+            if (type(value) is not nn.CrossEntropyLoss or value.weight is not None or value.label_smoothing != 0
+                    or value.ignore_index != -100 or value.reduction != "mean"):
+                raise ValueError(f"classification_loss must be nn.CrossEntropyLoss() (its defaults), got {value!r}")
+            return
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.fused._apply(fn, recurse)   # (held outside the module tree, so that the state dict is the package's)
+        return out
 
     def forward(self, outputs, labels: torch.Tensor, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         scores, logits = outputs["score"], outputs["logits"]

@@ -1,4 +1,13 @@
-"""The PVA loss's functional form: validate -> choose the backend -> call its operator."""
+"""The PVA loss's functional form: validate -> choose the backend -> call its operator.
+
+``pva_plan`` is the whole route of a call (``PVALoss`` caches it per input signature): it checks
+the inputs, resolves the backend, and returns ``run``, which calls
+  reference   ``reference.pva_loss_reference`` (PyTorch's autograd)
+  cpu, cuda   ``torch.ops.fusedloss.pva_forward`` (C++; its autograd is C++ too, csrc/common/autograd.h)
+  triton      this family's Triton operator ``triton.pva_forward`` (its autograd: core/autograd.py),
+              eagerly as the ``autograd.Function`` ``pva_forward_eager``
+  then, over a process group, one all_reduce of the terms (core/distributed.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +18,7 @@ import torch
 from .. import backends
 from ..core import distributed
 from ..core.autograd import is_eager
-from ..core.registry import forward_op
-from ..core.terms import terms_of
+from ..core.terms import terms_maker
 from .config import PVAConfig, check_inputs
 from .reference import pva_loss_reference
 
@@ -70,6 +78,17 @@ def pva_loss_from_config(
     return run(pred, target, cond_frame)
 
 
+def operator(backend: str, eager: bool = False):
+    """The forward operator of a fused backend: the C++ one (cpu, cuda) or this family's Triton one;
+    ``eager``: for an eager call on real tensors (Triton: the same autograd formula as an
+    ``autograd.Function`` calling the launchers, core/autograd.py)."""
+    if backend == "triton":
+        from . import triton
+
+        return triton.pva_forward_eager if eager else triton.pva_forward
+    return torch.ops.fusedloss.pva_forward.default
+
+
 def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, dim_ws=None,
              backend: str = "auto", process_group=None) -> Callable:
     """Validate one call's metadata (types, shapes, dtypes, devices) and choose the backend; returns
@@ -87,7 +106,7 @@ def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, di
             if group is None:
                 return total, terms
             values = distributed.global_means(torch.stack([*terms.values(), total]), pred.shape[0], group)
-            return values[-1], terms_of(tuple(terms), values[:-1])
+            return values[-1], terms_maker()(tuple(terms), values[:-1])
 
         return run_reference
     if dim_ws is not None and dim_ws.requires_grad:
@@ -101,8 +120,8 @@ def pva_plan(pred, target, cond_frame, config: PVAConfig, *, part_table=None, di
     part_table = part_table.to(pred.device, non_blocking=True)
     if dim_ws is not None:
         dim_ws = dim_ws.to(torch.float64).contiguous()
-    op = forward_op("pva", name, eager=is_eager(pred))
-    names = config.term_names()
+    op = operator(name, eager=is_eager(pred))
+    names, terms_of = config.term_names(), terms_maker()
     loss_type, use_last_frame, use_reg = config.loss_type, config.use_last_frame, config.use_reg
 
     def run(pred, target, cond_frame):

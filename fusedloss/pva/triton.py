@@ -32,7 +32,7 @@ from ..core.triton import (
     triton_operator,
     zeroed_counter,
 )
-from . import layout, ops
+from . import fake, layout
 
 # Statistics, in the order of a part's terms, and the part table's columns (layout.py).
 STAT_P = tl.constexpr(layout.STAT_P)
@@ -332,7 +332,7 @@ def _cond_args(pred, cond_frame, use_last_frame):
     return pred, 0, 0  # never read
 
 
-@triton_operator("fusedloss_triton::pva_forward", ops.forward_fake)
+@triton_operator("fusedloss_triton::pva_forward", fake.forward_fake)
 def pva_forward(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -345,10 +345,10 @@ def pva_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, L, D = (int(n) for n in pred.shape)  # (sizes traced as symbols are specialised here)
     P = int(part_table.shape[0])
-    K = ops.terms_per_part(use_last_frame, use_reg)
+    K = fake.terms_per_part(use_last_frame, use_reg)
     block_t, block_d, col_blocks, row_groups = _grid(pred, per_sm=4)
     partials = torch.empty((col_blocks * row_groups, P * K), dtype=acc_dtype(pred.dtype), device=pred.device)
-    terms, total = ops.empty_terms(pred, P, use_last_frame, use_reg)
+    terms, total = fake.empty_terms(pred, P, use_last_frame, use_reg)
     cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
     with on_device(pred):
         wrap_triton(pva_forward_kernel)[(col_blocks, row_groups)](
@@ -364,7 +364,7 @@ def pva_forward(
     return terms, total
 
 
-@triton_operator("fusedloss_triton::pva_backward", ops.backward_fake)
+@triton_operator("fusedloss_triton::pva_backward", fake.backward_fake)
 def pva_backward(
     grad_terms: torch.Tensor,
     grad_total: torch.Tensor,
@@ -381,7 +381,7 @@ def pva_backward(
     B, L, D = (int(n) for n in pred.shape)
     need_pred, need_target = bool(output_mask[0]), bool(output_mask[1])
     need_cond = bool(output_mask[2]) and use_last_frame
-    grad_pred, grad_target, grad_cond = ops.empty_gradients(pred, output_mask, use_last_frame)
+    grad_pred, grad_target, grad_cond = fake.empty_gradients(pred, output_mask, use_last_frame)
     if (need_pred or need_target or need_cond) and pred.numel() > 0:
         block_t, block_d, col_blocks, row_groups = _grid(pred, per_sm=8)
         cond, sc_b, sc_d = _cond_args(pred, cond_frame, use_last_frame)
@@ -395,7 +395,7 @@ def pva_backward(
                 B, L, D, part_table.shape[0],
                 pred.stride(0), pred.stride(1), pred.stride(2),
                 target.stride(0), target.stride(1), target.stride(2), sc_b, sc_d,
-                K=ops.terms_per_part(use_last_frame, use_reg),
+                K=fake.terms_per_part(use_last_frame, use_reg),
                 L1=loss_type == "l1", LAST=use_last_frame, REG=use_reg, HAS_DIMW=dim_ws is not None,
                 NEED_PRED=need_pred, NEED_TARGET=need_target, NEED_COND=need_cond,
                 ACC=_tl_acc(pred.dtype),
@@ -404,5 +404,6 @@ def pva_backward(
     return grad_pred, grad_target, grad_cond
 
 
-# The autograd of the operators (core/autograd.py), and its eager form.
-pva_forward_eager = register_terms_autograd(pva_forward, pva_backward, ops.GRAD_INPUTS)
+# The autograd of the operators (core/autograd.py), and its eager form: pred, target and cond_frame
+# (0, 1, 2) get gradients.
+pva_forward_eager = register_terms_autograd(pva_forward, pva_backward, grad_inputs=(0, 1, 2))

@@ -1,4 +1,13 @@
-"""The score losses' functional forms: validate -> choose the backend -> call its operator."""
+"""The score losses' functional forms: validate -> choose the backend -> call its operator.
+
+``score_plan`` is the whole route of a call (the modules cache it per input signature): it checks
+the inputs, resolves the backend, and returns ``run``, which calls
+  reference   ``reference.score_loss_reference`` / ``all_pairs_margin_ranking_reference``
+  cpu, cuda   ``torch.ops.fusedloss.score_forward`` (C++; its autograd is C++ too, csrc/common/autograd.h)
+  triton      this family's Triton operator ``triton.score_forward`` (its autograd: core/autograd.py),
+              eagerly as the ``autograd.Function`` ``score_forward_eager``
+  over a process group: the inputs of every rank gathered (core/distributed.py), then the same.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +18,10 @@ import torch
 from .. import backends
 from ..core import checks, distributed
 from ..core.autograd import constant, is_eager
-from ..core.registry import forward_op
-from ..core.terms import terms_of
+from ..core.terms import terms_maker
 from .config import ScoreConfig, check_inputs
 from .layout import ALL_TERMS, RANKING_ONLY, TERMS
-from .ops import finite_or_raise, status_of
+from .finite import finite_or_raise, status_of
 from .reference import all_pairs_margin_ranking_reference, score_loss_reference
 
 
@@ -101,6 +109,17 @@ def score_loss_from_config(
     return dict(run(scores, logits, labels)[1])
 
 
+def operator(backend: str, eager: bool = False):
+    """The forward operator of a fused backend: the C++ one (cpu, cuda) or this family's Triton one;
+    ``eager``: for an eager call on real tensors (Triton: the same autograd formula as an
+    ``autograd.Function`` calling the launchers, core/autograd.py)."""
+    if backend == "triton":
+        from . import triton
+
+        return triton.score_forward_eager if eager else triton.score_forward
+    return torch.ops.fusedloss.score_forward.default
+
+
 def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
                term_mask: int = ALL_TERMS, check_finite: bool = False, backend: str = "auto",
                process_group=None) -> Callable:
@@ -140,13 +159,14 @@ def score_plan(scores, logits, labels, config: ScoreConfig, *, settings=None,
         return run_reference
     # A tiny table: an asynchronous copy (from pageable memory, staged at once) never syncs.
     settings = (settings if settings is not None else config.settings()).to(scores.device, non_blocking=True)
-    op = forward_op("score", name, eager=is_eager(scores))
-    smooth_l1, ranking_sum = config.regression_type == "smoothl1", config.reduction == "sum"
+    op = operator(name, eager=is_eager(scores))
+    smooth_l1, ranking_sum, terms_of = config.regression_type == "smoothl1", config.reduction == "sum", terms_maker()
 
     # Scores and labels go to the operators as given, [B] or [B, 1]; labels are targets (constants
     # of the loss): detached.
     def run(scores, logits, labels):
-        values, total, _, _, status = op(scores, logits if with_logits else None, constant(labels), settings, term_mask,
+        labels = labels.detach() if labels.requires_grad else labels
+        values, total, _, _, status = op(scores, logits if with_logits else None, labels, settings, term_mask,
                                          smooth_l1, ranking_sum)
         if with_logits:
             if check_finite:

@@ -25,6 +25,6 @@ STATUS = {"scores": 1, "logits": 2, "total": 4}
 # walks all B partners (2048 compares per thread at B = 2048); the Triton kernel compares a
 # 64-score block with 128 partners per step on 128 threads (B / 2 compares per thread: 2048 at
 # B = 4096). At about 2048 sequential compares (~10 us) a thread costs what the sort path's extra
-# launches cost. Estimates, not yet measured on a GPU (bench/ seed shapes time both sides).
+# launches cost. Estimates, not yet measured on a GPU (the seed-shapes benchmark times both sides).
 # The CPU always sorts (measured no slower even at B = 64). CUDA's value: score_math.h.
 ALL_PAIRS_MAX = {"cuda": 2048, "triton": 4096}

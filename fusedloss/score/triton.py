@@ -34,7 +34,7 @@ from ..core.triton import (
     triton_operator,
     zeroed_counter,
 )
-from . import layout, ops
+from . import fake, layout
 
 # Up to this many scores the forward compares every pair; beyond, it sorts (layout.py says why).
 ALL_PAIRS_MAX = layout.ALL_PAIRS_MAX["triton"]
@@ -261,7 +261,7 @@ def _term_flags(term_mask: int) -> dict:
                 RANK=bool(term_mask & bits["ranking"]))
 
 
-@triton_operator("fusedloss_triton::score_forward", ops.forward_fake)
+@triton_operator("fusedloss_triton::score_forward", fake.forward_fake)
 def score_forward(
     scores: torch.Tensor,
     logits: Optional[torch.Tensor],
@@ -273,7 +273,7 @@ def score_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B = int(scores.shape[0])  # (sizes traced as symbols are specialised here)
     acc = acc_dtype(scores.dtype)
-    out_terms, total, counts, rank_scale, status = ops.forward_fake(
+    out_terms, total, counts, rank_scale, status = fake.forward_fake(
         scores, logits, labels, settings, term_mask, smooth_l1, ranking_sum)
     flags = _term_flags(term_mask)
     sorted_ = flags["RANK"] and B > ALL_PAIRS_MAX
@@ -301,7 +301,7 @@ def score_forward(
     return out_terms, total, counts, rank_scale, status
 
 
-@triton_operator("fusedloss_triton::score_backward", ops.backward_fake)
+@triton_operator("fusedloss_triton::score_backward", fake.backward_fake)
 def score_backward(
     grad_terms: torch.Tensor,
     grad_total: torch.Tensor,
@@ -316,7 +316,7 @@ def score_backward(
     ranking_sum: bool,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_scores, grad_logits = ops.backward_fake(grad_terms, grad_total, counts, rank_scale, scores, logits, labels,
+    grad_scores, grad_logits = fake.backward_fake(grad_terms, grad_total, counts, rank_scale, scores, logits, labels,
                                                   settings, term_mask, smooth_l1, ranking_sum, output_mask)
     need = (grad_scores.numel() > 0, grad_logits.numel() > 0)
     B = int(scores.shape[0])
@@ -337,7 +337,7 @@ def score_backward(
     return grad_scores, grad_logits
 
 
-# The autograd of the operators (core/autograd.py), and its eager form; counts and rank_scale are
-# the aux outputs, labels (2) a constant of the loss.
-score_forward_eager = register_terms_autograd(score_forward, score_backward, ops.GRAD_INPUTS, num_aux=2,
+# The autograd of the operators (core/autograd.py), and its eager form: scores and logits (0, 1)
+# get gradients; counts and rank_scale are the aux outputs; labels (2) are a constant of the loss.
+score_forward_eager = register_terms_autograd(score_forward, score_backward, grad_inputs=(0, 1), num_aux=2,
                                               constants=(2,))

@@ -1,11 +1,10 @@
-"""Full trainers of the three seed systems, on the fused losses.
+"""Full trainers of KoeMorph, Ditto and TIGAS, on the fused losses.
 
     from fusedloss.trainers import TrainConfig, train
     result = train("score", TrainConfig(steps=200, backend="auto", out="runs/score"))
 
-``train(name, config)`` with name ``"blendshape"`` (KoeMorph, seeds 000/001/003; ``variant=
-"sequential"`` for seed 001's streams), ``"motion"`` (Ditto, seed 002) or ``"score"`` (TIGAS,
-seed 004). The same runs from the command line: ``fusedloss train {blendshape,motion,score}``.
+``train(name, config)`` with name ``"blendshape"`` (KoeMorph; ``variant=
+"sequential"`` for its streams), ``"motion"`` (Ditto) or ``"score"`` (TIGAS). The same runs from the command line: ``fusedloss train {blendshape,motion,score}``.
 Each trainer has built-in synthetic data with real structure; ``data=<folder of .npz files>``
 trains on real data instead (formats in each module's docstring and ``data.py``).
 """
@@ -40,7 +39,7 @@ def config_for(name: str, **options) -> TrainConfig:
 
 
 def train(name: str, config: TrainConfig | None = None, **options) -> TrainResult:
-    """Train the seed system ``name``; ``options`` are ``TrainConfig`` fields (with the trainer's
+    """Train the system ``name``; ``options`` are ``TrainConfig`` fields (with the trainer's
     defaults) when no ``config`` is given."""
     if config is not None and options:
         raise TypeError("give either a TrainConfig or keyword options, not both")

@@ -1,11 +1,11 @@
-"""KoeMorph's trainers (seeds 000, 001, 003): audio (mel frames) -> 52 ARKit blendshapes.
+"""KoeMorph's trainers (clip and sequential): audio (mel frames) -> 52 ARKit blendshapes.
 
 Two variants, one model:
 
-- ``clip`` (seed 003): mel frames ``[B, 300, 80]`` -> encoder -> multi-head attention from 52
+- ``clip``: mel frames ``[B, 300, 80]`` -> encoder -> multi-head attention from 52
   learned blendshape queries -> MLP decoder -> sigmoid -> ``[B, 52]``, the blendshapes of the
-  window's last frame. ``BlendshapeLoss()`` with seed 000's weights (mse 1, l1 0.1, perceptual 0.5).
-- ``sequential`` (seed 001): each of the B batch rows is a *stream* walking through one file; the
+  window's last frame. ``BlendshapeLoss()`` with KoeMorph's weights (mse 1, l1 0.1, perceptual 0.5).
+- ``sequential``: each of the B batch rows is a *stream* walking through one file; the
   model sees a causal window ending at the stream's frame, predicts that frame (``raw_pred``) and
   smooths it with its previous prediction through a learned per-blendshape factor
   ``pred = a * raw_pred + (1 - a) * prev``. The loss adds the dual-stream perceptual groups
@@ -13,7 +13,7 @@ Two variants, one model:
   ``consistency = (pred - prev)^2`` against the same stream's previous prediction (rows that
   just moved to a new file pass ``prev = pred``, which contributes zero value and gradient).
   Streams advance by a stride that goes coarse to dense (32, 16, 8, then 1 for the last quarter),
-  and the loss weights follow seed 001's sparse (stride > 1) or dense (stride 1) table.
+  and the loss weights follow the sequential trainer's sparse (stride > 1) or dense (stride 1) table.
 
 Data: a synthetic "talking" corpus (``talking_file``): visemes with their own spectral templates
 drive mouth blendshapes with co-articulation lag, an emotion tilts the spectrum and sets
@@ -31,8 +31,8 @@ from . import data
 from .engine import Task, TrainConfig
 
 NUM_BLENDSHAPES, MEL_BINS = 52, 80
-MOUTH, EXPRESSION = list(range(12, 22)), list(range(10))   # seed 001's dual-stream groups
-# Seed 001's loss weights by stride; its "temporal" weight is the consistency term here.
+MOUTH, EXPRESSION = list(range(12, 22)), list(range(10))   # the sequential trainer's dual-stream groups
+# The sequential trainer's loss weights by stride; its "temporal" weight is the consistency term here.
 SPARSE_WEIGHTS = {"perceptual_weight": 0.7, "consistency_weight": 0.1, "smoothing_weight": 0.05}
 DENSE_WEIGHTS = {"perceptual_weight": 0.5, "consistency_weight": 0.3, "smoothing_weight": 0.15}
 STRIDES = ((0.0, 32), (0.25, 16), (0.5, 8), (0.75, 1))   # (fraction of training, stride)
@@ -75,7 +75,7 @@ def talking_file(g: torch.Generator, frames: int = FILE_FRAMES) -> dict[str, tor
 
 
 class BlendshapeModel(nn.Module):
-    """Seed 003's model: mel ``[B, T, M]`` -> ``[B, K]`` blendshapes of the last frame, in (0, 1).
+    """The clip model: mel ``[B, T, M]`` -> ``[B, K]`` blendshapes of the last frame, in (0, 1).
 
     encoder (Linear-ReLU-Dropout-Linear per frame) -> multi-head attention from K learned
     blendshape queries over the frames -> MLP decoder (a shared hidden layer, then each
@@ -112,7 +112,7 @@ class BlendshapeModel(nn.Module):
 
 
 class SequentialBlendshapeModel(nn.Module):
-    """Seed 001's variant: the clip model's last-frame prediction ``raw``, smoothed with the
+    """The sequential variant: the clip model's last-frame prediction ``raw``, smoothed with the
     stream's previous prediction by a learned factor ``a = sigmoid(smoothing)`` per blendshape:
     ``pred = a * raw + (1 - a) * prev`` where a previous prediction exists, else ``raw``."""
 
@@ -155,7 +155,7 @@ class _BlendshapeTask(Task):
 
 
 class ClipTask(_BlendshapeTask):
-    """Seed 003: a window of mel frames -> the blendshapes of its last frame."""
+    """KoeMorph's clip trainer: a window of mel frames -> the blendshapes of its last frame."""
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config, default_window=300)
@@ -196,7 +196,7 @@ class ClipTask(_BlendshapeTask):
 
 
 class SequentialTask(_BlendshapeTask):
-    """Seed 001: streams through files, learned smoothing, consistency, stride schedule."""
+    """KoeMorph's sequential trainer: streams through files, learned smoothing, consistency, stride schedule."""
 
     name = "blendshape-sequential"
     VAL_FRAMES = 48
@@ -215,7 +215,7 @@ class SequentialTask(_BlendshapeTask):
                               **SPARSE_WEIGHTS)
 
     def schedule(self, step, loss_fn):
-        """Seed 001: coarse to dense strides, and the sparse or dense loss weights."""
+        """Coarse to dense strides, and the sparse or dense loss weights."""
         fraction = step / self.config.steps
         self.stride = [s for start, s in STRIDES if fraction >= start][-1]
         for name, value in (DENSE_WEIGHTS if self.stride == 1 else SPARSE_WEIGHTS).items():

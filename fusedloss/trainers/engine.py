@@ -1,9 +1,9 @@
-"""The training loop the three seed systems' trainers share.
+"""The training loop the three trainers (KoeMorph, Ditto, TIGAS) share.
 
 A trainer is a ``Task`` (model, data, loss, validation metric: ``blendshape.py``, ``motion.py``,
-``score.py``) run by ``train(task, config)``, which owns everything the seeds have in common:
+``score.py``) run by ``train(task, config)``, which owns everything they have in common:
 AdamW with a linear warm-up and cosine decay, mixed precision where the device supports it,
-gradient accumulation, clipping, seed 003's gradient checks, a periodic fused-vs-reference check,
+gradient accumulation, clipping, KoeMorph's gradient checks, a periodic fused-vs-reference check,
 validation, logging (``metrics.py``) and checkpoints that resume exactly.
 
 Determinism: every batch is a pure function of ``(seed, micro-batch number)`` and validation draws
@@ -43,7 +43,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 10               # steps of linear warm-up before the cosine decay
-    clip: float = 1.0              # max gradient norm (seed 003); 0 turns clipping off
+    clip: float = 1.0              # max gradient norm (KoeMorph's); 0 turns clipping off
     accum: int = 1                 # micro-batches per optimiser step
     amp: str = "auto"              # auto (bf16, else fp16, on CUDA; off on CPU) | off | bf16 | fp16
     width: int = 64                # model width (channels / d_model)
@@ -54,7 +54,7 @@ class TrainConfig:
     val_every: int = 50
     ckpt_every: int = 100
     check_reference: int = 0       # every N steps compare the fused loss with the reference; 0: never
-    grad_checks: bool = False      # seed 003's missing / zero / exploding gradient checks
+    grad_checks: bool = False      # KoeMorph's missing / zero / exploding gradient checks
     out: str | None = None         # output folder (metrics, checkpoint, plot); None: nothing written
     resume: bool = False           # continue from <out>/checkpoint.pt when it exists
     progress: bool = True          # progress bar (tqdm when installed)
@@ -66,7 +66,7 @@ class TrainConfig:
 
 
 class Task:
-    """One seed system: subclasses define the model, data, loss and validation metric.
+    """One trained system: subclasses define the model, data, loss and validation metric.
 
     ``forward`` returns the loss's keyword arguments (the *loss inputs*), so the engine can
     recompute the same loss with the reference backend on them (``--check-reference``).
@@ -171,7 +171,7 @@ def warmup_cosine(warmup: int, steps: int):
 
 
 class GradientChecks:
-    """Seed 003's checks, per parameter: no gradient, a zero gradient, or a norm above ``limit``.
+    """KoeMorph's gradient checks, per parameter: no gradient, a zero gradient, or a norm above ``limit``.
 
     One ``torch._foreach_norm`` per step gives every parameter's gradient norm in a single
     multi-tensor launch; the running min/max stay on the device and are read once per report

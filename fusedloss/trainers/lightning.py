@@ -1,4 +1,4 @@
-"""The seed systems as a PyTorch Lightning module: the fused losses inside an existing trainer.
+"""The trainers as a PyTorch Lightning module: the fused losses inside an existing trainer.
 
 Optional extra: ``pip install "fusedloss[lightning]"``. The module wraps the same ``Task`` as
 ``fusedloss.trainers`` (model, data, fused loss, validation metric), so Lightning owns the loop
@@ -6,9 +6,9 @@ Optional extra: ``pip install "fusedloss[lightning]"``. The module wraps the sam
 the module's loss::
 
     import lightning as L
-    from fusedloss.trainers.lightning import SeedSystemModule
+    from fusedloss.trainers.lightning import TrainerModule
 
-    module = SeedSystemModule("score", steps=200, backend="auto")
+    module = TrainerModule("score", steps=200, backend="auto")
     L.Trainer(max_steps=200, gradient_clip_val=1.0).fit(module)
 
 With Lightning's own accumulation, clipping and precision, leave ``accum``, ``clip`` and ``amp``
@@ -44,8 +44,8 @@ class _Batches(IterableDataset):
         return (self.task.shard(self.task.batch(i, torch.device("cpu"))) for i in range(self.count))
 
 
-class SeedSystemModule(L.LightningModule):
-    """``SeedSystemModule(trainer, **options)``: ``trainer`` is "blendshape", "motion" or "score";
+class TrainerModule(L.LightningModule):
+    """``TrainerModule(trainer, **options)``: ``trainer`` is "blendshape", "motion" or "score";
     ``options`` are ``fusedloss.trainers.TrainConfig`` fields (steps, batch, backend, lr, ...)."""
 
     def __init__(self, trainer: str, **options) -> None:

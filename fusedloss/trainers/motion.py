@@ -1,4 +1,4 @@
-"""Ditto's trainer (seed 002): a transformer denoiser for talking-head motion, diffusion with x0
+"""Ditto's trainer: a transformer denoiser for talking-head motion, diffusion with x0
 prediction, trained with ``PVALoss`` (six parts, position / velocity / acceleration, plus the
 last-frame term against the condition frame) on 265-dim motion of 80 frames.
 

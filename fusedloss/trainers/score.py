@@ -1,4 +1,4 @@
-"""TIGAS's trainer (seed 004): a small CNN scores images as real (1) or generated (0), with a
+"""TIGAS's trainer: a small CNN scores images as real (1) or generated (0), with a
 sigmoid score head and a two-class head, trained with ``CombinedLoss`` (regression +
 classification + all-pairs margin ranking) and its fail-fast on NaN/Inf; mixed precision on
 GPUs (the engine's ``amp``), gradient accumulation (``accum``) and clipping.

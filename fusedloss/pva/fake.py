@@ -1,4 +1,5 @@
-"""The PVA operators' Python side, shared by the C++ (cpu, cuda) and Triton backends.
+"""The PVA operators' fake implementations (their outputs' shapes and dtypes, for
+torch.compile and FakeTensorMode), shared by the C++ (cpu, cuda) and Triton operators.
 
 ``fusedloss::pva_forward(pred, target, cond_frame?, part_table, dim_ws?, loss_type, use_last_frame,
 use_reg) -> (terms [P*K], total [])`` computes every term of every part, the terms of a part in
@@ -42,6 +43,3 @@ def backward_fake(grad_terms, grad_total, pred, target, cond_frame, part_table, 
                   use_last_frame, use_reg, output_mask):
     return empty_gradients(pred, output_mask, use_last_frame)
 
-
-# Positions of pred, target and cond_frame among the operator's inputs: the ones with gradients.
-GRAD_INPUTS = (0, 1, 2)

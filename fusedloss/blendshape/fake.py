@@ -1,4 +1,5 @@
-"""The blendshape operators' Python side, shared by the C++ (cpu, cuda) and Triton backends.
+"""The blendshape operators' fake implementations (their outputs' shapes and dtypes, for
+torch.compile and FakeTensorMode), shared by the C++ (cpu, cuda) and Triton operators.
 
 ``fusedloss::blendshape_forward(pred, target, raw_pred?, prev_pred?, settings, group_coef?,
 landmark_gram?, landmark_rows, term_mask) -> (terms [n], total [], col_stats [2, C])`` computes
@@ -45,6 +46,3 @@ def backward_fake(grad_terms, grad_total, col_stats, pred, target, raw_pred, pre
                   landmark_gram, landmark_rows, term_mask, output_mask):
     return empty_gradients(pred, output_mask, raw_pred is not None)
 
-
-# pred, target and raw_pred receive gradients; prev_pred (3) is a constant of the loss (no gradient).
-GRAD_INPUTS = (0, 1, 2)
