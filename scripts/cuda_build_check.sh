@@ -9,6 +9,7 @@
 #   bash scripts/cuda_build_check.sh                       # everything below
 #   bash scripts/cuda_build_check.sh -m "not simt" -x      # pytest arguments for the suite
 #   FUSEDLOSS_CUDA_VENV=/path/to/venv bash scripts/cuda_build_check.sh
+#   FUSEDLOSS_BUILD_CHECK_WORK=/tmp/check bash scripts/cuda_build_check.sh   # keep the builds there
 #
 # 1. A scratch venv (FUSEDLOSS_CUDA_VENV, default ~/.cache/fusedloss/venv-torch-$TORCH-cuda; made
 #    once, reused) with the registry's CUDA build of torch==$TORCH (the torch install.sh installs
@@ -62,4 +63,5 @@ print(f"cuda_build_check: torch {torch.__version__} (CUDA {torch.version.cuda}, 
       + ", ".join(f"{p} {md.version(p)}" for p in ("pytest", "pytest-benchmark", "hypothesis")))
 assert torch.version.cuda is not None, "the registry gave a CPU build of torch"
 PY
-exec "$PY" scripts/build_check.py --tests -- -p no:cacheprovider "$@"
+exec "$PY" scripts/build_check.py --tests ${FUSEDLOSS_BUILD_CHECK_WORK:+--work "$FUSEDLOSS_BUILD_CHECK_WORK"} \
+  -- -p no:cacheprovider "$@"

@@ -151,11 +151,15 @@ def load_setup_py():
     return module
 
 
-def test_without_gpu_or_variable_the_builds_take_torchs_architectures(cuda_torch_without_gpu, monkeypatch, tmp_path):
-    """No GPU and no TORCH_CUDA_ARCH_LIST: setup.py and the build on first use compile for every
-    architecture torch was built for. torch's own default, the visible GPUs' architectures, raises
-    IndexError when there is none (torch 2.13); the -gencode flags keep torch from using it."""
+def test_without_gpu_or_variable_the_builds_take_torchs_architectures(cuda_torch_without_gpu, monkeypatch, tmp_path,
+                                                                     capsys):
+    """No GPU and no TORCH_CUDA_ARCH_LIST: setup.py, the build on first use and CMake compile for
+    every architecture torch was built for. torch's own default, the visible GPUs' architectures,
+    raises IndexError when there is none (torch 2.13); the -gencode flags keep torch from using it."""
     assert build.cuda_arch_list(os.environ, build.torch_cuda_arches(torch)) == "7.5;8.0;8.6;9.0;10.0;12.0"
+    # What CMakeLists.txt reads (`python fusedloss/core/build.py cuda-arch-list`).
+    assert build.main(["cuda-arch-list"]) == 0
+    assert capsys.readouterr().out == "7.5;8.0;8.6;9.0;10.0;12.0\n"
     # The build on first use.
     monkeypatch.setattr(build, "find_cuda_home", lambda environ: str(tmp_path))
     arch_list, no_cuda = extension.cuda_build_plan()
