@@ -239,6 +239,7 @@ def test_build_on_first_use_keeps_the_cpu_kernels_when_cuda_fails(monkeypatch, c
         if with_cuda:
             raise RuntimeError("Error building extension 'fusedloss_ops_cuda':\n...\nnvcc fatal : Unsupported gpu architecture 'compute_75'")
 
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(extension, "cuda_build_plan", lambda: ("7.5;9.0", None))
     monkeypatch.setattr(extension, "_compile", compile_)
     monkeypatch.setattr(extension, "_state", {**extension._state, "no_cuda": None})
@@ -254,3 +255,9 @@ def test_build_on_first_use_keeps_the_cpu_kernels_when_cuda_fails(monkeypatch, c
     monkeypatch.setattr(extension, "load", lambda: True)
     reason = backends.unavailable_reason("cuda", "cuda")
     assert "without CUDA kernels" in reason and "Unsupported gpu architecture" in reason
+    # No toolkit: the CPU kernels alone, and why.
+    compiled.clear()
+    monkeypatch.setattr(extension, "cuda_build_plan", lambda: (None, "no CUDA toolkit was found"))
+    extension._jit_build()
+    assert compiled == [False] and extension.no_cuda_reason() == "no CUDA toolkit was found"
+    assert "building the CPU kernels alone: no CUDA toolkit was found" in capsys.readouterr().err

@@ -98,12 +98,14 @@ def _jit_build() -> None:
         flush=True,
     )
     if arch_list is not None:
-        nvcc_flags = build.nvcc_flags(os.environ, arch_list)
         try:
-            _compile(cpp, True, nvcc_flags)
+            _compile(cpp, True, build.nvcc_flags(os.environ, arch_list))
             return
         except Exception as exc:  # keep the CPU backend: build the CPU kernels alone
             no_cuda = f"its CUDA part did not compile ({type(exc).__name__}):\n{_last_lines(str(exc))}"
+    import torch
+
+    if torch.version.cuda is not None:  # (a CPU build of torch expects no CUDA kernels)
         print(f"fusedloss: building the CPU kernels alone: {no_cuda}", file=sys.stderr, flush=True)
     _state["no_cuda"] = no_cuda
     _compile(cpp, False, None)
