@@ -261,3 +261,19 @@ def test_build_on_first_use_keeps_the_cpu_kernels_when_cuda_fails(monkeypatch, c
     extension._jit_build()
     assert compiled == [False] and extension.no_cuda_reason() == "no CUDA toolkit was found"
     assert "building the CPU kernels alone: no CUDA toolkit was found" in capsys.readouterr().err
+
+
+def test_nvrtc_from_the_toolkit_else_from_torchs_wheels(tmp_path):
+    """CMake links NVRTC through Torch's package: a toolkit installed without it (only nvcc and the
+    runtime) takes the copy torch's CUDA wheels put beside torch."""
+    toolkit, site = tmp_path / "cuda", tmp_path / "site-packages"
+    (toolkit / "lib64").mkdir(parents=True)
+    (site / "torch").mkdir(parents=True)
+    wheel = site / "nvidia" / "cu13" / "lib"
+    wheel.mkdir(parents=True)
+    for name in ("libnvrtc-builtins.so.13.0", "libnvrtc.alt.so.13", "libnvrtc.so.13"):
+        (wheel / name).write_text("")
+    assert build.nvrtc_library(str(toolkit), str(site / "torch")) == str(wheel / "libnvrtc.so.13")
+    (toolkit / "lib64" / "libnvrtc.so").write_text("")
+    assert build.nvrtc_library(str(toolkit), str(site / "torch")) == str(toolkit / "lib64" / "libnvrtc.so")
+    assert build.nvrtc_library(None, str(tmp_path / "elsewhere" / "torch")) is None

@@ -164,9 +164,24 @@ def find_cuda_home(environ) -> str | None:
     return "/usr/local/cuda" if is_cuda_toolkit("/usr/local/cuda") else None
 
 
+def nvrtc_library(cuda_home: str | None, torch_dir: str) -> str | None:
+    """The NVRTC library that Torch's CMake package links: the toolkit's, else the copy that torch's
+    CUDA wheels install beside it (``site-packages/nvidia/*/lib``), for a toolkit installed
+    without NVRTC (only nvcc and the runtime, as on the project's machines)."""
+    folders = [Path(cuda_home) / sub for sub in ("lib64", "lib")] if cuda_home else []
+    folders += sorted(Path(cuda_home).glob("targets/*/lib")) if cuda_home else []
+    for folder in folders:
+        if (folder / "libnvrtc.so").exists():
+            return str(folder / "libnvrtc.so")
+    wheels = sorted(Path(torch_dir).parent.glob("nvidia/*/lib/libnvrtc.so*"))
+    wheels = [p for p in wheels if re.fullmatch(r"libnvrtc\.so(\.\d+)*", p.name)]
+    return str(wheels[0]) if wheels else None
+
+
 def main(argv: list[str]) -> int:
     """``cuda-arch-list``: the TORCH_CUDA_ARCH_LIST to build for (nothing for a CPU build of torch);
-    ``cuda-home``: the CUDA toolkit (nothing when none is found). For CMakeLists.txt."""
+    ``cuda-home``: the CUDA toolkit; ``cuda-nvrtc``: its NVRTC library (``nvrtc_library``);
+    (nothing when none is found). For CMakeLists.txt."""
     if argv == ["cuda-arch-list"]:
         import torch
 
@@ -176,7 +191,12 @@ def main(argv: list[str]) -> int:
     if argv == ["cuda-home"]:
         print(find_cuda_home(os.environ) or "")
         return 0
-    print("usage: python fusedloss/core/build.py cuda-arch-list | cuda-home", file=sys.stderr)
+    if argv == ["cuda-nvrtc"]:
+        import torch
+
+        print(nvrtc_library(find_cuda_home(os.environ), os.path.dirname(torch.__file__)) or "")
+        return 0
+    print("usage: python fusedloss/core/build.py cuda-arch-list | cuda-home | cuda-nvrtc", file=sys.stderr)
     return 2
 
 

@@ -91,7 +91,7 @@ def _jit_build() -> None:
     arch_list, no_cuda = cuda_build_plan()
     print(
         "fusedloss: the C++ extension is not built; compiling it now with ninja, once "
-        + (f"(CPU kernels, and CUDA kernels for {build.ARCH_VARIABLE}={arch_list}: about a minute per "
+        + (f"(CPU kernels, and CUDA kernels for {build.ARCH_VARIABLE}={arch_list}: minutes per "
            f"architecture; set {build.ARCH_VARIABLE} to build for fewer)..." if arch_list
            else "(CPU kernels, about a minute)..."),
         file=sys.stderr,
