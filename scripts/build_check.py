@@ -193,7 +193,7 @@ def way_cmake(work: Path, expect_cuda: bool, log) -> str:
     build = work / "build"
     env = user_env()
     run(["cmake", "-S", src, "-B", build, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], log, env=env,
-        timeout=600)
+        timeout=3600)
     run(["cmake", "--build", build, "-j", str(os.environ.get("MAX_JOBS") or os.cpu_count() or 2)], log, env=env,
         timeout=7200)
     library = build / "libfusedloss_ops.so"
