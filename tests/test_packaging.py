@@ -121,6 +121,9 @@ print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSEDLOSS_OPS_LIBRARY")}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
+    # The CPU kernels alone, also with a CUDA build of torch (its CUDA kernels would take many
+    # minutes; scripts/build_check.py's first-use way builds them from a wheel).
+    env["FUSEDLOSS_NO_CUDA"] = "1"
     result = run([python, "-c", script, str(site)], cwd=tmp_path, env=env)
     assert "ok" in result.stdout
     assert "compiling it now" in result.stderr  # the build on first use ran, from the wheel's sources
