@@ -82,9 +82,10 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
         if reason:
             return reason
         if not extension.has_kernel("pva_forward", "CUDA"):
+            why = extension.no_cuda_reason() or f"torch {torch.__version__}, CUDA {torch.version.cuda}"
             return (
-                f"the fusedloss extension was built without CUDA kernels (torch {torch.__version__}, "
-                f"CUDA {torch.version.cuda}); rebuild it where torch has CUDA and nvcc is on PATH: "
+                f"the fusedloss extension was built without CUDA kernels ({why}); rebuild it where torch has "
+                "CUDA and a CUDA toolkit is found (nvcc on PATH, or CUDA_HOME): "
                 "`pip install --no-build-isolation --no-deps -e .`"
             )
         return None

@@ -8,6 +8,10 @@ Steps, each with its own time limit inside one budget:
   build        pip install --no-build-isolation --no-deps -e . (CUDA kernels for this GPU only;
                the dry run adds pip's --dry-run)
   backends     which backends run here (on a GPU: cuda and triton must)
+  build checks scripts/build_check.py, in parallel with the tests: the build above must register the
+               CPU, CUDA and Meta kernels of every operator, and so must the other ways a user
+               builds the extension (a wheel, the wheel's build on first use, CMake), each from a
+               clean copy, for this GPU's architecture; the dry run checks the build above alone
   tests        the whole test suite but the CPU-only SIMT lane (CI runs that), with pytest-xdist
                when installed; the dry run only collects it (it is the suite that runs this)
   sanitizers   compute-sanitizer memcheck, racecheck, synccheck and initcheck over
@@ -170,6 +174,10 @@ def main(argv=None) -> int:
                             == 0 else [])
     tests = Step("tests", [PY, "-m", "pytest", "tests", "-m", "not simt", "-q", "-rfE", "-p", "no:cacheprovider",
                            *xdist, *(["--collect-only"] if dry else [])], 210, env={"FUSEDLOSS_GPU_CHECK": "1"})
+    build_checks = Step("build checks", [PY, "scripts/build_check.py", "--ways",
+                                         "current" if dry else "current,cmake,wheel,first-use", "--parallel"], 210,
+                        env={"MAX_JOBS": str(max(1, (os.cpu_count() or 4) // 4)),
+                             **({"TORCH_CUDA_ARCH_LIST": arch} if arch else {})})
     kernels = [PY, "scripts/gpu_kernels.py"] + (["--device", "cpu", "--dtypes", "float32"] if dry else [])
     sanitizers = []
     if dry or sanitizer is None:
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
                                              "--world", "1" if has_gpu else "2", "--out", str(out),
                                              *(["--rounds", "1", "--iterations", "2"] if dry else [])], 60)
 
-    stages = [[env_step], [build], [backends_step], [tests, *sanitizers], [bench], [bench_group]]
+    stages = [[env_step], [build], [backends_step], [tests, build_checks, *sanitizers], [bench], [bench_group]]
     for stage in stages:
         for s in stage:
             s.timeout = min(s.timeout, left() - 5)

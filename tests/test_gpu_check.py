@@ -28,7 +28,8 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in result.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| step")}
-    for step in ("environment", "build", "backends", "tests", "gpu_kernels.py", "bench", "bench distributed"):
+    for step in ("environment", "build", "backends", "build checks", "tests", "gpu_kernels.py", "bench",
+                 "bench distributed"):
         assert rows.get(step) == "ok", f"{step}: {rows.get(step)}\n{result.stdout}"
     for tool in ("memcheck", "racecheck", "synccheck", "initcheck"):
         assert rows[f"sanitizer {tool}"] == "skipped: needs a GPU"
@@ -37,6 +38,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert next(tmp_path.glob("distributed-*-W2.md"), None) is not None
     log = (tmp_path / f"{stem}-gpu-check.log").read_text()
     assert "Would install fusedloss" in log and "all kernels ran" in log and "tests collected" in log
+    assert "build_check current: ok: 6 operators x CPU" in log
 
 
 @pytest.mark.parametrize("output,code,status", [

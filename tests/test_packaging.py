@@ -83,6 +83,17 @@ def test_sdist_and_wheel_carry_every_csrc_file(dists):
     assert expected <= in_wheel, f"missing from the wheel: {sorted(expected - in_wheel)}"
 
 
+def test_wheel_carries_every_python_module(dists):
+    """Every .py file of the package in the checkout is in the wheel (a subpackage missing from
+    setup.py's list would be left out)."""
+    _, wheel = dists
+    expected = {f for f in checkout_files() if f.startswith("fusedloss/") and f.endswith(".py")}
+    assert "fusedloss/integrations/tigas.py" in expected
+    with zipfile.ZipFile(wheel) as whl:
+        in_wheel = {n for n in whl.namelist() if n.startswith("fusedloss/") and n.endswith(".py")}
+    assert expected <= in_wheel, f"missing from the wheel: {sorted(expected - in_wheel)}"
+
+
 def test_wheel_compiles_and_runs_the_cpu_kernels_on_first_use(dists, tmp_path):
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
@@ -110,6 +121,9 @@ print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSEDLOSS_OPS_LIBRARY")}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
+    # The CPU kernels alone, also with a CUDA build of torch (its CUDA kernels would take many
+    # minutes; scripts/build_check.py's first-use way builds them from a wheel).
+    env["FUSEDLOSS_NO_CUDA"] = "1"
     result = run([python, "-c", script, str(site)], cwd=tmp_path, env=env)
     assert "ok" in result.stdout
     assert "compiling it now" in result.stderr  # the build on first use ran, from the wheel's sources

@@ -144,3 +144,30 @@ def test_lightning_ddp_trains_like_one_process():
     one = train(trainer, config_for(trainer, **options, steps=3, progress=False, tensorboard=False, device="cpu"))
     for (name, a), b in zip(module.model.state_dict().items(), one.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_finished_run_meets_the_other_ranks_before_leaving(monkeypatch):
+    """The engine's teardown: after a finished run a barrier, then the group is destroyed (gloo's
+    worker has then released the last collectives' tensors before the process can exit:
+    trainers/distributed.py ``leave``); after an error no barrier, which other ranks may never reach."""
+    from fusedloss.trainers import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    ranks = distributed.Ranks(world=2, rank=1, group=None, owns_group=True)
+    monkeypatch.setattr(distributed, "join", lambda device: (ranks, device))
+    config = config_for("score", **{**CASES["score"][1], **RUN})
+    monkeypatch.setattr(engine, "_train", lambda *args: "done")
+    assert engine.train(make_task("score", config), config) == "done"
+    assert calls == ["barrier", "destroy"]
+
+    def fails(*args):
+        raise KeyboardInterrupt
+
+    calls.clear()
+    monkeypatch.setattr(engine, "_train", fails)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(make_task("score", config), config)
+    assert calls == ["destroy"]

@@ -3,8 +3,11 @@
 ``setup.py`` builds it ahead of time as ``fusedloss._C`` (with the CUDA kernels when torch has
 CUDA). A package without that module, e.g. a source checkout used through ``PYTHONPATH``,
 compiles the same sources on first use with ninja (``torch.utils.cpp_extension.load``), saying so
-once. ``FUSEDLOSS_OPS_LIBRARY=/path/to/libfusedloss_ops.so`` loads a library built with
-``CMakeLists.txt`` instead.
+once: the CPU and CUDA kernels when torch has CUDA and a CUDA toolkit is found (for the
+architectures ``build.cuda_arch_list`` chooses), else, or when the CUDA part does not compile, the
+CPU kernels alone, saying why the CUDA ones are missing (``no_cuda_reason()``).
+``FUSEDLOSS_NO_CUDA=1`` builds the CPU kernels alone. ``FUSEDLOSS_OPS_LIBRARY=/path/to/
+libfusedloss_ops.so`` loads a library built with ``CMakeLists.txt`` instead.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from . import build
 
 _lock = threading.Lock()
-_state: dict = {"loaded": False, "error": None}
+_state: dict = {"loaded": False, "error": None, "no_cuda": None}
 
 
 def csrc_dir() -> Path:
@@ -35,33 +38,77 @@ def op_sources(with_cuda: bool) -> list[str]:
     return [str(p) for p in build.op_sources(csrc_dir(), with_cuda)]
 
 
-def _cuda_toolchain() -> bool:
+def cpp_extension():
+    """``torch.utils.cpp_extension``, its ``CUDA_HOME`` the toolkit ``build.find_cuda_home`` finds.
+    torch fixes that module global at import from the folder above the ``nvcc`` on PATH, which is
+    not the toolkit when that ``nvcc`` is a wrapper script; every build function reads the global."""
+    import torch.utils.cpp_extension as cpp
+
+    home = build.find_cuda_home(os.environ)
+    if home is not None:
+        cpp.CUDA_HOME = home
+    return cpp
+
+
+def cuda_build_plan() -> tuple[str | None, str | None]:
+    """(the TORCH_CUDA_ARCH_LIST the build on first use compiles the CUDA kernels for, None), or
+    (None, why it compiles no CUDA kernels)."""
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a build without CUDA"
+    if os.environ.get("FUSEDLOSS_NO_CUDA") == "1":
+        return None, "FUSEDLOSS_NO_CUDA=1 is set"
+    if build.find_cuda_home(os.environ) is None:
+        return None, "no CUDA toolkit was found (no nvcc on PATH, CUDA_HOME unset, no /usr/local/cuda)"
+    try:
+        return build.cuda_arch_list(os.environ, build.torch_cuda_arches(torch)), None
+    except (RuntimeError, ValueError) as exc:
+        return None, str(exc)
 
 
-def _jit_build() -> None:
-    """Compile the extension with ninja into torch's extension cache."""
-    from torch.utils.cpp_extension import load
-
-    with_cuda = _cuda_toolchain()
-    print(
-        f"fusedloss: the C++ extension is not built; compiling it now with ninja "
-        f"({'CPU and CUDA' if with_cuda else 'CPU'} kernels, about a minute, once)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    load(
+def _compile(cpp, with_cuda: bool, nvcc_flags: list[str] | None) -> None:
+    cpp.load(
         name="fusedloss_ops" + ("_cuda" if with_cuda else ""),
         sources=op_sources(with_cuda),
         extra_cflags=build.cxx_flags(with_cuda),
-        extra_cuda_cflags=build.nvcc_flags() if with_cuda else None,
+        extra_cuda_cflags=nvcc_flags,
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=False,
     )
+
+
+def _last_lines(text: str, count: int = 12) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(lines[-count:])
+
+
+def _jit_build() -> None:
+    """Compile the extension with ninja into torch's extension cache: with the CUDA kernels when
+    ``cuda_build_plan`` allows it and they compile, else the CPU kernels alone."""
+    cpp = cpp_extension()
+    arch_list, no_cuda = cuda_build_plan()
+    print(
+        "fusedloss: the C++ extension is not built; compiling it now with ninja, once "
+        + (f"(CPU kernels, and CUDA kernels for {build.ARCH_VARIABLE}={arch_list}: minutes per "
+           f"architecture; set {build.ARCH_VARIABLE} to build for fewer)..." if arch_list
+           else "(CPU kernels, about a minute)..."),
+        file=sys.stderr,
+        flush=True,
+    )
+    if arch_list is not None:
+        try:
+            _compile(cpp, True, build.nvcc_flags(os.environ, arch_list))
+            return
+        except Exception as exc:  # keep the CPU backend: build the CPU kernels alone
+            no_cuda = f"its CUDA part did not compile ({type(exc).__name__}):\n{_last_lines(str(exc))}"
+    import torch
+
+    if torch.version.cuda is not None:  # (a CPU build of torch expects no CUDA kernels)
+        print(f"fusedloss: building the CPU kernels alone: {no_cuda}", file=sys.stderr, flush=True)
+    _state["no_cuda"] = no_cuda
+    _compile(cpp, False, None)
 
 
 def load() -> bool:
@@ -93,6 +140,12 @@ def load() -> bool:
 
 def error() -> str | None:
     return _state["error"]
+
+
+def no_cuda_reason() -> str | None:
+    """Why the extension built on first use has no CUDA kernels (None: it has them, or it was
+    built ahead of time)."""
+    return _state["no_cuda"]
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

@@ -63,8 +63,24 @@ def join(device: torch.device) -> tuple[Ranks | None, torch.device]:
     return Ranks(dist.get_world_size(), dist.get_rank(), dist.group.WORLD, owns), device
 
 
-def leave(ranks: Ranks | None) -> None:
+def leave(ranks: Ranks | None, finished: bool) -> None:
+    """Destroy the group the engine made. After a finished run, every rank first meets the others
+    at a barrier, which holds no tensor made in Python.
+
+    Why: gloo's worker thread drops its reference to a collective's tensors after the waiting rank
+    has already gone on. A tensor made in Python whose last reference goes there needs the GIL to
+    free its Python object. The last collective of a run is the checkpoint's
+    ``all_gather_object``, whose tensors torch drops as it returns; a rank with nothing left to do
+    (rank 1: rank 0 still writes the files) went on to exit, and when the worker, delayed on a
+    loaded machine, asked for the GIL as the interpreter began to finalize, Python ended that
+    thread inside a C++ destructor: ``terminate called without an active exception``, SIGABRT.
+    (The group cannot be relied on to join its threads: with DistributedDataParallel it outlives
+    ``destroy_process_group`` in torch 2.13.) At the barrier the rank waits for the slowest one,
+    with the GIL released, while the worker finishes with the checkpoint's tensors.
+    Not after an error: the other ranks may never reach the barrier."""
     if ranks is not None and ranks.owns_group and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

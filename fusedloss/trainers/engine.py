@@ -315,9 +315,12 @@ def train(task: Task, config: TrainConfig | None = None) -> TrainResult:
     _check_config(config)
     ranks, device = distributed.join(resolve_device(config.device))
     try:
-        return _train(task, config, ranks, device)
-    finally:
-        distributed.leave(ranks)
+        result = _train(task, config, ranks, device)
+    except BaseException:
+        distributed.leave(ranks, finished=False)
+        raise
+    distributed.leave(ranks, finished=True)
+    return result
 
 
 def _train(task: Task, config: TrainConfig, ranks, device: torch.device) -> TrainResult:
