@@ -39,12 +39,21 @@
 // a*b+c into FMAs (results may differ from a GPU's in the last bits).
 #pragma once
 
+// AddressSanitizer proper (build.py's "asan" build). The "trace" build defines SIMT_TRACE and
+// instruments the kernels with -fsanitize=kernel-address, which also defines __SANITIZE_ADDRESS__
+// but brings no ASan runtime: its accesses go to trace.cpp instead.
+#if defined(__SANITIZE_ADDRESS__) && !defined(SIMT_TRACE)
+#define SIMT_ASAN 1
+#else
+#define SIMT_ASAN 0
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #include <ucontext.h>
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -119,6 +128,7 @@ struct Settings {
   uint64_t seed = static_cast<uint64_t>(env_int("SIMT_SEED", 1));        // block order
   int blocks_in_flight = std::max(1, env_int("SIMT_BLOCKS_IN_FLIGHT", 2));
   int device = std::max(0, env_int("SIMT_SM_COUNT", 2) - 1);             // device d has d + 1 SMs
+  bool dry_run = false;  // launches are recorded but not run (their configuration at any size)
 };
 inline Settings& settings() {
   static Settings s;
@@ -136,10 +146,15 @@ inline void set_seed(uint64_t seed) {
 inline void set_blocks_in_flight(int n) { settings().blocks_in_flight = std::max(1, n); }
 // The kernels cache the SM count per device (cuda::sm_count), so a new count is a new device.
 inline void set_sm_count(int sms) { settings().device = std::max(1, sms) - 1; }
+inline void set_dry_run(bool dry) { settings().dry_run = dry; }
 
 // Every launch's configuration since the last clear_launches(), for tests of what a case exercises.
 struct LaunchRecord {
   dim3 grid, block;
+  const void* kernel = nullptr;   // the kernel function (tests/simt/traffic.py names it from the debug info)
+  const char* library = nullptr;  // or a library call standing in for its kernels (tests/simt/cub) ...
+  uint64_t keys = 0;              // ... of this many keys
+  int key_bytes = 0;              // ... of this size
 };
 inline std::vector<LaunchRecord>& launches() {
   static std::vector<LaunchRecord> v;
@@ -285,7 +300,7 @@ class Block {
       f.lane = tid % 32;
       f.warp = tid / 32;
       f.stack = pool.stacks[tid];
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
       ASAN_UNPOISON_MEMORY_REGION(f.stack, kFiberStack);  // frames a fiber of an earlier block left
 #endif
 #if defined(__SANITIZE_THREAD__)
@@ -374,7 +389,7 @@ class Block {
   __attribute__((no_sanitize("thread"))) static void transfer(ucontext_t* from, const ucontext_t* to,
                                                                const void* stack, size_t stack_size, void* tsan) {
     (void)stack, (void)stack_size, (void)tsan;
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
     void* fake_stack = nullptr;
     __sanitizer_start_switch_fiber(&fake_stack, stack, stack_size);
 #endif
@@ -382,7 +397,7 @@ class Block {
     __tsan_switch_to_fiber(tsan, __tsan_switch_to_fiber_no_sync);
 #endif
     swap_context(from, to);
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
     __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
   }
@@ -392,7 +407,7 @@ class Block {
   __attribute__((no_sanitize("thread"))) static void fiber_main() {
     Block* b = current_block;
     sync_acquire(&b->start_key_);
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
     if (!b->scheduler_stack_)  // the first switch into a fiber tells which stack the OS thread's is
       __sanitizer_finish_switch_fiber(nullptr, &b->scheduler_stack_, &b->scheduler_stack_size_);
     else
@@ -449,7 +464,7 @@ __attribute__((no_sanitize("thread"))) inline void Block::exit_current() {
     next_tsan = to >= 0 ? fibers_[to].tsan : scheduler_tsan_;
   }
   (void)next_stack, (void)next_stack_size, (void)next_tsan;
-#if defined(__SANITIZE_ADDRESS__)  // leaving this stack for good: no fake stack to keep
+#if SIMT_ASAN  // leaving this stack for good: no fake stack to keep
   __sanitizer_start_switch_fiber(nullptr, next_stack, next_stack_size);
 #endif
 #if defined(__SANITIZE_THREAD__)
@@ -649,7 +664,8 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     return last_error() = cudaErrorInvalidConfiguration;
-  launches().push_back({grid, block});
+  launches().push_back({grid, block, reinterpret_cast<const void*>(kernel)});
+  if (settings().dry_run) return cudaSuccess;
   // The parameters are copied once, at the launch, as on a GPU; each thread calls with copies.
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   run_grid(grid, block, [&] { std::apply(kernel, params); });
