@@ -194,8 +194,8 @@ class OpRecorder(TorchDispatchMode):
 
 @dataclass
 class Case:
-    """A loss at one shape. ``make(B) -> (leaves, run(backend) -> loss, mse())``: the inputs that
-    require grad, the loss on a backend, and one F.mse_loss on the same predictions. ``min_bytes``:
+    """A loss at one shape. ``make(B, device="cpu") -> (leaves, run(backend) -> loss, mse())``: the
+    inputs that require grad, the loss on a backend, and one F.mse_loss on the same predictions. ``min_bytes``:
     the bytes a fused forward / backward must move (fusedloss.benchmark's Case.elements, float32).
     ``traced_at``: batch sizes the kernels are traced at (None: at B itself); ``recorded_at``:
     those the eager reference is recorded at (None: at B), extrapolated to B."""
@@ -211,9 +211,9 @@ class Case:
 
 
 def _from_bench(bench_case_of, B, mse_target_index):
-    def make(b):
+    def make(b, device=torch.device("cpu")):
         case = bench_case_of(b)
-        inputs, loss = case.make(torch.device("cpu"), torch.float32)
+        inputs, loss = case.make(torch.device(device), torch.float32)
         leaf = inputs[0].detach().requires_grad_()
         rest = tuple(inputs[1:])
         return (leaf,), (lambda backend: loss((leaf,) + rest, backend)), \
@@ -224,14 +224,14 @@ def _from_bench(bench_case_of, B, mse_target_index):
 
 
 def _from_seed(seed_case, bench_case):
-    def make(b):
-        predictions, constants = seed_case.make(torch.device("cpu"))
+    def make(b, device=torch.device("cpu")):
+        predictions, constants = seed_case.make(torch.device(device))
         leaves = tuple(p.detach().requires_grad_() for p in predictions)
         modules = {}
 
         def run(backend):
             if backend not in modules:
-                modules[backend] = seed_case.module(backend)
+                modules[backend] = seed_case.module(backend).to(device)
             return seed_case.loss(modules[backend], *leaves, *constants)
 
         return leaves, run, (lambda: torch.nn.functional.mse_loss(leaves[0], constants[0]))
@@ -469,7 +469,8 @@ def fused_launches(case: Case, backend: str, full: list[Op], traced: list[tuple[
                     raise ValueError(f"{case.name}: launch {i} is {names} when traced, {launch.kernel} at B")
                 traffic = _extrapolate_traffic([(b, s[0][i].traffic()) for b, s in per_sample], case.B)
                 out.append(Launch(op.phase, "kernel", launch.kernel, 1, launch.grid, None, traffic.summary(),
-                                  traffic.dram_bytes, facts={"spec": launch.spec}))
+                                  traffic.dram_bytes, facts={"spec": launch.spec},
+                                  sites=per_sample[-1][1][0][i].sites()))
     return out
 
 

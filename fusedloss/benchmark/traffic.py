@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -174,6 +176,10 @@ class OutOfBounds:
                 f"lane(s) outside every argument buffer, first at {self.first_address:#x} ({self.nearest})")
 
 
+class OutOfBoundsError(AssertionError):
+    """A Triton kernel accessed memory outside every tensor its launch was given."""
+
+
 @dataclass
 class TritonLaunch:
     """One interpreted launch: its grid, argument buffers, and its accesses (numpy arrays)."""
@@ -181,7 +187,7 @@ class TritonLaunch:
     kernel: str
     grid: tuple
     buffers: list[Buffer]
-    chunks: list = field(default_factory=list)  # (program, access, store, addresses, size, lanes)
+    chunks: list = field(default_factory=list)  # (program, access, store, addresses, size, lanes, site)
     out_of_bounds: list[OutOfBounds] = field(default_factory=list)
     spec: dict = field(default_factory=dict)    # how to compile this variant (sm90.triton_facts)
 
@@ -194,7 +200,7 @@ class TritonLaunch:
             return Traffic()
         addresses, sizes, stores, requests = [], [], [], []
         masked = lanes = 0
-        for i, (_, _, store, addr, size, n) in enumerate(self.chunks):
+        for i, (_, _, store, addr, size, n, _) in enumerate(self.chunks):
             addresses.append(addr)
             sizes.append(np.full(len(addr), size, dtype=np.int64))
             stores.append(np.full(len(addr), store, dtype=bool))
@@ -206,10 +212,24 @@ class TritonLaunch:
         t.masked_lanes, t.lanes = masked, lanes
         return t
 
+    def sites(self) -> dict:
+        """Per source line and kind (``pva/triton.py:141 load 4B``): requests, sectors, ideal sectors."""
+        out: dict = {}
+        for i, (_, _, store, addr, size, n, site) in enumerate(self.chunks):
+            if len(addr) == 0:
+                continue
+            t = traffic_of(addr, np.full(len(addr), size), np.full(len(addr), store), np.zeros(len(addr)))
+            key = f"{site} {'store' if store else 'load'} {size}B"
+            row = out.setdefault(key, {"requests": 0, "sectors": 0, "ideal": 0})
+            row["requests"] += 1
+            row["sectors"] += t.requested_sectors
+            row["ideal"] += t.ideal_sectors
+        return out
+
     def program_bytes(self) -> dict:
         """Bytes loaded and stored by each program (active lanes)."""
         out: dict = {}
-        for program, _, store, addr, size, _ in self.chunks:
+        for program, _, store, addr, size, _, _ in self.chunks:
             entry = out.setdefault(program, [0, 0])
             entry[1 if store else 0] += len(addr) * size
         return out
@@ -252,6 +272,27 @@ def _buffers(arg_names, args) -> list[Buffer]:
     return out
 
 
+_TRITON_DIR = None
+
+
+def _site() -> str:
+    """``family/triton.py:LINE`` of the kernel source line making the current access (the
+    interpreter runs the kernels' own source, with its file names and line numbers)."""
+    global _TRITON_DIR
+    if _TRITON_DIR is None:
+        import triton
+
+        _TRITON_DIR = str(Path(triton.__file__).parent)
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(_TRITON_DIR) and name != __file__:
+            parts = Path(name).parts
+            return f"{'/'.join(parts[-2:])}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
+
+
 class TritonTracer:
     """Records every global-memory access of the Triton kernels the interpreter runs, and checks
     each active lane against the tensors the launch was given (the out-of-bounds check).
@@ -268,8 +309,10 @@ class TritonTracer:
     at any size).
     """
 
-    def __init__(self, dry_run: bool = False):
+    def __init__(self, dry_run: bool = False, keep: bool = True, raise_on_oob: bool = True):
         self.dry_run = dry_run
+        self.keep = keep                  # keep every access (for traffic); False: check bounds only
+        self.raise_on_oob = raise_on_oob  # raise OutOfBoundsError before the access runs
         self.in_launch = False  # inside the interpreter's launch (its own host copies included)
         self._depth = 0
         self._patched: set = set()
@@ -292,8 +335,10 @@ class TritonTracer:
         access = self._counters.get(program, 0)
         self._counters[program] = access + 1
         hit = address[active]
-        for is_store in ((False, True) if kind == "atomic" else (kind == "store",)):
-            launch.chunks.append((program, access, is_store, hit, size, len(address)))
+        if self.keep:
+            site = _site()
+            for is_store in ((False, True) if kind == "atomic" else (kind == "store",)):
+                launch.chunks.append((program, access, is_store, hit, size, len(address), site))
         if len(hit) == 0:
             return
         inside = np.zeros(len(hit), dtype=bool)
@@ -303,10 +348,12 @@ class TritonTracer:
             bad = int(hit[~inside][0])
             nearest = min(launch.buffers, key=lambda b: min(abs(bad - b.lo), abs(bad - b.hi)), default=None)
             where = "no buffers" if nearest is None else (
-                f"{bad - nearest.hi + size} bytes past the end of {nearest.name}" if bad >= nearest.hi
+                f"{max(0, bad - nearest.hi)} bytes past the end of {nearest.name}" if bad + size > nearest.hi
                 else f"{nearest.lo - bad} bytes before {nearest.name}")
-            launch.out_of_bounds.append(OutOfBounds(launch.kernel, program, access, kind, int((~inside).sum()), bad,
-                                                    where))
+            oob = OutOfBounds(launch.kernel, program, access, kind, int((~inside).sum()), bad, where)
+            launch.out_of_bounds.append(oob)
+            if self.raise_on_oob:  # before the interpreter reads or writes there
+                raise OutOfBoundsError(f"{oob} at {_site()}")
 
     def __enter__(self):
         from triton.runtime import interpreter

@@ -53,11 +53,34 @@ class TensorSpec:
         return TensorSpec(tuple(t.shape), tuple(t.stride()), t.dtype, t.storage_offset(), data)
 
     def materialize(self) -> torch.Tensor:
-        if self.data is None:
-            return torch.empty_strided(self.shape, self.stride, dtype=self.dtype)
-        storage = torch.frombuffer(bytearray(self.data), dtype=torch.uint8).untyped_storage() if self.data else \
-            torch.UntypedStorage(0)
-        return torch.empty(0, dtype=self.dtype).set_(storage, self.offset, self.shape, self.stride)
+        """The tensor, its storage aligned as the CUDA caching allocator aligns blocks (so that its
+        sectors split as on a GPU); without data, its pages are not touched."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        span = sum((n - 1) * st for n, st in zip(self.shape, self.stride)) + 1 if all(self.shape) else 0
+        nbytes = len(self.data) if self.data is not None else (self.offset + span) * itemsize
+        raw = aligned_bytes(nbytes)
+        if self.data:
+            raw.copy_(torch.frombuffer(bytearray(self.data), dtype=torch.uint8))
+        first = raw.storage_offset() // itemsize
+        return torch.empty(0, dtype=self.dtype).set_(raw.untyped_storage(), first + self.offset, self.shape,
+                                                     self.stride)
+
+
+ALIGNMENT = 512  # bytes: the CUDA caching allocator's block alignment
+
+
+def aligned_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` starting at a multiple of ALIGNMENT."""
+    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % ALIGNMENT
+    return raw[skip:skip + nbytes]
+
+
+def workspace(nbytes: int) -> torch.Tensor:
+    """Scratch memory as harness.workspace (poisoned), aligned as on a GPU."""
+    t = aligned_bytes(nbytes)
+    t.fill_(0xFF)
+    return t
 
 
 def specs(values, with_data: bool):
@@ -102,7 +125,7 @@ def _pva(k, h, op, args, outputs, buffers):
     buffers.update(pred=pred, target=target, cond_frame=cond if last else None, part_table=table, dim_ws=dim_ws)
     if op == "pva_forward":
         terms, total = outputs
-        ws = h.workspace(m.forward_workspace_bytes(inputs))
+        ws = workspace(m.forward_workspace_bytes(inputs))
         buffers.update(terms=terms, total=total, workspace=ws, counter=h.arrival_counter())
         return lambda: m.forward_cuda(inputs, h.address(terms), h.address(total), h.address(ws),
                                       h.address(h.arrival_counter()))
@@ -141,7 +164,7 @@ def _blendshape(k, h, op, args, outputs, buffers):
                    landmark_gram=gram)
     if op == "blendshape_forward":
         terms, total, col_stats = outputs
-        ws = h.workspace(m.forward_workspace_bytes(inputs))
+        ws = workspace(m.forward_workspace_bytes(inputs))
         buffers.update(terms=terms, total=total, col_stats=col_stats, workspace=ws, counter=h.arrival_counter())
         return lambda: m.forward_cuda(inputs, h.address(terms), h.address(total), h.address(col_stats),
                                       h.address(ws), h.address(h.arrival_counter()))
@@ -176,7 +199,7 @@ def _score(k, h, op, args, outputs, buffers):
     buffers.update(scores=scores, logits=logits if cls else None, labels=labels, settings=settings)
     if op == "score_forward":
         terms, total, counts, rank_scale, status = outputs
-        ws = h.workspace(m.forward_workspace_bytes(inputs))
+        ws = workspace(m.forward_workspace_bytes(inputs))
         buffers.update(terms=terms, total=total, counts=counts, rank_scale=rank_scale, status=status, workspace=ws,
                        counter=h.arrival_counter())
         out = h.make(m.CudaOutputs, terms=h.address(terms), total=h.address(total),
