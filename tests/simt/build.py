@@ -43,11 +43,12 @@ SANITIZERS = {
     "tsan": ["-fsanitize=thread"],
 }
 # The "trace" build (trace.h): every load and store of the .cu files becomes a call of
-# __asan_{load,store}N_noabort(address), defined by trace.cpp. Optimised like nvcc's code (helpers
-# inlined, loads not repeated), but not vectorised: a GPU thread's accesses stay its own.
+# __tsan_{read,write}N(address), defined by trace.cpp (ThreadSanitizer's instrumentation, with no
+# TSan runtime: unlike AddressSanitizer's, it does not skip a store to an address just loaded).
+# Optimised like nvcc's code (helpers inlined, loads not repeated), but not vectorised: a GPU
+# thread's accesses stay its own.
 TRACE_OPTIMISATION = ["-O2", "-fno-tree-vectorize", "-fno-tree-slp-vectorize", "-DSIMT_TRACE"]
-TRACE_INSTRUMENTATION = ["-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
-                         "--param", "asan-stack=0", "--param", "asan-globals=0"]
+TRACE_INSTRUMENTATION = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
 
 
 def csrc() -> Path:

@@ -39,13 +39,18 @@
 // a*b+c into FMAs (results may differ from a GPU's in the last bits).
 #pragma once
 
-// AddressSanitizer proper (build.py's "asan" build). The "trace" build defines SIMT_TRACE and
-// instruments the kernels with -fsanitize=kernel-address, which also defines __SANITIZE_ADDRESS__
-// but brings no ASan runtime: its accesses go to trace.cpp instead.
+// AddressSanitizer and ThreadSanitizer proper (build.py's "asan" and "tsan" builds). The "trace"
+// build defines SIMT_TRACE and instruments the kernels with -fsanitize=thread, which defines
+// __SANITIZE_THREAD__ but links no TSan runtime: its calls go to trace.cpp instead.
 #if defined(__SANITIZE_ADDRESS__) && !defined(SIMT_TRACE)
 #define SIMT_ASAN 1
 #else
 #define SIMT_ASAN 0
+#endif
+#if defined(__SANITIZE_THREAD__) && !defined(SIMT_TRACE)
+#define SIMT_TSAN 1
+#else
+#define SIMT_TSAN 0
 #endif
 
 #include <cuda_bf16.h>
@@ -57,7 +62,7 @@
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
 #include <sanitizer/tsan_interface.h>
 #endif
 
@@ -167,14 +172,14 @@ inline void clear_launches() { launches().clear(); }
 // thread, with happens-before only where these annotations (barriers, warp collectives, the end
 // of a block) or the kernels' own atomics put it; ASan is told which stack is live.
 inline void sync_release(const void* key) {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   __tsan_release(const_cast<void*>(key));
 #else
   (void)key;
 #endif
 }
 inline void sync_acquire(const void* key) {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   __tsan_acquire(const_cast<void*>(key));
 #else
   (void)key;
@@ -184,7 +189,7 @@ inline void sync_acquire(const void* key) {
 // The emulator's own bookkeeping (the block's queues, its barrier and warp state, the built-in
 // variables) is shared by every fiber of a block without happens-before: TSan ignores the memory
 // accesses of the code inside a RuntimeSection, and sees the kernels' own.
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
 extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
 extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
 extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
@@ -291,7 +296,7 @@ class Block {
       warps.back()->exists = warps.back()->live = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
     }
     while (int(pool.stacks.size()) < n) pool.stacks.push_back(new char[kFiberStack]);
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
     while (int(pool.tsan.size()) < n) pool.tsan.push_back(__tsan_create_fiber(0));
 #endif
     for (int tid = 0; tid < n; ++tid) {
@@ -303,7 +308,7 @@ class Block {
 #if SIMT_ASAN
       ASAN_UNPOISON_MEMORY_REGION(f.stack, kFiberStack);  // frames a fiber of an earlier block left
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
       f.tsan = pool.tsan[tid];
 #endif
       getcontext(&f.context);
@@ -326,7 +331,7 @@ class Block {
     blockDim = dim_;
     gridDim = grid_;
     current_block = this;
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
     scheduler_tsan_ = __tsan_get_current_fiber();
 #endif
     sync_release(&start_key_);  // what this OS thread has seen happens before the block's threads start
@@ -393,7 +398,7 @@ class Block {
     void* fake_stack = nullptr;
     __sanitizer_start_switch_fiber(&fake_stack, stack, stack_size);
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
     __tsan_switch_to_fiber(tsan, __tsan_switch_to_fiber_no_sync);
 #endif
     swap_context(from, to);
@@ -467,7 +472,7 @@ __attribute__((no_sanitize("thread"))) inline void Block::exit_current() {
 #if SIMT_ASAN  // leaving this stack for good: no fake stack to keep
   __sanitizer_start_switch_fiber(nullptr, next_stack, next_stack_size);
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   __tsan_switch_to_fiber(next_tsan, __tsan_switch_to_fiber_no_sync);
 #endif
   setcontext(next);
@@ -680,7 +685,7 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 // (else the partials are published unordered), one after it in the last block (else they are read
 // unordered), or TSan reports a data race on the partials. Elsewhere a fence is a real one.
 inline void fence() {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   RuntimeSection runtime;
   if (!current_block) return;
   current_block->self().fenced = true;
@@ -690,7 +695,7 @@ inline void fence() {
 #endif
 }
 inline void before_atomic(const void* location) {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   RuntimeSection runtime;
   if (!current_block) return;
   if (current_block->self().fenced) sync_release(location);

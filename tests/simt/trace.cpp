@@ -1,6 +1,6 @@
-// The recorder of trace.h: the __asan_*_noabort functions that gcc's kernel-address
-// instrumentation calls for every load and store of the csrc .cu files (this file itself is not
-// instrumented). Only accesses made inside a kernel (a block of simt_cuda.h is running on this OS
+// The recorder of trace.h: the __tsan_* functions that gcc's ThreadSanitizer instrumentation calls
+// for every load, store and atomic of the csrc .cu files (this file itself is not instrumented, and
+// no TSan runtime is linked). Only accesses made inside a kernel (a block of simt_cuda.h is running on this OS
 // thread) to one of the traced buffers are kept.
 #include "trace.h"
 
@@ -64,7 +64,7 @@ inline void record(uintptr_t address, size_t size, bool store, uintptr_t pc) {
   const uint64_t site = pc - module_base();
   const uint32_t occurrence = s.occurrences[site ^ (uint64_t(thread) << 48) ^ (uint64_t(store) << 47)]++;
   s.events->push_back(Event{address, site, launch, block, occurrence, static_cast<uint16_t>(thread),
-                            static_cast<uint8_t>(size), static_cast<uint8_t>(store)});
+                            static_cast<uint8_t>(size < 255 ? size : 255), static_cast<uint8_t>(store)});
 }
 
 }  // namespace
@@ -95,26 +95,77 @@ void clear() {
 
 }  // namespace simt_trace
 
-// The instrumentation's entry points. Their return address is the access's call site.
+// The instrumentation's entry points (ThreadSanitizer's interface, without its runtime). The
+// return address of each call is the access's call site.
+#define SIMT_TRACE_PC reinterpret_cast<uintptr_t>(__builtin_return_address(0))
 #define SIMT_TRACE_ACCESS(n)                                                                              \
-  extern "C" void __asan_load##n##_noabort(void* p) {                                                    \
-    simt_trace::record(reinterpret_cast<uintptr_t>(p), n, false,                                          \
-                       reinterpret_cast<uintptr_t>(__builtin_return_address(0)));                         \
+  extern "C" void __tsan_read##n(void* p) { simt_trace::record(reinterpret_cast<uintptr_t>(p), n, false, SIMT_TRACE_PC); } \
+  extern "C" void __tsan_write##n(void* p) { simt_trace::record(reinterpret_cast<uintptr_t>(p), n, true, SIMT_TRACE_PC); } \
+  extern "C" void __tsan_unaligned_read##n(void* p) {                                                    \
+    simt_trace::record(reinterpret_cast<uintptr_t>(p), n, false, SIMT_TRACE_PC);                          \
   }                                                                                                       \
-  extern "C" void __asan_store##n##_noabort(void* p) {                                                   \
-    simt_trace::record(reinterpret_cast<uintptr_t>(p), n, true,                                           \
-                       reinterpret_cast<uintptr_t>(__builtin_return_address(0)));                         \
+  extern "C" void __tsan_unaligned_write##n(void* p) {                                                   \
+    simt_trace::record(reinterpret_cast<uintptr_t>(p), n, true, SIMT_TRACE_PC);                           \
   }
 SIMT_TRACE_ACCESS(1)
 SIMT_TRACE_ACCESS(2)
 SIMT_TRACE_ACCESS(4)
 SIMT_TRACE_ACCESS(8)
 SIMT_TRACE_ACCESS(16)
-extern "C" void __asan_loadN_noabort(void* p, size_t n) {
-  simt_trace::record(reinterpret_cast<uintptr_t>(p), n, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+extern "C" void __tsan_read_range(void* p, size_t n) {
+  simt_trace::record(reinterpret_cast<uintptr_t>(p), n, false, SIMT_TRACE_PC);
 }
-extern "C" void __asan_storeN_noabort(void* p, size_t n) {
-  simt_trace::record(reinterpret_cast<uintptr_t>(p), n, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+extern "C" void __tsan_write_range(void* p, size_t n) {
+  simt_trace::record(reinterpret_cast<uintptr_t>(p), n, true, SIMT_TRACE_PC);
 }
-// Called by instrumented code before a noreturn call (nothing to do here).
-extern "C" void __asan_handle_no_return() {}
+extern "C" void __tsan_init() {}
+extern "C" void __tsan_func_entry(void*) {}
+extern "C" void __tsan_func_exit() {}
+extern "C" void __tsan_vptr_update(void**, void*) {}
+extern "C" void __tsan_vptr_read(void**) {}
+
+// Atomics: done here (sequentially consistent), recorded as a read and a write of the location.
+#define SIMT_TRACE_ATOMICS(bits, T)                                                                       \
+  extern "C" T __tsan_atomic##bits##_load(const volatile T* a, int) {                                    \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), false, SIMT_TRACE_PC);                 \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                          \
+  }                                                                                                       \
+  extern "C" void __tsan_atomic##bits##_store(volatile T* a, T v, int) {                                 \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), true, SIMT_TRACE_PC);                  \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                             \
+  }                                                                                                       \
+  SIMT_TRACE_RMW(bits, T, exchange, __atomic_exchange_n)                                                  \
+  SIMT_TRACE_RMW(bits, T, fetch_add, __atomic_fetch_add)                                                  \
+  SIMT_TRACE_RMW(bits, T, fetch_sub, __atomic_fetch_sub)                                                  \
+  SIMT_TRACE_RMW(bits, T, fetch_and, __atomic_fetch_and)                                                  \
+  SIMT_TRACE_RMW(bits, T, fetch_or, __atomic_fetch_or)                                                    \
+  SIMT_TRACE_RMW(bits, T, fetch_xor, __atomic_fetch_xor)                                                  \
+  SIMT_TRACE_RMW(bits, T, fetch_nand, __atomic_fetch_nand)                                                \
+  extern "C" int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {     \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), false, SIMT_TRACE_PC);                 \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), true, SIMT_TRACE_PC);                  \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);               \
+  }                                                                                                       \
+  extern "C" int __tsan_atomic##bits##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {       \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), false, SIMT_TRACE_PC);                 \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), true, SIMT_TRACE_PC);                  \
+    return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                \
+  }                                                                                                       \
+  extern "C" T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {           \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), false, SIMT_TRACE_PC);                 \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), true, SIMT_TRACE_PC);                  \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                     \
+    return c;                                                                                             \
+  }
+#define SIMT_TRACE_RMW(bits, T, name, builtin)                                                            \
+  extern "C" T __tsan_atomic##bits##_##name(volatile T* a, T v, int) {                                   \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), false, SIMT_TRACE_PC);                 \
+    simt_trace::record(reinterpret_cast<uintptr_t>(a), sizeof(T), true, SIMT_TRACE_PC);                  \
+    return builtin(a, v, __ATOMIC_SEQ_CST);                                                               \
+  }
+SIMT_TRACE_ATOMICS(8, uint8_t)
+SIMT_TRACE_ATOMICS(16, uint16_t)
+SIMT_TRACE_ATOMICS(32, uint32_t)
+SIMT_TRACE_ATOMICS(64, uint64_t)
+extern "C" void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+extern "C" void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }

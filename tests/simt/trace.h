@@ -1,10 +1,11 @@
 // trace.h: the global-memory accesses of the CUDA kernels run by the SIMT lane (build.py's "trace"
 // build). Each csrc .cu file is compiled there with
-//   -fsanitize=kernel-address --param asan-instrumentation-with-call-threshold=0
-//   --param asan-stack=0 --param asan-globals=0
-// so that gcc turns every load and store of the kernels' code into a call of
-// __asan_{load,store}{1,2,4,8,16,N}_noabort(address), which trace.cpp (not instrumented) defines:
-// while a trace is on, an access made by a CUDA thread (a fiber of simt_cuda.h) that falls inside
+//   -fsanitize=thread --param tsan-instrument-func-entry-exit=0
+// so that gcc turns every load, store and atomic of the kernels' code into a call of
+// __tsan_{read,write}{1,2,4,8,16}(address) (or an atomic's), which trace.cpp (not instrumented)
+// defines; no TSan runtime is linked. (AddressSanitizer's instrumentation, the other way to get the
+// addresses, skips a store to an address the same block has just loaded: a read-modify-write would
+// lose its write.) While a trace is on, an access made by a CUDA thread (a fiber of simt_cuda.h) that falls inside
 // one of the traced buffers is recorded with its launch, block, thread, call site and occurrence
 // (the how-many-th access of that thread at that site: lanes of a warp at one site and occurrence
 // make one warp-level request). Accesses of the emulator itself, of the stack (the kernels'
