@@ -96,7 +96,8 @@ def run_ncu(names: list[str], log) -> list[dict]:
         log("ncu not found: no hardware counters")
         return []
     cmd = [ncu, "--clock-control", "none", "--csv", "--kernel-name", OUR_KERNELS, "--metrics", ",".join(NCU_METRICS),
-           sys.executable, "-m", "fusedloss.benchmark.calibrate", "--ncu-pass", *[a for n in names for a in ("--case", n)]]
+           sys.executable, "-m", "fusedloss.benchmark.calibrate", "--ncu-pass",
+           *[a for n in names for a in ("--case", n)]]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if result.returncode != 0:
         log(f"ncu failed ({result.returncode}): {result.stderr[-2000:]}")
@@ -158,9 +159,9 @@ def calibrate(model_json: Path, device: torch.device, names: list[str] | None, u
 
 def markdown(result: dict, command: str) -> str:
     lines = [f"# The H200 model against {result['device']}", "",
-             f"- predictions: {result['model']} (fusedloss/benchmark/model.py); measured: CUDA events "
-             "(triton.testing.do_bench, median) of one forward + backward; launches: the profiler's device "
-             "activities per phase", f"- command: `{command}`", "",
+             f"- predictions: {result['model']} (fusedloss/benchmark/model.py); measured: one forward + backward, "
+             "median (on a GPU: CUDA events through triton.testing.do_bench; the CPU dry run: "
+             "torch.utils.benchmark); launches: the profiler's device activities per phase (GPU only)", f"- command: `{command}`", "",
              "| case | variant | measured us | predicted us | measured / predicted | launches fwd/bwd measured | "
              "predicted |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -173,7 +174,8 @@ def markdown(result: dict, command: str) -> str:
                      f"{'-' if pred is None else f'{pred:.1f}'} | {ratio} | {got} | {want} |")
     if result["kernels"]:
         lines += ["", "## Per kernel launch (ncu)", "",
-                  "| case | variant | kernel | DRAM bytes measured | predicted | sectors/request measured | predicted |",
+                  "| case | variant | kernel | DRAM bytes measured | predicted | sectors/request measured "
+                  "| predicted |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for k in result["kernels"]:
             lines.append(f"| {k['case']} | {k['variant']} | {k['kernel']} | {k['measured_dram_bytes']:.0f} | "

@@ -223,8 +223,9 @@ def _from_bench(bench_case_of, B, mse_target_index):
     return make, {p: n * 4 for p, n in case.elements.items()}
 
 
-def _from_seed(seed_case, bench_case):
+def _from_seed(seed_case_of, B, bench_case):
     def make(b, device=torch.device("cpu")):
+        seed_case = seed_case_of(b)
         predictions, constants = seed_case.make(torch.device(device))
         leaves = tuple(p.detach().requires_grad_() for p in predictions)
         modules = {}
@@ -249,19 +250,16 @@ def cases(names: tuple[str, ...] | None = None) -> list[Case]:
 
     out = []
 
-    def seed(seed_case, family, bench_case, **kw):
-        make, minimum = _from_seed(seed_case, bench_case)
-        out.append(Case(family, seed_case.name, bench_case_batch(bench_case), make, minimum, seed=True, **kw))
+    def seed(seed_case_of, B, family, bench_case, **kw):
+        make, minimum = _from_seed(seed_case_of, B, bench_case)
+        out.append(Case(family, seed_case_of(B).name, B, make, minimum, seed=True, **kw))
 
-    def bench_case_batch(c):
-        return int(c.name.split("[")[1].split(",")[0].rstrip("]")) if "[" in c.name else int(c.name.split("=")[1])
-
-    seed(ss._blendshape((16, 52), {}), "blendshape", bb.make_case("seed", (16, 52), {}))
-    seed(ss._blendshape((4, 52), {"perceptual_groups": SEED_001_GROUPS}), "blendshape",
-         bb.make_case("seed", (4, 52), {"perceptual_groups": SEED_001_GROUPS}))
-    seed(ss._score(64), "score", bs.make_case(64))
-    seed(ss._pva(8), "pva", bp.make_case(8))
-    seed(ss._pva(64), "pva", bp.make_case(64), traced_at=(8, 16))
+    groups = {"perceptual_groups": SEED_001_GROUPS}
+    seed(lambda b: ss._blendshape((b, 52), {}), 16, "blendshape", bb.make_case("seed", (16, 52), {}))
+    seed(lambda b: ss._blendshape((b, 52), groups), 4, "blendshape", bb.make_case("seed", (4, 52), groups))
+    seed(ss._score, 64, "score", bs.make_case(64))
+    seed(ss._pva, 8, "pva", bp.make_case(8))
+    seed(ss._pva, 64, "pva", bp.make_case(64), traced_at=(8, 16))
 
     def large(family, name, B, bench_of, mse_index, traced_at=None, recorded_at=None):
         make, minimum = _from_bench(bench_of, B, mse_index)
@@ -638,7 +636,8 @@ def ranking(predictions: list[Prediction]) -> list[dict]:
     return out
 
 
-def markdown(predictions: list[Prediction], cuda_facts: dict | None, command: str, notes: list[str]) -> str:
+def markdown(predictions: list[Prediction], cuda_facts: dict | None, command: str, notes: list[str],
+             triton_variants: list[dict] | None = None) -> str:
     def us(x):
         return f"{1e6 * x:.1f}"
 
@@ -748,10 +747,25 @@ def markdown(predictions: list[Prediction], cuda_facts: dict | None, command: st
             loads = ", ".join(f"{k}: {v}" for k, v in sorted(f.global_loads.items(), key=lambda kv: -int(kv[0])))
             lines.append(f"| {name} | {f.registers} | {f.spill_stores}/{f.spill_loads} | {f.stack_frame} | {f.shared} "
                          f"| {loads} | {f.local_accesses} | {100 * occ:.0f}% ({limiter}) |")
+    if triton_variants:
+        lines += [
+            "",
+            "## Every Triton kernel variant (sm_90; the variants tests/triton_sm90_compile.py compiles)",
+            "",
+            "| kernel | input dtype | variants | registers median / max | spill B max | variants with a 128-bit "
+            "load | narrower loads (median) | occupancy min / median |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v in triton_variants:
+            lines.append(f"| {v['kernel']} | {v['dtype']} | {v['variants']} | {v['registers_median']:.0f} / "
+                         f"{v['registers_max']} | {v['spill_bytes_max']} | {v['with_128bit_loads']} | "
+                         f"{v['narrow_loads_median']:.0f} | {100 * v['occupancy_min']:.0f}% / "
+                         f"{100 * v['occupancy_median']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
-def to_json(predictions: list[Prediction], cuda_facts: dict | None, command: str, notes: list[str]) -> dict:
+def to_json(predictions: list[Prediction], cuda_facts: dict | None, command: str, notes: list[str],
+            triton_variants: list[dict] | None = None) -> dict:
     return {
         "model": "predicted, not measured (fusedloss/benchmark/model.py)",
         "gpu": asdict(H200),
@@ -760,12 +774,13 @@ def to_json(predictions: list[Prediction], cuda_facts: dict | None, command: str
         "predictions": [asdict(p) | {"total_s": p.total} for p in predictions],
         "ranking": ranking(predictions),
         "cuda_kernels": {n: f.summary() for n, f in (cuda_facts or {}).items()},
+        "triton_variants": triton_variants or [],
     }
 
 
 def run(names: tuple[str, ...] | None = None, backends: tuple[str, ...] = ("cuda", "triton"),
         out_dir: Path | None = None, command: str = "python bench/run.py --section model",
-        log: Callable[[str], None] = print) -> list[Prediction]:
+        log: Callable[[str], None] = print, with_variants: bool = True) -> list[Prediction]:
     """Model every case (or those named); write model-h200.md/.json to ``out_dir`` if given."""
     notes = []
     lane = cuda_facts = None
@@ -789,11 +804,18 @@ def run(names: tuple[str, ...] | None = None, backends: tuple[str, ...] = ("cuda
     finally:
         if lane is not None:
             lane.close()
+    variants = None
+    if "triton" in backends and with_variants and sm90.unavailable_reason("triton") is None:
+        log("compiling every Triton kernel variant for sm_90 (tests/triton_sm90_compile.py --facts)")
+        try:
+            variants = sm90.summarize_variants(sm90.triton_variants())
+        except RuntimeError as e:
+            notes.append(f"Triton variants not read: {e}")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "model-h200.md").write_text(markdown(predictions, cuda_facts, command, notes))
-        (out_dir / "model-h200.json").write_text(json.dumps(to_json(predictions, cuda_facts, command, notes),
-                                                            indent=1, default=str))
+        (out_dir / "model-h200.md").write_text(markdown(predictions, cuda_facts, command, notes, variants))
+        (out_dir / "model-h200.json").write_text(json.dumps(to_json(predictions, cuda_facts, command, notes,
+                                                                    variants), indent=1, default=str))
         log(f"wrote {out_dir / 'model-h200.md'} and {out_dir / 'model-h200.json'}")
     return predictions
 

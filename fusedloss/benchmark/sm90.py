@@ -324,6 +324,11 @@ def _triton_compile_one(spec: dict) -> dict:
                 constexprs[name] = value
     binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32))
+    return asdict(facts_of_binary(spec["kernel"], binary))
+
+
+def facts_of_binary(name: str, binary) -> KernelFacts:
+    """Facts of a Triton ``CompiledKernel`` for sm_90: ptxas -v on its PTX, cuobjdump on its cubin."""
     ptxas, cuobjdump = _triton_bin("ptxas"), _triton_bin("cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
@@ -334,10 +339,10 @@ def _triton_compile_one(spec: dict) -> dict:
     report = parse_ptxas(log)
     entry = next(iter(report.values()), {})
     code = parse_sass(sass)
-    f = KernelFacts(spec["kernel"], **entry, **next(iter(code.values()), {}))
+    f = KernelFacts(name, **entry, **next(iter(code.values()), {}))
     f.shared = max(f.shared, int(binary.metadata.shared))
     f.threads = 32 * int(binary.metadata.num_warps)
-    return asdict(f)
+    return f
 
 
 def triton_facts(specs: list[dict]) -> list[KernelFacts]:
@@ -368,6 +373,44 @@ def triton_facts(specs: list[dict]) -> list[KernelFacts]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(facts))
             out[i] = KernelFacts(**facts)
+    return out
+
+
+def triton_variants() -> list[dict]:
+    """Facts of every Triton kernel variant tests/triton_sm90_compile.py compiles (each launcher's
+    real arguments over dtypes, shapes and options), with its input dtype."""
+    script = ROOT / "tests" / "triton_sm90_compile.py"
+    if not script.is_file():
+        raise RuntimeError(f"{script} is not here (a source checkout has it)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "facts.json"
+        result = subprocess.run([sys.executable, str(script), "--facts", str(out)], capture_output=True, text=True,
+                                env=env, cwd=ROOT)
+        if result.returncode != 0:
+            raise RuntimeError(f"{script.name} failed:\n{result.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def summarize_variants(variants: list[dict]) -> list[dict]:
+    """Per (kernel, input dtype): how many variants, registers (median, max), spill bytes (max),
+    variants with a 128-bit load, occupancy (min, median)."""
+    import statistics
+
+    groups: dict = {}
+    for v in variants:
+        groups.setdefault((v["name"], v["dtype"]), []).append(v)
+    out = []
+    for (name, dtype), vs in sorted(groups.items()):
+        regs = [v["registers"] for v in vs]
+        occ = [v["occupancy"] for v in vs]
+        out.append({"kernel": name, "dtype": dtype, "variants": len(vs), "registers_median": statistics.median(regs),
+                    "registers_max": max(regs),
+                    "spill_bytes_max": max(v["spill_stores"] + v["spill_loads"] for v in vs),
+                    "with_128bit_loads": sum(1 for v in vs if v["loads_128"]),
+                    "narrow_loads_median": statistics.median(v["loads_narrow"] for v in vs),
+                    "occupancy_min": min(occ), "occupancy_median": statistics.median(occ)})
     return out
 
 
