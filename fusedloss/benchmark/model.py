@@ -283,8 +283,10 @@ def cases(names: tuple[str, ...] | None = None) -> list[Case]:
 
 
 def record(make: Callable, B: int, backend: str) -> list[Op]:
-    """The ops of one forward + backward (torch.autograd.grad w.r.t. the leaves) on ``backend``."""
+    """The ops of one forward + backward (torch.autograd.grad w.r.t. the leaves) on ``backend``, in
+    the steady state of a training loop: after one step that builds what a module caches."""
     leaves, run, _ = make(B)
+    torch.autograd.grad(run(backend), leaves)
     rec = OpRecorder()
     with rec:
         loss = run(backend)

@@ -276,18 +276,23 @@ def cuda_facts(csrc: Path | None = None) -> dict[str, KernelFacts]:
     csrc = Path(csrc or os.environ.get("FUSEDLOSS_SIMT_CSRC", ROOT / "csrc"))
     compiler, cuobjdump = nvcc(), _triton_bin("cuobjdump")
 
+    def one(source: Path) -> tuple[str, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / (source.stem + ".cubin")
+            log = _run([compiler, *NVCC_FLAGS, "-cubin", "-Xptxas", "-v", f"-I{csrc}", "-o", str(cubin),
+                        str(source)]).stderr
+            return log, _run([cuobjdump, "-sass", str(cubin)]).stdout
+
     def compute():
+        from concurrent.futures import ThreadPoolExecutor
+
         version = _run([compiler, "--version"]).stdout
         out = {}
-        for source in sorted(csrc.glob("*/*_cuda.cu")):
-            with tempfile.TemporaryDirectory() as tmp:
-                cubin = Path(tmp) / (source.stem + ".cubin")
-                log = _run([compiler, *NVCC_FLAGS, "-cubin", "-Xptxas", "-v", f"-I{csrc}", "-o", str(cubin),
-                            str(source)]).stderr
-                sass = _run([cuobjdump, "-sass", str(cubin)]).stdout
-            for name, f in _facts(parse_ptxas(log), parse_sass(sass)).items():
-                if OUR_KERNELS.match(name):
-                    out[name] = asdict(f)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            for log, sass in pool.map(one, sorted(csrc.glob("*/*_cuda.cu"))):
+                for name, f in _facts(parse_ptxas(log), parse_sass(sass)).items():
+                    if OUR_KERNELS.match(name):
+                        out[name] = asdict(f)
         return {"nvcc": version.strip().splitlines()[-1], "kernels": out}
 
     key = "cuda-" + hashlib.sha256((_sources_digest(csrc) + " ".join(NVCC_FLAGS)).encode()).hexdigest()[:20]
