@@ -594,47 +594,71 @@ def _kernel_rows(predictions: list[Prediction]):
 
 
 def ranking(predictions: list[Prediction]) -> list[dict]:
-    """What to fix first: per (backend, kernel), the predicted time above the floor of its phase
-    (its share of the bytes a fused pass must move at full bandwidth, plus one launch), summed
-    over the large cases (where a GPU's time goes to memory), with the reasons the model sees."""
+    """What to fix first: per (backend, kernel or library call), the predicted time above the floor
+    of its phase (a kernel: its share of the bytes a fused pass must move, at full bandwidth, and
+    one launch; a library call: all of its time), summed over the large shapes and over the seed
+    shapes; with what the model sees at the case where it costs most, and what the machine code
+    shows that the model does not time (occupancy, load width, spills, local memory)."""
     by_key: dict = {}
-    for p, la in _kernel_rows(predictions):
-        phase_kernels = [x for x in p.detail if x["kind"] == "kernel" and x["phase"] == la["phase"]]
-        floor = H200.launch_s / len(phase_kernels) + p.min_bytes[la["phase"]] / len(phase_kernels) \
-            / H200.copy_bandwidth
-        key = (p.variant.split()[1], la["name"])
-        entry = by_key.setdefault(key, {"backend": key[0], "kernel": key[1], "excess_us_large": 0.0,
-                                        "excess_us_seed": 0.0, "cases": 0, "reasons": set(), "worst_case": None,
-                                        "worst_us": 0.0})
-        excess = max(0.0, la["seconds"] - floor) * 1e6
-        entry["excess_us_seed" if p.seed else "excess_us_large"] += excess
-        entry["cases"] += 1
-        if excess > entry["worst_us"]:
-            entry["worst_us"], entry["worst_case"] = excess, p.case
-        share = p.min_bytes[la["phase"]] / len(phase_kernels)
-        t = la["traffic"]
-        if share and la["bytes"] > 1.15 * share:
-            entry["reasons"].add(f"DRAM bytes {la['bytes'] / share:.2f}x the minimum")
-        if t and t["excess"] > 1.1:
-            entry["reasons"].add(f"{t['excess']:.2f}x the ideal sectors per request")
-        if t and t["read_bytes"] > 2 * 32 * max(t["read_sectors"], 1):
-            entry["reasons"].add(f"requests {t['read_bytes'] / (32 * max(t['read_sectors'], 1)):.1f}x the bytes it "
-                                 f"reads from DRAM (re-reads from cache)")
-        if la["tail"] > 1.1:
-            entry["reasons"].add(f"grid of {math.prod(la['grid'])} blocks leaves SMs idle ({la['tail']:.1f}x)")
-        f = la["facts"]
-        if f:
-            if f["spill_stores"] or f["spill_loads"]:
-                entry["reasons"].add(f"spills {f['spill_stores']} B")
-            if f["occupancy"] < 0.25:
-                entry["reasons"].add(f"occupancy {100 * f['occupancy']:.0f}% ({f['registers']} registers)")
-            if f["loads_128"] == 0:
-                entry["reasons"].add("no 128-bit loads")
-            if f["local_accesses"]:
-                entry["reasons"].add(f"{f['local_accesses']} local-memory instructions")
+    for p in predictions:
+        if not p.variant.startswith("fused"):
+            continue
+        for la in p.detail:
+            if la["kind"] == "op":
+                continue
+            phase_kernels = [x for x in p.detail if x["kind"] == "kernel" and x["phase"] == la["phase"]]
+            share = p.min_bytes[la["phase"]] / max(len(phase_kernels), 1)
+            if la["kind"] == "kernel":
+                floor = (H200.launch_s + p.min_bytes[la["phase"]] / H200.copy_bandwidth) / len(phase_kernels)
+                excess = max(0.0, la["seconds"] - floor) * 1e6
+            else:
+                excess = la["seconds"] * 1e6
+            key = (p.variant.split()[1], la["name"])
+            entry = by_key.setdefault(key, {"backend": key[0], "kernel": key[1], "excess_us_large": 0.0,
+                                            "excess_us_seed": 0.0, "worst_case": None, "worst_us": -1.0,
+                                            "reasons": [], "facts": la["facts"]})
+            entry["excess_us_seed" if p.seed else "excess_us_large"] += excess
+            if excess > entry["worst_us"]:
+                entry.update(worst_us=excess, worst_case=p.case, reasons=_reasons(la, share))
     out = sorted(by_key.values(), key=lambda e: (-e["excess_us_large"], -e["excess_us_seed"]))
     for e in out:
-        e["reasons"] = sorted(e["reasons"])
+        e["unmodelled"] = _unmodelled(e.pop("facts"))
+    return out
+
+
+def _reasons(la: dict, share: float) -> list[str]:
+    """What the model sees in one launch."""
+    if la["kind"] == "library":
+        return [f"{la['launches']} launches, {la['bytes'] / 1e6:.3g} MB (radix passes)"]
+    out = []
+    t = la["traffic"]
+    if share and la["bytes"] > 1.1 * share:
+        out.append(f"DRAM bytes {la['bytes'] / share:.2f}x the minimum")
+    if t["excess"] > 1.05:
+        out.append(f"sectors per request {t['excess']:.2f}x the ideal")
+    if t["read_bytes"] > 1.5 * 32 * max(t["read_sectors"], 1):
+        out.append(f"loads {t['read_bytes'] / (32 * max(t['read_sectors'], 1)):.1f}x the bytes it reads from DRAM "
+                   f"(re-reads served by L1/L2)")
+    idle = (la["tail"] - 1) * la["bytes"] / H200.copy_bandwidth
+    if idle > 0.5e-6:
+        out.append(f"grid of {math.prod(la['grid'])} blocks leaves SMs idle (+{1e6 * idle:.1f} us)")
+    if la.get("waves") and la["waves"] > 1.05:
+        out.append(f"{la['waves']:.2f} waves (more blocks than fit at once)")
+    return out
+
+
+def _unmodelled(f: dict | None) -> list[str]:
+    if not f:
+        return []
+    out = []
+    if f["occupancy"] < 0.25:
+        out.append(f"occupancy {100 * f['occupancy']:.0f}% ({f['registers']} registers)")
+    if f["spill_stores"] or f["spill_loads"]:
+        out.append(f"spills {f['spill_stores']}/{f['spill_loads']} B")
+    if f["local_accesses"]:
+        out.append(f"{f['local_accesses']} local-memory instructions")
+    if f["loads_128"] == 0:
+        out.append(f"no 128-bit loads ({f['loads_narrow']} narrower)")
     return out
 
 
@@ -725,16 +749,20 @@ def markdown(predictions: list[Prediction], cuda_facts: dict | None, command: st
         "",
         "## What to fix first (the model's ranking)",
         "",
-        "Predicted time above the floor (the kernel's share of the minimum bytes at full bandwidth, and one launch), "
-        "summed over the large shapes, then over the seed shapes; with what the model sees in the kernel.",
+        "Predicted time above the floor (a kernel: its share of the minimum bytes at full bandwidth and of one "
+        "launch; a library call, e.g. CUB's radix sort: all of its time), summed over the large shapes, then over "
+        "the seed shapes; with what the model sees at the case where it costs most, and what the machine code "
+        "shows that the model does not time (a low occupancy or narrow loads cost bandwidth when too few bytes "
+        "are in flight; the calibration on a GPU will tell how much).",
         "",
-        "| rank | backend | kernel | us above floor, large shapes | us above floor, seed shapes | worst case | "
-        "what the model sees |",
-        "|---:|---|---|---:|---:|---|---|",
+        "| rank | backend | kernel | us above floor, large shapes | us above floor, seed shapes | costs most at | "
+        "what the model sees there | what the sm_90 code shows (not timed by the model) |",
+        "|---:|---|---|---:|---:|---|---|---|",
     ]
     for i, e in enumerate(ranking(predictions), 1):
         lines.append(f"| {i} | {e['backend']} | {e['kernel']} | {e['excess_us_large']:.1f} | "
-                     f"{e['excess_us_seed']:.1f} | {e['worst_case']} | {'; '.join(e['reasons']) or '-'} |")
+                     f"{e['excess_us_seed']:.1f} | {e['worst_case']} | {'; '.join(e['reasons']) or '-'} | "
+                     f"{'; '.join(e['unmodelled']) or '-'} |")
     if cuda_facts:
         lines += [
             "",
@@ -822,6 +850,21 @@ def run(names: tuple[str, ...] | None = None, backends: tuple[str, ...] = ("cuda
     return predictions
 
 
+def rerender(json_path: Path) -> None:
+    """Write the markdown table again from its JSON (no tracing): model-h200.md next to it."""
+    data = json.loads(json_path.read_text())
+    fields = set(Prediction.__dataclass_fields__)
+    predictions = [Prediction(**{k: v for k, v in p.items() if k in fields}) for p in data["predictions"]]
+    kernel_fields = set(sm90.KernelFacts.__dataclass_fields__)
+    cuda_facts = {n: sm90.KernelFacts(**{k: v for k, v in f.items() if k in kernel_fields})
+                  for n, f in data.get("cuda_kernels", {}).items()}
+    variants = data.get("triton_variants") or None
+    json_path.with_suffix(".md").write_text(markdown(predictions, cuda_facts, data["command"], data["notes"],
+                                                     variants))
+    data["ranking"] = ranking(predictions)
+    json_path.write_text(json.dumps(data, indent=1, default=str))
+
+
 def main(argv=None) -> int:
     """``python -m fusedloss.benchmark.model [--out DIR] [--case NAME ...]``; re-runs itself under
     TRITON_INTERPRET=1 when Triton was imported without it (the Triton kernels run interpreted)."""
@@ -834,7 +877,11 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", help="model only this case (repeatable)")
     parser.add_argument("--backends", default="cuda,triton")
     parser.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rerender", metavar="JSON", help="only write the markdown again from this JSON")
     args = parser.parse_args(argv)
+    if args.rerender:
+        rerender(Path(args.rerender))
+        return 0
     command = args.command or "python bench/run.py --section model"
     if not triton_interpreter():
         env = {**os.environ, "TRITON_INTERPRET": "1"}
