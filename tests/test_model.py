@@ -89,11 +89,11 @@ def _score(B):
 
 
 GUARD = {
-    "pva [2, 48, 265] float32": _pva(2, 48, 265, torch.float32),
-    "pva [2, 48, 265] bfloat16": _pva(2, 48, 265, torch.bfloat16),
+    "pva [2, 32, 265] float32": _pva(2, 32, 265, torch.float32),
+    "pva [2, 32, 265] bfloat16": _pva(2, 32, 265, torch.bfloat16),
     "blendshape [64, 52]": _blendshape((64, 52)),
-    "blendshape [2, 16, 52] all terms": _blendshape((2, 16, 52), temporal_weight=0.2, landmark_weight=0.1,
-                                                    smoothing_weight=0.1, consistency_weight=0.1),
+    "blendshape [2, 8, 52] all terms": _blendshape((2, 8, 52), temporal_weight=0.2, landmark_weight=0.1,
+                                                  smoothing_weight=0.1, consistency_weight=0.1),
     "score B=300 all pairs": _score(300),
     "score B=5000 sorted": _score(5000),
 }

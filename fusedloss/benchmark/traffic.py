@@ -214,16 +214,16 @@ class TritonLaunch:
 
     def sites(self) -> dict:
         """Per source line and kind (``pva/triton.py:141 load 4B``): requests, sectors, ideal sectors."""
-        out: dict = {}
-        for i, (_, _, store, addr, size, n, site) in enumerate(self.chunks):
-            if len(addr) == 0:
-                continue
-            t = traffic_of(addr, np.full(len(addr), size), np.full(len(addr), store), np.zeros(len(addr)))
-            key = f"{site} {'store' if store else 'load'} {size}B"
-            row = out.setdefault(key, {"requests": 0, "sectors": 0, "ideal": 0})
-            row["requests"] += 1
-            row["sectors"] += t.requested_sectors
-            row["ideal"] += t.ideal_sectors
+        groups: dict = {}
+        for i, (_, _, store, addr, size, _, site) in enumerate(self.chunks):
+            if len(addr):
+                groups.setdefault(f"{site} {'store' if store else 'load'} {size}B", []).append((i, addr, size, store))
+        out = {}
+        for key, chunks in groups.items():
+            addr = np.concatenate([c[1] for c in chunks])
+            request = np.concatenate([np.full(len(c[1]), c[0]) for c in chunks])
+            t = traffic_of(addr, np.full(len(addr), chunks[0][2]), np.full(len(addr), chunks[0][3]), request)
+            out[key] = {"requests": len(chunks), "sectors": t.requested_sectors, "ideal": t.ideal_sectors}
         return out
 
     def program_bytes(self) -> dict:
