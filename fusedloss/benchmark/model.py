@@ -346,8 +346,9 @@ class Launch:
     tail: float = 1.0
     facts: dict | None = None        # sm90 KernelFacts.summary()
     waves: float | None = None
-    sites: dict | None = None        # per call site (CUDA)
+    sites: dict | None = None        # per call site (CUDA) or source line (Triton): requests, sectors, ideal
     buffers: dict | None = None      # per argument buffer (CUDA)
+    block_bytes: dict | None = None  # bytes one block (program) accesses, max and mean, at the traced size
 
 
 def _extrapolate_traffic(samples: list[tuple[int, Traffic]], B: int) -> Traffic:
@@ -454,7 +455,8 @@ def fused_launches(case: Case, backend: str, full: list[Op], traced: list[tuple[
                 threads = math.prod(launch["block"])
                 out.append(Launch(op.phase, "kernel", launch["kernel"], 1, tuple(launch["grid"]), threads,
                                   traffic.summary(), traffic.dram_bytes, sites=per_sample[-1][1][i].get("sites"),
-                                  buffers=per_sample[-1][1][i].get("buffers")))
+                                  buffers=per_sample[-1][1][i].get("buffers"),
+                                  block_bytes=per_sample[-1][1][i].get("block_bytes")))
         else:
             at_size = triton_run(op, trace=False, terms=full_terms) if traced[0][0] != case.B else None
             per_sample = [(b, triton_run(c, trace=True, terms=terms[b])) for b, c in samples]
@@ -468,9 +470,12 @@ def fused_launches(case: Case, backend: str, full: list[Op], traced: list[tuple[
                 if names != {launch.kernel}:
                     raise ValueError(f"{case.name}: launch {i} is {names} when traced, {launch.kernel} at B")
                 traffic = _extrapolate_traffic([(b, s[0][i].traffic()) for b, s in per_sample], case.B)
+                last = per_sample[-1][1][0][i]
+                per_program = [ld + st for ld, st in last.program_bytes().values()] or [0]
                 out.append(Launch(op.phase, "kernel", launch.kernel, 1, launch.grid, None, traffic.summary(),
-                                  traffic.dram_bytes, facts={"spec": launch.spec},
-                                  sites=per_sample[-1][1][0][i].sites()))
+                                  traffic.dram_bytes, facts={"spec": launch.spec}, sites=last.sites(),
+                                  block_bytes={"max": max(per_program),
+                                               "mean": sum(per_program) / max(last.programs, 1)}))
     return out
 
 
@@ -725,26 +730,29 @@ def markdown(predictions: list[Prediction], cuda_facts: dict | None, command: st
         "## Per kernel launch",
         "",
         "| case | backend | phase | kernel | grid | threads | DRAM bytes (x min) | requested / DRAM | sectors/req "
-        "(ideal) | registers | spills B | loads 128-bit/narrower | occupancy | waves | tail | predicted us |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(ideal) | masked lanes | registers | spills B | loads 128-bit/narrower | occupancy | waves | tail | "
+        "predicted us |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p, la in _kernel_rows(predictions):
         t, f = la["traffic"], la["facts"] or {}
         share = p.min_bytes[la["phase"]]
         req = (t["read_bytes"] + t["write_bytes"]) / max(la["bytes"], 1)
+        masked = f"{100 * t['masked_lanes'] / t['lanes']:.0f}%" if t.get("lanes") else "-"
         lines.append(
             f"| {p.case} | {p.variant.split()[1]} | {la['phase']} | {la['name']} | {'x'.join(map(str, la['grid']))} | "
             f"{la['threads']} | {la['bytes'] / 1e6:.3g} MB ({_ratio(la['bytes'], share):.2f}) | {req:.2f} | "
-            f"{t['sectors_per_request']:.2f} ({t['ideal_per_request']:.2f}) | {f.get('registers', '-')} | "
+            f"{t['sectors_per_request']:.2f} ({t['ideal_per_request']:.2f}) | {masked} | {f.get('registers', '-')} | "
             f"{f.get('spill_stores', '-')} | {f.get('loads_128', '-')}/{f.get('loads_narrow', '-')} | "
             f"{100 * f['occupancy']:.0f}% ({f['occupancy_limiter']}) | {la['waves']:.2f} | {la['tail']:.2f} | "
             f"{us(la['seconds'])} |" if f else
             f"| {p.case} | {p.variant.split()[1]} | {la['phase']} | {la['name']} | {la['grid']} | {la['threads']} | "
             f"{la['bytes'] / 1e6:.3g} MB | {req:.2f} | {t['sectors_per_request']:.2f} ({t['ideal_per_request']:.2f}) "
-            f"| - | - | - | - | - | {la['tail']:.2f} | {us(la['seconds'])} |")
+            f"| {masked} | - | - | - | - | - | {la['tail']:.2f} | {us(la['seconds'])} |")
     lines += [
         "",
         "requested / DRAM: bytes the lanes ask for over the modelled DRAM bytes (above 1: re-reads served by L1/L2). "
+        "masked lanes: lanes of the Triton kernels' block accesses a mask switched off. "
         "tail: the busiest SM's share of the bytes over an even spread (1.0: the grid fills the machine evenly).",
         "",
         "## What to fix first (the model's ranking)",

@@ -461,9 +461,10 @@ def as_on_gpu(sms: int = 132):
     """Make the Triton launchers pick, for CPU tensors, the tiles and grids they pick for CUDA tensors
     on a GPU of ``sms`` SMs (an H100/H200 has 132), and reuse one arrival counter as on a GPU (no
     fill launch per call). tests/triton_sm90_compile.py relies on the same names."""
-    from ..blendshape import triton as blendshape
-    from ..pva import triton as pva
-    from ..score import triton as score
+    import importlib
+
+    # The families' Triton modules, imported by name as core/registry.py imports them.
+    pva, blendshape, score = (importlib.import_module(f"fusedloss.{f}.triton") for f in ("pva", "blendshape", "score"))
 
     import torch
 

@@ -327,6 +327,9 @@ def _attach_traffic(ev: np.ndarray, launches: list[dict], names: list[str], rang
             continue
         a, s, st, r, b = address[sel], size[sel], store[sel], request[sel], buffer[sel]
         launch["traffic"] = traffic_of(a, s, st, r).summary()
+        per_block = np.bincount(ev["block"][sel].astype(np.int64), weights=s)
+        launch["block_bytes"] = {"max": int(per_block.max()) if len(per_block) else 0,
+                                 "mean": float(per_block.mean()) if len(per_block) else 0.0}
         per_buffer = {}
         for j in np.unique(b):
             t = traffic_of(a[b == j], s[b == j], st[b == j], r[b == j])
