@@ -8,8 +8,9 @@ predicts (fused cuda, fused triton, the eager reference, one F.mse_loss), one fo
 (torch.autograd.grad w.r.t. the predictions) is timed with CUDA events (triton.testing.do_bench,
 median) and its device activities counted with the profiler, per phase. With ``--ncu`` and Nsight
 Compute on the PATH, one more pass runs each fused step once under ``ncu`` and reads, per fusedloss
-kernel launch, the DRAM bytes and the global sectors per request, next to the model's. Writes
-<out>/model-calibration-<gpu>.md and .json: measured, predicted, and their ratio.
+kernel launch of the large cases, the DRAM bytes and the global sectors per request, next to the
+model's. Writes <out>/model-calibration-<gpu>.md and .json (first with the timings, then again with
+ncu's figures): measured, predicted, and their ratio.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def run_ncu(names: list[str], log) -> list[dict]:
     return [rows[k] for k in sorted(rows, key=int)]
 
 
-def calibrate(model_json: Path, device: torch.device, names: list[str] | None, use_ncu: bool, log=print) -> dict:
+def calibrate(model_json: Path, device: torch.device, names: list[str] | None, use_ncu: bool, log=print,
+              written=lambda result: None) -> dict:
+    """Time every case; ``written(result)`` is called with the timings before the (slower) ncu pass."""
     predicted = json.loads(model_json.read_text())
     by_key = {(p["case"], p["variant"]): p for p in predicted["predictions"]}
     case_names = names or list(dict.fromkeys(p["case"] for p in predicted["predictions"]))
@@ -139,9 +142,14 @@ def calibrate(model_json: Path, device: torch.device, names: list[str] | None, u
             log(f"  {case.name:34s} {name:16s} {us:10.1f} us measured, "
                 f"{row['predicted_us'] or float('nan'):10.1f} us predicted")
     kernels = []
+    result = {"device": device_name(device), "torch": torch.__version__, "model": str(model_json), "rows": rows,
+              "kernels": kernels}
+    written(result)
     if use_ncu and device.type == "cuda":
-        measured = run_ncu(case_names, log)
-        expected = [(p["case"], p["variant"], la) for p in predicted["predictions"] if p["case"] in case_names
+        # The large cases only: at the seed shapes a launch is latency, not traffic.
+        large = [c.name for c in model.cases(tuple(case_names)) if not c.seed]
+        measured = run_ncu(large, log)
+        expected = [(p["case"], p["variant"], la) for p in predicted["predictions"] if p["case"] in large
                     and p["variant"].startswith("fused") for la in p["detail"] if la["kind"] == "kernel"]
         for (case, variant, la), m in zip(expected, measured):
             ld_req = m.get("l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum", 0)
@@ -153,8 +161,8 @@ def calibrate(model_json: Path, device: torch.device, names: list[str] | None, u
                             "measured_dram_bytes": m.get("dram__bytes_read.sum", 0) + m.get("dram__bytes_write.sum", 0),
                             "predicted_sectors_per_request": la["traffic"]["sectors_per_request"],
                             "measured_sectors_per_request": sectors / max(ld_req + st_req, 1)})
-    return {"device": device_name(device), "torch": torch.__version__, "model": str(model_json), "rows": rows,
-            "kernels": kernels}
+        written(result)
+    return result
 
 
 def markdown(result: dict, command: str) -> str:
@@ -197,14 +205,17 @@ def main(argv=None) -> int:
         ncu_pass(args.case or [])
         return 0
     device = torch.device(args.device)
-    result = calibrate(Path(args.model), device, args.case, args.ncu)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"model-calibration-{file_stem(device)}"
     command = " ".join(["python -m fusedloss.benchmark.calibrate", *(argv if argv is not None else sys.argv[1:])])
-    stem.with_suffix(".md").write_text(markdown(result, command))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
+
+    def write(result):  # after the timings, and again with ncu's figures
+        stem.with_suffix(".md").write_text(markdown(result, command))
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", flush=True)
+
+    calibrate(Path(args.model), device, args.case, args.ncu, written=write)
     return 0
 
 
