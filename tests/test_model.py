@@ -172,9 +172,19 @@ def _triton_here():
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("name", GUARD)
-def test_triton_kernels_within_budget(name):
+@pytest.fixture(scope="module")
+def triton_compiled():
+    """Every guard case's Triton kernel variants compiled for sm_90 at once (one compiler process;
+    the budget tests then read their facts from sm90's cache)."""
     _triton_here()
+    specs = []
+    for family, make in GUARD.values():
+        specs += model.triton_specs(model.record(make, 1, "cpu"))
+    sm90.triton_facts(specs)
+
+
+@pytest.mark.parametrize("name", GUARD)
+def test_triton_kernels_within_budget(name, triton_compiled):
     check_budget(name, "triton", measure(name, "triton", None, None))
 
 
@@ -276,3 +286,19 @@ def test_the_bounds_check_catches_an_unmasked_load_past_the_end():
                                         r"\(0 bytes past the end of x_ptr\)"):
         with TritonTracer():
             copy_kernel[(2,)](x, y, 100, BLOCK=64, MASKED=False)
+
+
+def test_calibration_pairs_ncu_rows_with_the_models_launches_by_name():
+    from fusedloss.benchmark.calibrate import match_launches
+
+    def launch(name):
+        return ("case", "fused cuda", {"name": name})
+
+    expected = [launch("score_keys_kernel<float, float>"), launch("score_forward_kernel<float, float, true>"),
+                launch("score_backward_kernel<float, float>"), launch("pva_forward_kernel<float>")]
+    measured = [{"kernel": "void score_keys_kernel<float, float>(...)"}, {"kernel": "score_other_kernel"},
+                {"kernel": "void score_forward_kernel<float, float, true>(...)"},
+                {"kernel": "void pva_forward_kernel<float>(...)"}]
+    got = [(e[2]["name"].split("<")[0], m and m["kernel"]) for e, m in match_launches(expected, measured)]
+    assert got == [("score_keys_kernel", measured[0]["kernel"]), ("score_forward_kernel", measured[2]["kernel"]),
+                   ("score_backward_kernel", None), ("pva_forward_kernel", measured[3]["kernel"])]

@@ -117,6 +117,19 @@ def run_ncu(names: list[str], log) -> list[dict]:
     return [rows[k] for k in sorted(rows, key=int)]
 
 
+def match_launches(expected: list[tuple], measured: list[dict]) -> list[tuple]:
+    """Pairs (case, variant, launch) of the model with ncu's rows, in launch order and by kernel
+    name: a row naming another kernel is skipped, a launch with no row left gets None."""
+    out, j = [], 0
+    for e in expected:
+        name = e[2]["name"].split("<")[0]
+        k = next((k for k in range(j, len(measured)) if name in measured[k]["kernel"]), None)
+        out.append((e, None if k is None else measured[k]))
+        if k is not None:
+            j = k + 1
+    return out
+
+
 def calibrate(model_json: Path, device: torch.device, names: list[str] | None, use_ncu: bool, log=print,
               written=lambda result: None) -> dict:
     """Time every case; ``written(result)`` is called with the timings before the (slower) ncu pass."""
@@ -151,7 +164,10 @@ def calibrate(model_json: Path, device: torch.device, names: list[str] | None, u
         measured = run_ncu(large, log)
         expected = [(p["case"], p["variant"], la) for p in predicted["predictions"] if p["case"] in large
                     and p["variant"].startswith("fused") for la in p["detail"] if la["kind"] == "kernel"]
-        for (case, variant, la), m in zip(expected, measured):
+        for (case, variant, la), m in match_launches(expected, measured):
+            if m is None:
+                log(f"  ncu: no launch of {la['name']} ({case}, {variant}) where the model has one")
+                continue
             ld_req = m.get("l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum", 0)
             st_req = m.get("l1tex__t_requests_pipe_lsu_mem_global_op_st.sum", 0)
             sectors = m.get("l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum", 0) + \

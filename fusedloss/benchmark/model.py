@@ -417,6 +417,18 @@ def triton_run(op: Op, trace: bool, terms: torch.Tensor | None = None) -> tuple[
     return tracer.launches, rec.ops
 
 
+def triton_specs(ops: list[Op]) -> list[dict]:
+    """The Triton kernel variants (sm90.triton_facts specs) the fused operators of ``ops`` launch,
+    recorded without running them."""
+    out, terms = [], None
+    for op in ops:
+        if op.fused:
+            launches, _ = triton_run(op, trace=False, terms=terms)
+            out += [la.spec for la in launches]
+            terms = op.outputs[0]
+    return out
+
+
 def _fused_ops(ops: list[Op]) -> list[Op]:
     return [o for o in ops if o.fused]
 

@@ -351,34 +351,34 @@ def facts_of_binary(name: str, binary) -> KernelFacts:
 
 
 def triton_facts(specs: list[dict]) -> list[KernelFacts]:
-    """Facts of the Triton kernel variants ``specs`` (TritonLaunch.compile_spec()), compiled in a
-    subprocess; cached by spec and the kernels' source file."""
-    out: list[KernelFacts | None] = [None] * len(specs)
-    todo = []
-    for i, spec in enumerate(specs):
+    """Facts of the Triton kernel variants ``specs`` (TritonLaunch.spec), compiled in one
+    subprocess (each distinct variant once); cached by spec and the kernels' source file."""
+    paths = []
+    todo: dict = {}  # cache file -> the spec to compile (each distinct variant once)
+    for spec in specs:
         source = Path(sys.modules[spec["module"]].__file__).read_bytes() if spec["module"] in sys.modules else b""
         key = "triton-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode() + source).hexdigest()[:20]
         path = cache_dir() / f"{key}.json"
-        if path.is_file():
-            out[i] = KernelFacts(**json.loads(path.read_text()))
-        else:
-            todo.append((i, path))
+        paths.append(path)
+        if not path.is_file():
+            todo[path] = spec
     if todo:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump([specs[i] for i, _ in todo], f)
+            json.dump(list(todo.values()), f)
         result = subprocess.run([sys.executable, "-m", "fusedloss.benchmark.sm90", "--triton", f.name],
                                 capture_output=True, text=True, env=env, cwd=ROOT)
         os.unlink(f.name)
         if result.returncode != 0:
             raise RuntimeError(f"compiling Triton kernels for sm_90 failed:\n{result.stderr[-6000:]}")
         compiled = json.loads(result.stdout.splitlines()[-1])
-        for (i, path), facts in zip(todo, compiled):
+        for path, facts in zip(todo, compiled):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(facts))
-            out[i] = KernelFacts(**facts)
-    return out
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(facts))
+            os.replace(tmp, path)
+    return [KernelFacts(**json.loads(path.read_text())) for path in paths]
 
 
 def triton_variants() -> list[dict]:
