@@ -6,7 +6,8 @@ demo   the three trainers (KoeMorph, Ditto, TIGAS) trained briefly on their buil
 train  one system's full trainer: ``fusedloss train {blendshape,motion,score} --steps 500``.
 bench  the full loss benchmark: the systems' own shapes against one F.mse_loss
        (bench/results/<device>-seed-shapes), then every case on every backend, eager and
-       torch.compile, forward / backward / full (bench/results/<device>), markdown and JSON.
+       torch.compile, forward / backward / full (bench/results/<device>), markdown and JSON;
+       ``--section model``: the H200 model (bench/results/model-h200), no GPU needed.
 """
 
 from __future__ import annotations
@@ -209,6 +210,10 @@ def bench(args) -> int:
     from .benchmark import score as score_bench
     from .benchmark import seed_shapes
 
+    if args.section == "model":  # predicted H200 times, from CPU-only measurements (fusedloss/benchmark/model.py)
+        from .benchmark import model
+
+        return model.main(["--out", args.out, "--command", command_line()])
     dtype = getattr(torch, args.dtype)
     families = {"pva": pva_bench.cases, "blendshape": blendshape_bench.cases, "score": score_bench.cases}
     chosen = args.family.split(",")
@@ -289,9 +294,11 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--phases", default="forward,backward,full")
     p.add_argument("--out", default="bench/results", help="folder for <device>.md/.json ('' to skip)")
-    p.add_argument("--section", default="all", choices=["all", "seed-shapes", "cases"],
+    p.add_argument("--section", default="all", choices=["all", "seed-shapes", "cases", "model"],
                    help="seed-shapes: the systems' own shapes against one F.mse_loss (<device>-seed-shapes.md); "
-                        "cases: the families' cases, every backend and phase; all (default): both")
+                        "cases: the families' cases, every backend and phase; all (default): both; "
+                        "model: predicted H200 times from the kernels' traffic and sm_90 code, measured on the "
+                        "CPU (model-h200.md; not part of all)")
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)

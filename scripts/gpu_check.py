@@ -22,6 +22,10 @@ Steps, each with its own time limit inside one budget:
                kernel launches per step: <out>/<gpu>-seed-shapes.md and .json), then a reduced case
                list: <out>/<gpu>.md and .json (written after every case, so a run out of time keeps
                what it measured); the dry run skips the seed shapes (tests/test_bench.py runs them)
+  model calibration  python -m fusedloss.benchmark.calibrate: the cases of the H200 model
+               (bench/results/model-h200.json) timed on this GPU, launches counted, and with ncu the
+               DRAM bytes and sectors per request of each kernel: <out>/model-calibration-<gpu>.md
+               and .json, measured next to predicted; the dry run times two small cases on the CPU
   bench distributed  bench/distributed.py: the losses over a process group next to the local loss,
                over NCCL with one rank (one GPU): <out>/distributed-<gpu>-W1.md and .json
 Everything goes to <out>/<gpu>-gpu-check.log, the summary table last. Exit status 1 if a step failed.
@@ -192,11 +196,18 @@ def main(argv=None) -> int:
                            "--out", str(out), *(["--modes", "eager", "--phases", "full", "--section", "cases"] if dry else [])],
                  150)
 
+    # The H200 model's cases timed here, next to bench/results/model-h200.json's predictions (with ncu's
+    # DRAM bytes and sectors per request when Nsight Compute is there). The dry run: two small cases, CPU.
+    calibration = Step("model calibration", [PY, "-m", "fusedloss.benchmark.calibrate", "--out", str(out),
+                                             *(["--ncu"] if has_gpu and shutil.which("ncu") else []),
+                                             *(["--device", "cpu", "--case", "blendshape [16, 52]", "--case",
+                                                "score B=64"] if dry else [])], 150)
+
     bench_group = Step("bench distributed", [PY, "bench/distributed.py", "--device", "cuda" if has_gpu else "cpu",
                                              "--world", "1" if has_gpu else "2", "--out", str(out),
                                              *(["--rounds", "1", "--iterations", "2"] if dry else [])], 60)
 
-    stages = [[env_step], [build], [backends_step], [tests, build_checks, *sanitizers], [bench], [bench_group]]
+    stages = [[env_step], [build], [backends_step], [tests, build_checks, *sanitizers], [bench], [calibration], [bench_group]]
     for stage in stages:
         for s in stage:
             s.timeout = min(s.timeout, left() - 5)

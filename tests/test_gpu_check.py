@@ -29,13 +29,14 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in result.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| step")}
     for step in ("environment", "build", "backends", "build checks", "tests", "gpu_kernels.py", "bench",
-                 "bench distributed"):
+                 "model calibration", "bench distributed"):
         assert rows.get(step) == "ok", f"{step}: {rows.get(step)}\n{result.stdout}"
     for tool in ("memcheck", "racecheck", "synccheck", "initcheck"):
         assert rows[f"sanitizer {tool}"] == "skipped: needs a GPU"
     stem = next(tmp_path.glob("*-gpu-check.log")).name.removesuffix("-gpu-check.log")
     assert (tmp_path / f"{stem}.md").is_file() and (tmp_path / f"{stem}.json").is_file()
     assert next(tmp_path.glob("distributed-*-W2.md"), None) is not None
+    assert "| blendshape [16, 52] | reference eager |" in next(tmp_path.glob("model-calibration-*.md")).read_text()
     log = (tmp_path / f"{stem}-gpu-check.log").read_text()
     assert "Would install fusedloss" in log and "all kernels ran" in log and "tests collected" in log
     assert "build_check current: ok: 6 operators x CPU" in log

@@ -5,6 +5,9 @@ CPU tensors while ``wrap_triton`` is replaced by a recorder, so the exact argume
 would get are captured; they are specialised as Triton's JIT does (an int equal to 1 becomes a
 constexpr, others i32/i64) and compiled to a cubin with ``triton.compile``. Prints one line per
 compiled kernel; exits non-zero on the first failure.
+
+``--facts FILE`` also writes each variant's sm_90 facts (fusedloss.benchmark.sm90: registers,
+spills, loads by width, occupancy) to FILE as JSON, for the H200 model's table.
 """
 
 import itertools
@@ -33,6 +36,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
            torch.int32: "*i32"}
 compiled: dict = {}
+FACTS: list | None = None  # --facts: one entry per compiled variant
 
 
 class Recorder:
@@ -63,6 +67,11 @@ def compile_for_sm90(kernel, args, kwargs):
         return
     binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET)
     compiled[key] = binary
+    if FACTS is not None:
+        from fusedloss.benchmark import sm90
+
+        data = next((signature[n] for n in ("pred_ptr", "scores_ptr") if n in signature), "?")  # input dtype
+        FACTS.append({**sm90.facts_of_binary(kernel.__name__, binary).summary(), "dtype": data.lstrip("*")})
     ones = sorted(k for k, v in constexprs.items() if signature[k] == "constexpr" and k not in kwargs)
     print(f"{kernel.__name__}: {len(binary.asm['cubin'])} bytes of sm_90 code, "
           f"{binary.metadata.num_warps} warps; constant 1s: {ones}")
@@ -154,8 +163,16 @@ def pva_kernels():
 
 
 if __name__ == "__main__":
+    facts_file = sys.argv[sys.argv.index("--facts") + 1] if "--facts" in sys.argv else None
+    if facts_file:
+        FACTS = []
     try:
         main()
+        if facts_file:
+            import json
+
+            with open(facts_file, "w") as f:
+                json.dump(FACTS, f)
     except Exception as exc:  # print the compiler's message in full
         print(f"FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise

@@ -6,6 +6,8 @@ force-included and ``-DFUSEDLOSS_SIMT``, and linked into:
 - ``kernels_module("asan")``: the Python module ``simt_kernels`` (``kernels.cpp``, pybind11), under
   AddressSanitizer + UndefinedBehaviorSanitizer; load it only in a process started with
   ``sanitizer_env("asan")`` (``worker.py`` does);
+- ``kernels_module("trace")``: the same module with every global load and store of the kernels
+  recorded (``trace.h``, ``traffic.py``); no runtime to preload;
 - ``program("race_check", "tsan")``: the ThreadSanitizer driver (``race_check.cpp``; TSan cannot be
   loaded into CPython);
 - ``program("selftest", variant)``: the emulator's own test kernels (``selftest.cu``).
@@ -40,6 +42,15 @@ SANITIZERS = {
     "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-ftrivial-auto-var-init=pattern"],
     "tsan": ["-fsanitize=thread"],
 }
+# The "trace" build (trace.h): every load and store of the .cu files becomes a call of
+# __tsan_{read,write}N(address), defined by trace.cpp (ThreadSanitizer's instrumentation, with no
+# TSan runtime: unlike AddressSanitizer's, it does not skip a store to an address just loaded).
+# The .cu files are optimised like nvcc's code (helpers inlined, loads not repeated), but not
+# vectorised: a GPU thread's accesses stay its own. The uninstrumented host glue (kernels.cpp,
+# trace.cpp) is built at -O1 like the other variants (-O2 costs about 40% more compile time there).
+TRACE_OPTIMISATION = ["-O2", "-fno-tree-vectorize", "-fno-tree-slp-vectorize", "-DSIMT_TRACE"]
+TRACE_GLUE = ["-O1", "-DSIMT_TRACE"]
+TRACE_INSTRUMENTATION = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
 
 
 def csrc() -> Path:
@@ -95,9 +106,16 @@ def sanitizer_env(variant: str) -> dict[str, str]:
     return env
 
 
-def _flags(variant: str) -> list[str]:
-    return ["-std=c++20", "-O1", "-g", "-pthread", "-fno-omit-frame-pointer", "-fPIC", "-DFUSEDLOSS_SIMT",
-            *TORCH_CUDA_DEFINES, *SANITIZERS.get(variant, [])]
+def _flags(variant: str, source: Path | None = None) -> list[str]:
+    """Compiler flags of a variant; for the trace variant, the .cu files (``source``) are instrumented."""
+    kernel = source is not None and source.suffix == ".cu"
+    if variant == "trace":
+        optimisation = TRACE_OPTIMISATION if kernel or source is None else TRACE_GLUE
+    else:
+        optimisation = ["-O1"]
+    traced = TRACE_INSTRUMENTATION if variant == "trace" and kernel else []
+    return ["-std=c++20", *optimisation, "-g", "-pthread", "-fno-omit-frame-pointer", "-fPIC", "-DFUSEDLOSS_SIMT",
+            *TORCH_CUDA_DEFINES, *SANITIZERS.get(variant, []), *traced]
 
 
 def _includes(extra: list[Path]) -> list[str]:
@@ -122,7 +140,7 @@ def _headers_digest() -> str:
 
 
 def _compile(source: Path, variant: str, extra_includes: list[Path], headers: str) -> Path:
-    flags = _flags(variant)
+    flags = _flags(variant, source)
     language = ["-x", "c++"] if source.suffix == ".cu" else []
     parts = [_compiler_version(), headers, *flags, *language, *map(str, extra_includes)]
     key = hashlib.sha256("\0".join(parts).encode() + source.read_bytes()).hexdigest()[:20]
@@ -166,11 +184,13 @@ def _build(name: str, sources: list[Path], variant: str, *, shared: bool, extra_
 
 
 def kernels_module(variant: str = "asan") -> Path:
-    """The pybind11 module ``simt_kernels``: the three families' host launch functions."""
+    """The pybind11 module ``simt_kernels``: the three families' host launch functions (with the
+    access recorder of trace.h in the "trace" variant, which needs no preloaded runtime)."""
     import pybind11
 
     includes = [Path(pybind11.get_include()), Path(sysconfig.get_paths()["include"])]
-    return _build("simt_kernels", [SIMT / "kernels.cpp", *cuda_sources()], variant, shared=True,
+    recorder = [SIMT / "trace.cpp"] if variant == "trace" else []
+    return _build("simt_kernels", [SIMT / "kernels.cpp", *recorder, *cuda_sources()], variant, shared=True,
                   extra_includes=includes)
 
 

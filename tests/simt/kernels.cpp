@@ -6,12 +6,17 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <dlfcn.h>
+
 #include <cstdint>
 #include <type_traits>
 
 #include "blendshape/blendshape_cuda.h"
 #include "pva/pva_cuda.h"
 #include "score/score_cuda.h"
+#ifdef SIMT_TRACE
+#include "trace.h"
+#endif
 
 namespace py = pybind11;
 using namespace fusedloss;
@@ -205,7 +210,35 @@ PYBIND11_MODULE(simt_kernels, m) {
   m.def("launches", [] {
     py::list out;
     for (const auto& r : simt::launches())
-      out.append(py::make_tuple(py::make_tuple(r.grid.x, r.grid.y, r.grid.z), py::make_tuple(r.block.x, r.block.y, r.block.z)));
+      if (r.library == nullptr)
+        out.append(py::make_tuple(py::make_tuple(r.grid.x, r.grid.y, r.grid.z), py::make_tuple(r.block.x, r.block.y, r.block.z)));
     return out;
-  }, "(grid, block) of every launch since clear_launches()");
+  }, "(grid, block) of every kernel launch since clear_launches()");
+  m.def("launch_records", [] {
+    py::list out;
+    for (const auto& r : simt::launches()) {
+      py::dict d;
+      d["grid"] = py::make_tuple(r.grid.x, r.grid.y, r.grid.z);
+      d["block"] = py::make_tuple(r.block.x, r.block.y, r.block.z);
+      d["kernel"] = reinterpret_cast<uintptr_t>(r.kernel);
+      d["library"] = r.library ? py::cast(std::string(r.library)) : py::none();
+      d["keys"] = r.keys;
+      d["key_bytes"] = r.key_bytes;
+      out.append(d);
+    }
+    return out;
+  }, "every launch since clear_launches(), library calls (tests/simt/cub) included: grid, block, kernel "
+     "(address), library, keys, key_bytes");
+  m.def("set_dry_run", &simt::set_dry_run, "record the following launches without running them");
+#ifdef SIMT_TRACE
+  // The global-memory accesses of the kernels (trace.h); addresses of the functions for naming them.
+  m.def("trace_begin", &simt_trace::begin, "record accesses to these (address, bytes) buffers");
+  m.def("trace_end", [] { return py::bytes(simt_trace::end()); }, "stop; the events (trace.h Event) as bytes");
+  m.def("trace_clear", &simt_trace::clear);
+  m.def("module_base", [] {
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&simt_trace::begin), &info);
+    return reinterpret_cast<uintptr_t>(info.dli_fbase);
+  }, "load address of this module (sites and kernels are given relative to it)");
+#endif
 }

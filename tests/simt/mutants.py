@@ -1,4 +1,6 @@
-"""Planted bugs in the CUDA kernels: each must make ``pytest tests -m simt`` fail.
+"""Planted bugs in the CUDA kernels: each must make its lane fail: ``pytest tests -m simt`` for a
+wrong result, a race or a bad access (most of them), ``pytest tests/test_model.py -m model`` for a
+kernel that moves more memory than its budget (T*: the traffic guard).
 
     python tests/simt/mutants.py              # every mutant: a markdown table of what caught it
     python tests/simt/mutants.py P1 S4        # some of them
@@ -33,6 +35,7 @@ class Mutant:
     bug: str
     find: str
     replace: str
+    marker: str = "simt"  # the lane that must catch it: simt (correctness) or model (traffic budgets)
 
     @property
     def family(self) -> str | None:
@@ -118,6 +121,15 @@ MUTANTS = [
     Mutant("S12", "score/score_cuda.cu", "the class test reads a float64 label rounded to the arithmetic type",
            "      real = is_real(label);  // the label as given, before rounding to acc_t\n      y = static_cast<acc_t>(label);",
            "      y = static_cast<acc_t>(label);\n      real = is_real(y);"),
+    # ---- traffic (tests/test_model.py's budgets): right or wrong results, more memory moved ----
+    Mutant("T1", "pva/pva_cuda.cu", "backward: an extra read (d/dpred read before it is written)",
+           "        grad_pred[idx] = cuda::from_acc<scalar_t>(g);",
+           "        grad_pred[idx] = cuda::from_acc<scalar_t>(g + acc_t(0) * cuda::to_acc(grad_pred[idx]));",
+           marker="model"),
+    Mutant("T2", "pva/pva_cuda.cu", "forward: a strided access (lanes of a warp read columns 8 apart)",
+           "const Column<scalar_t> col = column<scalar_t>(in, it.b, d);\n      if (o.last_frame && it.t0 == 0) s[kL]",
+           "const Column<scalar_t> col = column<scalar_t>(in, it.b, (d * 8) % in.D);\n"
+           "      if (o.last_frame && it.t0 == 0) s[kL]", marker="model"),
     # ---- common/cuda_helpers.cuh (every family) ----
     Mutant("C1", "common/cuda_helpers.cuh", "16-bit results truncated instead of rounded to nearest even",
            "return __float2half_rn(x);", "return __float2half_rz(x);"),
@@ -142,14 +154,17 @@ def run(mutant: Mutant, tests: list[str] | None = None, timeout: float = 1800) -
     start = time.monotonic()
     # The mutated family's tests first (pytest would run a file named before its folder in the
     # folder's order), then the whole lane; the first run that fails says what caught the bug.
-    runs = [tests] if tests else ([[f"tests/test_simt_{mutant.family}.py"]] if mutant.family else []) + [["tests"]]
+    if mutant.marker == "model":
+        runs = [tests or ["tests/test_model.py", "-k", "cuda"]]
+    else:
+        runs = [tests] if tests else ([[f"tests/test_simt_{mutant.family}.py"]] if mutant.family else []) + [["tests"]]
     with tempfile.TemporaryDirectory(prefix=f"fusedloss-{mutant.name}-") as tmp:
         csrc = Path(tmp) / "csrc"
         shutil.copytree(ROOT / "csrc", csrc)
         apply(mutant, csrc)
         env = {**os.environ, "FUSEDLOSS_SIMT_CSRC": str(csrc)}  # objects of unchanged files come from the cache
         for args in runs:
-            command = [sys.executable, "-m", "pytest", *args, "-m", "simt", "-x", "-q", "-p", "no:cacheprovider"]
+            command = [sys.executable, "-m", "pytest", *args, "-m", mutant.marker, "-x", "-q", "-p", "no:cacheprovider"]
             result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
             if result.returncode != 0:
                 break

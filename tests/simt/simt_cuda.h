@@ -39,16 +39,30 @@
 // a*b+c into FMAs (results may differ from a GPU's in the last bits).
 #pragma once
 
+// AddressSanitizer and ThreadSanitizer proper (build.py's "asan" and "tsan" builds). The "trace"
+// build defines SIMT_TRACE and instruments the kernels with -fsanitize=thread, which defines
+// __SANITIZE_THREAD__ but links no TSan runtime: its calls go to trace.cpp instead.
+#if defined(__SANITIZE_ADDRESS__) && !defined(SIMT_TRACE)
+#define SIMT_ASAN 1
+#else
+#define SIMT_ASAN 0
+#endif
+#if defined(__SANITIZE_THREAD__) && !defined(SIMT_TRACE)
+#define SIMT_TSAN 1
+#else
+#define SIMT_TSAN 0
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #include <ucontext.h>
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
 #include <sanitizer/tsan_interface.h>
 #endif
 
@@ -119,6 +133,7 @@ struct Settings {
   uint64_t seed = static_cast<uint64_t>(env_int("SIMT_SEED", 1));        // block order
   int blocks_in_flight = std::max(1, env_int("SIMT_BLOCKS_IN_FLIGHT", 2));
   int device = std::max(0, env_int("SIMT_SM_COUNT", 2) - 1);             // device d has d + 1 SMs
+  bool dry_run = false;  // launches are recorded but not run (their configuration at any size)
 };
 inline Settings& settings() {
   static Settings s;
@@ -136,10 +151,15 @@ inline void set_seed(uint64_t seed) {
 inline void set_blocks_in_flight(int n) { settings().blocks_in_flight = std::max(1, n); }
 // The kernels cache the SM count per device (cuda::sm_count), so a new count is a new device.
 inline void set_sm_count(int sms) { settings().device = std::max(1, sms) - 1; }
+inline void set_dry_run(bool dry) { settings().dry_run = dry; }
 
 // Every launch's configuration since the last clear_launches(), for tests of what a case exercises.
 struct LaunchRecord {
   dim3 grid, block;
+  const void* kernel = nullptr;   // the kernel function (tests/simt/traffic.py names it from the debug info)
+  const char* library = nullptr;  // or a library call standing in for its kernels (tests/simt/cub) ...
+  uint64_t keys = 0;              // ... of this many keys
+  int key_bytes = 0;              // ... of this size
 };
 inline std::vector<LaunchRecord>& launches() {
   static std::vector<LaunchRecord> v;
@@ -152,14 +172,14 @@ inline void clear_launches() { launches().clear(); }
 // thread, with happens-before only where these annotations (barriers, warp collectives, the end
 // of a block) or the kernels' own atomics put it; ASan is told which stack is live.
 inline void sync_release(const void* key) {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   __tsan_release(const_cast<void*>(key));
 #else
   (void)key;
 #endif
 }
 inline void sync_acquire(const void* key) {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   __tsan_acquire(const_cast<void*>(key));
 #else
   (void)key;
@@ -169,7 +189,7 @@ inline void sync_acquire(const void* key) {
 // The emulator's own bookkeeping (the block's queues, its barrier and warp state, the built-in
 // variables) is shared by every fiber of a block without happens-before: TSan ignores the memory
 // accesses of the code inside a RuntimeSection, and sees the kernels' own.
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
 extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
 extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
 extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
@@ -276,7 +296,7 @@ class Block {
       warps.back()->exists = warps.back()->live = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
     }
     while (int(pool.stacks.size()) < n) pool.stacks.push_back(new char[kFiberStack]);
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
     while (int(pool.tsan.size()) < n) pool.tsan.push_back(__tsan_create_fiber(0));
 #endif
     for (int tid = 0; tid < n; ++tid) {
@@ -285,10 +305,10 @@ class Block {
       f.lane = tid % 32;
       f.warp = tid / 32;
       f.stack = pool.stacks[tid];
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
       ASAN_UNPOISON_MEMORY_REGION(f.stack, kFiberStack);  // frames a fiber of an earlier block left
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
       f.tsan = pool.tsan[tid];
 #endif
       getcontext(&f.context);
@@ -311,7 +331,7 @@ class Block {
     blockDim = dim_;
     gridDim = grid_;
     current_block = this;
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
     scheduler_tsan_ = __tsan_get_current_fiber();
 #endif
     sync_release(&start_key_);  // what this OS thread has seen happens before the block's threads start
@@ -374,15 +394,15 @@ class Block {
   __attribute__((no_sanitize("thread"))) static void transfer(ucontext_t* from, const ucontext_t* to,
                                                                const void* stack, size_t stack_size, void* tsan) {
     (void)stack, (void)stack_size, (void)tsan;
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
     void* fake_stack = nullptr;
     __sanitizer_start_switch_fiber(&fake_stack, stack, stack_size);
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
     __tsan_switch_to_fiber(tsan, __tsan_switch_to_fiber_no_sync);
 #endif
     swap_context(from, to);
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
     __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
   }
@@ -392,7 +412,7 @@ class Block {
   __attribute__((no_sanitize("thread"))) static void fiber_main() {
     Block* b = current_block;
     sync_acquire(&b->start_key_);
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
     if (!b->scheduler_stack_)  // the first switch into a fiber tells which stack the OS thread's is
       __sanitizer_finish_switch_fiber(nullptr, &b->scheduler_stack_, &b->scheduler_stack_size_);
     else
@@ -449,10 +469,10 @@ __attribute__((no_sanitize("thread"))) inline void Block::exit_current() {
     next_tsan = to >= 0 ? fibers_[to].tsan : scheduler_tsan_;
   }
   (void)next_stack, (void)next_stack_size, (void)next_tsan;
-#if defined(__SANITIZE_ADDRESS__)  // leaving this stack for good: no fake stack to keep
+#if SIMT_ASAN  // leaving this stack for good: no fake stack to keep
   __sanitizer_start_switch_fiber(nullptr, next_stack, next_stack_size);
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   __tsan_switch_to_fiber(next_tsan, __tsan_switch_to_fiber_no_sync);
 #endif
   setcontext(next);
@@ -649,7 +669,8 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     return last_error() = cudaErrorInvalidConfiguration;
-  launches().push_back({grid, block});
+  launches().push_back({grid, block, reinterpret_cast<const void*>(kernel)});
+  if (settings().dry_run) return cudaSuccess;
   // The parameters are copied once, at the launch, as on a GPU; each thread calls with copies.
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   run_grid(grid, block, [&] { std::apply(kernel, params); });
@@ -664,7 +685,7 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 // (else the partials are published unordered), one after it in the last block (else they are read
 // unordered), or TSan reports a data race on the partials. Elsewhere a fence is a real one.
 inline void fence() {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   RuntimeSection runtime;
   if (!current_block) return;
   current_block->self().fenced = true;
@@ -674,7 +695,7 @@ inline void fence() {
 #endif
 }
 inline void before_atomic(const void* location) {
-#if defined(__SANITIZE_THREAD__)
+#if SIMT_TSAN
   RuntimeSection runtime;
   if (!current_block) return;
   if (current_block->self().fenced) sync_release(location);
