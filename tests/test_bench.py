@@ -15,13 +15,20 @@ def test_harness_writes_markdown_and_json(tmp_path):
         min_run_time=0.01, copy_mib=8, log=lambda line: None,
     )
     backends = {r.backend for r in results}
-    assert "reference" in backends and len(results) == 2 * len(backends)
+    counts = benchmark.thread_counts(device)  # 1 and all the CPU's threads, side by side
+    assert "reference" in backends and len(results) == 2 * len(backends) * len(counts)
+    assert {r.threads for r in results} == set(counts)
     assert bandwidth > 0 and all(r.median_ms > 0 and r.gbps > 0 for r in results)
+    # Bandwidth against a copy of the same bytes in the same run; the fresh gradient's page faults apart.
+    assert all(r.copy_ms > 0 and r.copy_fraction > 0 and r.alloc_ms >= 0 for r in results)  # (glibc)
+    assert all(r.alloc_ms == 0 for r in results if r.phase == "forward")
     fused = [r for r in results if r.backend != "reference"]
     assert all(r.vs_eager_reference is not None for r in fused)
     path = benchmark.write(results, device, bandwidth, torch.float32, tmp_path, "test")
     table = path.read_text()
     assert "| pva [2, 80, 265] | reference | eager | forward |" in table
+    assert path.name == benchmark.file_stem(device, counts) + ".md"
+    assert all(f"ms {c}T" in table for c in counts) and "% copy" in table and "alloc ms" in table
     payload = json.loads(path.with_suffix(".json").read_text())
     assert len(payload["results"]) == len(results) and payload["copy_bandwidth_gbps"] > 0
     assert "pva [2, 80, 265]" in benchmark.summary(results)
@@ -42,7 +49,8 @@ def test_bench_command_writes_its_files_after_every_case(tmp_path, monkeypatch):
     assert main(["bench", "--device", "cpu", "--family", "pva,score", "--batches", "pva:2,score:16",
                  "--modes", "eager", "--phases", "forward", "--section", "cases", "--out", str(tmp_path)]) == 0
     assert seen == [["pva [2, 80, 265]"], ["pva [2, 80, 265]", "score B=16"]]
-    assert "score B=16" in (tmp_path / (benchmark.file_stem(torch.device("cpu")) + ".md")).read_text()
+    cpu = torch.device("cpu")
+    assert "score B=16" in (tmp_path / (benchmark.file_stem(cpu, benchmark.thread_counts(cpu)) + ".md")).read_text()
 
 
 def test_seed_shapes_table(tmp_path):

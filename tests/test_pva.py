@@ -153,6 +153,33 @@ def test_noncontiguous_inputs(fused, dtype):
             use_last_frame_loss=True, use_reg_loss=True)
 
 
+def test_cpu_large_problem_whole_rows():
+    """Inputs above the CPU kernels' prefetch size (4 MiB) run as whole rows, prefetching the next
+    batch element: the same bits as the same values through the small-problem path (strided views,
+    copied per column block), and the reference's values."""
+    if fusedloss.backends.unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("the C++ CPU backend is not available")
+    B, L, D = 2, 2048, 265  # 8.7 MB of pred and target in float32
+    g = torch.Generator().manual_seed(0)
+    pred, target = (torch.randn(B, L, D, generator=g) for _ in range(2))
+    cond = torch.randn(B, D, generator=g)
+    config = dict(use_last_frame_loss=True, use_reg_loss=True, dim_ws=torch.linspace(0.5, 1.5, D, dtype=torch.float64))
+    runs = []
+    for strided in (False, True):
+        bases = [(x.transpose(1, 2) if strided else x).clone().requires_grad_() for x in (pred, target)]
+        p, q = (x.transpose(1, 2) if strided else x for x in bases)
+        total, terms = F.pva_loss(p, q, cond, backend="cpu", **config)
+        (1.7 * total + terms["yaw_A"]).backward()
+        runs.append((total, *(x.grad.transpose(1, 2) if strided else x.grad for x in bases)))
+    assert not runs[1][0].isnan() and torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+    p = pred.clone().requires_grad_()
+    total, terms = F.pva_loss(p, target, cond, backend="reference", **config)
+    (1.7 * total + terms["yaw_A"]).backward()
+    assert_close(runs[0][0], total, torch.float32)
+    assert_close(runs[0][1], p.grad, torch.float32, grad=True)
+
+
 @pytest.mark.parametrize("upstream", ["total", "terms", "mixed"])
 @pytest.mark.parametrize(
     "grad_of", [("pred",), ("target",), ("cond",), ("pred", "target", "cond"), ()], ids=lambda g: "+".join(g) or "none"

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -120,6 +121,21 @@ Gradients empty_gradients(const Tensor& pred, std::array<bool, 3> output_mask, c
 // ----------------------------------------------------------------------------------------------
 // CPU kernels
 // ----------------------------------------------------------------------------------------------
+//
+// Both kernels walk column strips: the W adjacent columns of one batch element that fill one SIMD
+// register (8 floats or 4 doubles in the AVX2 clone), down its L time rows. Everything a strip's
+// terms need (the error window e[t..t+2], the V and A derivatives of the two rows before, the
+// column sums) stays in registers, so the forward reads pred and target once and the backward reads
+// them once more and writes each gradient once, with no scratch rows in between. The columns after
+// the last whole strip of a block run one at a time (W = 1).
+//
+// A task is one column block of one batch element (in the forward, of each batch element of a
+// fixed chunk in turn, so the sums do not depend on the thread count); it writes only its own
+// columns. Small problems use blocks of kBlockCols columns (parallel work at small B); problems
+// larger than kPrefetchBytes use whole rows and prefetch the next batch element (Prefetcher).
+// The strips read acc_t rows with unit column stride: the inputs themselves when they are such,
+// else a copy of the task's block (half, bfloat16, strided views); the backward writes acc_t
+// gradient rows in place when the gradients are acc_t, else into a buffer that it rounds once.
 
 template <typename scalar_t>
 struct Rows {
@@ -148,134 +164,388 @@ Rows<scalar_t> make_rows(const Tensor& pred, const Tensor& target, const std::op
   return r;
 }
 
-// A row of D values as acc_t: the input itself when it already is (contiguous acc_t), else
-// converted into buf (the one read of that row).
+// W lanes of acc_t in one register (a GCC/Clang vector; the portable clone runs it as two halves).
+#if defined(__GNUC__) || defined(__clang__)
+typedef float Floats __attribute__((vector_size(32)));
+typedef double Doubles __attribute__((vector_size(32)));
+#define FL_INLINE inline __attribute__((always_inline))
+#else
+typedef float Floats;
+typedef double Doubles;
+#define FL_INLINE inline
+#endif
+template <typename acc_t>
+using Lanes = std::conditional_t<std::is_same_v<acc_t, double>, Doubles, Floats>;
+
+// The lane helpers and strip kernels below take and return 32-byte vectors; they are always inlined,
+// so no call passes one and GCC's note on the ABI of such calls without AVX does not apply (GCC
+// issues it at the end of the file, so it stays off from here on).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+// Lane-wise versions of pva_math.h's err and err_grad (and math.h's sign), for V = Lanes<acc_t> or
+// V = acc_t (one lane).
+template <typename V>
+FL_INLINE V load_lanes(const void* x) {
+  V v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+template <typename V>
+FL_INLINE void store_lanes(void* x, const V& v) {
+  std::memcpy(x, &v, sizeof v);
+}
+
+template <typename V>
+FL_INLINE V abs_lanes(const V& x) {
+  return x < V{} ? -x : x;  // a lane-wise select for vectors
+}
+
+template <typename V>
+FL_INLINE V sign_lanes(const V& x) {
+  const V one = V{} + 1;
+  return (x > V{} ? one : V{}) - (x < V{} ? one : V{});
+}
+
+template <bool kL1, typename V>
+FL_INLINE V err_lanes(const V& x) {
+  if constexpr (kL1) return abs_lanes(x);
+  else return x * x;
+}
+
+template <bool kL1, typename V>
+FL_INLINE V err_grad_lanes(const V& x) {
+  if constexpr (kL1) return sign_lanes(x);
+  else return (V{} + 2) * x;
+}
+
+// Large problems: while a task walks the strips of one batch element, it prefetches the next one's
+// slabs (contiguous [L, D] rows of pred and target, and of the gradients it will write), evenly
+// over its row steps. The strips read down columns, an order the hardware prefetchers do not
+// follow across pages, so without this every row would wait on memory; with it memory streams in
+// address order and the next task finds its rows in the L2 cache.
+struct Prefetcher {
+  const char* read[2] = {nullptr, nullptr};  // pred, target
+  char* write[2] = {nullptr, nullptr};       // gradients (null: not written)
+  int64_t last = 0;                          // the slabs' last line
+  int64_t at = 0, rate = 0;                  // lines reached, lines per step (16.16 fixed point)
+
+  // The slabs' lines spread over `steps` row steps.
+  void pace(int64_t bytes, int64_t steps) {
+    last = (bytes - 1) / 64;
+    rate = ((last + 1) << 16) / std::max<int64_t>(steps, 1) + 1;
+  }
+
+  FL_INLINE void step() {
+    at += rate;
+    const int64_t offset = std::min(at >> 16, last) * 64;
+    __builtin_prefetch(read[0] + offset, 0, 2);
+    __builtin_prefetch(read[1] + offset, 0, 2);
+    if (write[0]) __builtin_prefetch(write[0] + offset, 1, 2);
+    if (write[1]) __builtin_prefetch(write[1] + offset, 1, 2);
+  }
+};
+
+// Prefetches the bytes two strips ahead of x in its row (the next strips' lines: the strips of a
+// block pass over the same rows one after another).
+template <typename V>
+FL_INLINE void prefetch_ahead(const void* x) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + 2 * sizeof(V)), 0, 3);
+}
+
+// One row of a strip's column sums: SP += err(e), SV += err(e - e[t-1]) from row 1 (kOrder >= 1),
+// SA += err(e - 2 e[t-1] + e[t-2]) from row 2 (kOrder = 2), SR += |pred|; em1, em2 move down a row.
+template <int kOrder, bool kL1, bool kReg, typename V>
+FL_INLINE void sums_row(const V& pt, const V& qt, V& SP, V& SV, V& SA, V& SR, V& em1, V& em2) {
+  const V x = pt - qt;
+  if constexpr (kReg) SR += abs_lanes(pt);
+  SP += err_lanes<kL1>(x);
+  if constexpr (kOrder >= 1) SV += err_lanes<kL1>(x - em1);
+  if constexpr (kOrder >= 2) SA += err_lanes<kL1>(x - (V{} + 2) * em1 + em2);
+  em2 = em1;
+  em1 = x;
+}
+
+// Adds one batch element's column sums of one strip (the lanes of V) to S[stat * D]: row t of pred
+// at p + t * ps, of target at q + t * qs; cond_frame's row at cond (null without L).
+template <typename V, bool kL1, bool kReg, bool kPrefetch, typename acc_t>
+FL_INLINE void sums_strip(int64_t L, const acc_t* p, int64_t ps, const acc_t* q, int64_t qs, const acc_t* cond,
+                          acc_t* S, int64_t D, Prefetcher& pf) {
+  V SP = load_lanes<V>(S + kP * D), SV = load_lanes<V>(S + kV * D), SA = load_lanes<V>(S + kA * D);
+  V SR = kReg ? load_lanes<V>(S + kR * D) : V{};
+  V em1{}, em2{};  // e of rows t-1, t-2
+  sums_row<0, kL1, kReg>(load_lanes<V>(p), load_lanes<V>(q), SP, SV, SA, SR, em1, em2);
+  if (L > 1) sums_row<1, kL1, kReg>(load_lanes<V>(p + ps), load_lanes<V>(q + qs), SP, SV, SA, SR, em1, em2);
+  for (int64_t t = 2; t < L; ++t) {
+    if constexpr (kPrefetch) pf.step();
+    prefetch_ahead<V>(p + t * ps);
+    prefetch_ahead<V>(q + t * qs);
+    sums_row<2, kL1, kReg>(load_lanes<V>(p + t * ps), load_lanes<V>(q + t * qs), SP, SV, SA, SR, em1, em2);
+  }
+  store_lanes(S + kP * D, SP);
+  store_lanes(S + kV * D, SV);
+  store_lanes(S + kA * D, SA);
+  if constexpr (kReg) store_lanes(S + kR * D, SR);
+  if (cond) store_lanes(S + kL * D, load_lanes<V>(S + kL * D) + err_lanes<kL1>(load_lanes<V>(p) - load_lanes<V>(cond)));
+}
+
+// pred - target of one row of a strip.
+template <typename V, typename acc_t>
+FL_INLINE V error_row(const acc_t* p, const acc_t* q) {
+  return load_lanes<V>(p) - load_lanes<V>(q);
+}
+
+// One row t of a strip's gradients (see gradient_strip), from the window e0..e2 = e[t..t+2] and
+// gv1 = gv[t-1], ga1 = ga[t-1], ga2 = ga[t-2]; v_on: t + 1 < L, a_on: t + 2 < L. Writes d/dpred
+// (without the last-frame term) and d/dtarget, then moves the window down a row (next: e[t+3]).
+template <bool kL1, bool kReg, bool kTarget, typename V, typename acc_t>
+FL_INLINE void gradient_row(bool v_on, bool a_on, V& e0, V& e1, V& e2, const V& next, V& gv1, V& ga1, V& ga2,
+                            const V& cP, const V& cV, const V& cA, const V& cR, const acc_t* pt, acc_t* gp,
+                            acc_t* gq) {
+  const V two = V{} + 2;
+  const V v = v_on ? err_grad_lanes<kL1>(e1 - e0) : V{};
+  const V a = a_on ? err_grad_lanes<kL1>(e2 - two * e1 + e0) : V{};
+  const V g = cP * err_grad_lanes<kL1>(e0) + cV * (gv1 - v) + cA * (ga2 - two * ga1 + a);
+  if constexpr (kTarget) store_lanes(gq, -g);
+  if constexpr (kReg) store_lanes(gp, g + cR * sign_lanes(load_lanes<V>(pt)));
+  else store_lanes(gp, g);
+  ga2 = ga1;
+  ga1 = a;
+  gv1 = v;
+  e0 = e1;
+  e1 = e2;
+  e2 = next;
+}
+
+// The gradients of one batch element's strip (the lanes of V). With gv[t] = err'(e[t+1] - e[t]) and
+// ga[t] = err'(e[t+2] - 2 e[t+1] + e[t]) (0 outside their row ranges):
+//   d/de[t]     = cP err'(e[t]) + cV (gv[t-1] - gv[t]) + cA (ga[t-2] - 2 ga[t-1] + ga[t])
+//   d/dpred[t]  = d/de[t] + cR sign(pred[t]) + [t == 0] cL err'(pred[0] - cond)
+//   d/dtarget   = -d/de,    d/dcond = -cL err'(pred[0] - cond)
+// Inputs as in sums_strip, coef[stat * D] the column coefficients; d/dpred row t at gp + t * gps,
+// d/dtarget at gq + t * gqs (kTarget), d/dcond at gc (null when not wanted).
+template <typename V, bool kL1, bool kReg, bool kTarget, bool kPrefetch, typename acc_t>
+FL_INLINE void gradient_strip(int64_t L, const acc_t* p, int64_t ps, const acc_t* q, int64_t qs, const acc_t* cond,
+                              const acc_t* coef, int64_t D, acc_t* gp, int64_t gps, acc_t* gq, int64_t gqs,
+                              acc_t* gc, Prefetcher& pf) {
+  const V cP = load_lanes<V>(coef + kP * D), cV = load_lanes<V>(coef + kV * D), cA = load_lanes<V>(coef + kA * D);
+  const V cR = kReg ? load_lanes<V>(coef + kR * D) : V{};
+  V e0 = error_row<V>(p, q);                                   // e[t]
+  V e1 = L > 1 ? error_row<V>(p + ps, q + qs) : V{};            // e[t+1]
+  V e2 = L > 2 ? error_row<V>(p + 2 * ps, q + 2 * qs) : V{};    // e[t+2]
+  V gv1{}, ga1{}, ga2{};                                        // gv[t-1], ga[t-1], ga[t-2]
+  int64_t t = 0;
+  if constexpr (kL1) {
+    for (; t + 3 < L; ++t) {
+      if constexpr (kPrefetch) pf.step();
+      prefetch_ahead<V>(p + (t + 3) * ps);
+      prefetch_ahead<V>(q + (t + 3) * qs);
+      gradient_row<kL1, kReg, kTarget>(true, true, e0, e1, e2, error_row<V>(p + (t + 3) * ps, q + (t + 3) * qs), gv1,
+                                       ga1, ga2, cP, cV, cA, cR, p + t * ps, gp + t * gps,
+                                       kTarget ? gq + t * gqs : nullptr);
+    }
+  } else {
+    // l2, err'(x) = 2x: the same sums with the factors 2 moved into the coefficients (exact), on
+    // d = e[t] - e[t-1] (gv[t-1] = 2 d) and A = e[t+2] - 2 e[t+1] + e[t] (ga[t] = 2 A).
+    const V c2P = cP + cP, c2V = cV + cV, c2A = cA + cA;
+    V d{}, A1{}, A2{};  // e[t] - e[t-1], A[t-1], A[t-2]
+    for (; t + 3 < L; ++t) {
+      if constexpr (kPrefetch) pf.step();
+      prefetch_ahead<V>(p + (t + 3) * ps);
+      prefetch_ahead<V>(q + (t + 3) * qs);
+      const V d1 = e1 - e0, A = e2 - (e1 + e1) + e0;
+      const V g = c2P * e0 + c2V * (d - d1) + c2A * (A2 - (A1 + A1) + A);
+      if constexpr (kTarget) store_lanes(gq + t * gqs, -g);
+      if constexpr (kReg) store_lanes(gp + t * gps, g + cR * sign_lanes(load_lanes<V>(p + t * ps)));
+      else store_lanes(gp + t * gps, g);
+      A2 = A1;
+      A1 = A;
+      d = d1;
+      e0 = e1;
+      e1 = e2;
+      e2 = error_row<V>(p + (t + 3) * ps, q + (t + 3) * qs);
+    }
+    gv1 = d + d, ga1 = A1 + A1, ga2 = A2 + A2;
+  }
+  for (; t < L; ++t)
+    gradient_row<kL1, kReg, kTarget>(t + 1 < L, t + 2 < L, e0, e1, e2, V{}, gv1, ga1, ga2, cP, cV, cA, cR, p + t * ps,
+                                     gp + t * gps, kTarget ? gq + t * gqs : nullptr);
+  if (cond) {  // the last-frame term joins d/dpred[0] (acc_t) before its one rounding
+    const V gl = load_lanes<V>(coef + kL * D) * err_grad_lanes<kL1>(load_lanes<V>(p) - load_lanes<V>(cond));
+    store_lanes(gp, load_lanes<V>(gp) + gl);
+    if (gc) store_lanes(gc, -gl);
+  }
+}
+
+// One task's rows: row t of pred at p + t * ps, of target at q + t * qs, cond_frame's row at cond
+// (null without L), n columns.
+template <typename acc_t>
+struct Block {
+  const acc_t *p, *q, *cond;
+  int64_t ps, qs, n;
+};
+
+// A task's gradient rows: d/dpred (always written: into a buffer when not wanted), d/dtarget and
+// d/dcond (null when not wanted).
+template <typename acc_t>
+struct GradientBlock {
+  acc_t* gp;
+  int64_t gps;
+  acc_t* gq;
+  int64_t gqs;
+  acc_t* gc;
+};
+
+// Adds one batch element's column sums of a block to S[stat * D + j] (j: the block's columns);
+// next: the prefetcher of the next batch element, or null.
+template <typename acc_t, bool kL1, bool kReg>
+FL_CPU_CLONES void block_sums(const Block<acc_t>& in, int64_t L, acc_t* S, int64_t D, const Prefetcher* next) {
+  using V = Lanes<acc_t>;
+  constexpr int64_t W = sizeof(V) / sizeof(acc_t);
+  Prefetcher pf = next ? *next : Prefetcher{};
+  int64_t j = 0;
+  for (; j + W <= in.n; j += W) {
+    const acc_t* c = in.cond ? in.cond + j : nullptr;
+    if (next) sums_strip<V, kL1, kReg, true>(L, in.p + j, in.ps, in.q + j, in.qs, c, S + j, D, pf);
+    else sums_strip<V, kL1, kReg, false>(L, in.p + j, in.ps, in.q + j, in.qs, c, S + j, D, pf);
+  }
+  for (; j < in.n; ++j)
+    sums_strip<acc_t, kL1, kReg, false>(L, in.p + j, in.ps, in.q + j, in.qs, in.cond ? in.cond + j : nullptr, S + j, D,
+                                        pf);
+}
+
+// One batch element's gradients of a block (coef: the block's first column; next as in block_sums).
+template <typename acc_t, bool kL1, bool kReg>
+FL_CPU_CLONES void block_gradients(const Block<acc_t>& in, int64_t L, const acc_t* coef, int64_t D,
+                                   const GradientBlock<acc_t>& out, const Prefetcher* next) {
+  using V = Lanes<acc_t>;
+  constexpr int64_t W = sizeof(V) / sizeof(acc_t);
+  Prefetcher pf = next ? *next : Prefetcher{};
+  int64_t j = 0;
+  for (; j + W <= in.n; j += W) {
+    const acc_t* c = in.cond ? in.cond + j : nullptr;
+    acc_t* gq = out.gq ? out.gq + j : nullptr;
+    acc_t* gc = out.gc ? out.gc + j : nullptr;
+    if (gq && next)
+      gradient_strip<V, kL1, kReg, true, true>(L, in.p + j, in.ps, in.q + j, in.qs, c, coef + j, D, out.gp + j, out.gps,
+                                               gq, out.gqs, gc, pf);
+    else if (gq)
+      gradient_strip<V, kL1, kReg, true, false>(L, in.p + j, in.ps, in.q + j, in.qs, c, coef + j, D, out.gp + j,
+                                                out.gps, gq, out.gqs, gc, pf);
+    else if (next)
+      gradient_strip<V, kL1, kReg, false, true>(L, in.p + j, in.ps, in.q + j, in.qs, c, coef + j, D, out.gp + j,
+                                                out.gps, gq, out.gqs, gc, pf);
+    else
+      gradient_strip<V, kL1, kReg, false, false>(L, in.p + j, in.ps, in.q + j, in.qs, c, coef + j, D, out.gp + j,
+                                                 out.gps, gq, out.gqs, gc, pf);
+  }
+  for (; j < in.n; ++j) {
+    const acc_t* c = in.cond ? in.cond + j : nullptr;
+    acc_t* gq = out.gq ? out.gq + j : nullptr;
+    acc_t* gc = out.gc ? out.gc + j : nullptr;
+    if (gq)
+      gradient_strip<acc_t, kL1, kReg, true, false>(L, in.p + j, in.ps, in.q + j, in.qs, c, coef + j, D, out.gp + j,
+                                                    out.gps, gq, out.gqs, gc, pf);
+    else
+      gradient_strip<acc_t, kL1, kReg, false, false>(L, in.p + j, in.ps, in.q + j, in.qs, c, coef + j, D, out.gp + j,
+                                                     out.gps, gq, out.gqs, gc, pf);
+  }
+}
+
+// Columns per task on small problems and for copied inputs.
+constexpr int64_t kBlockCols = 64;
+// Inputs (pred and target) larger than this are prefetched, a whole batch element per task.
+constexpr int64_t kPrefetchBytes = int64_t(4) << 20;
+// Tasks of fewer elements than this are not split between threads.
+constexpr int64_t kTaskElements = 32768;
+
+// How a problem is cut into tasks: column blocks of `cols` columns (`count` per batch element);
+// `in_place`: the inputs are read where they are; `prefetch`: the tasks prefetch the next batch
+// element (inputs read in place as contiguous [L, D] slabs, larger than kPrefetchBytes).
+struct Blocks {
+  int64_t cols, count;
+  bool in_place, prefetch;
+};
+
+template <typename scalar_t, typename acc_t>
+Blocks blocks_of(const Rows<scalar_t>& r) {
+  const bool in_place =
+      std::is_same_v<scalar_t, acc_t> && r.sp_d == 1 && r.sq_d == 1 && (r.cond == nullptr || r.sc_d == 1);
+  const bool prefetch = in_place && r.sp_t == r.D && r.sq_t == r.D && r.B > 1 &&
+                        2 * r.B * r.L * r.D * int64_t(sizeof(acc_t)) > kPrefetchBytes;
+  const int64_t cols = prefetch ? r.D : std::min(r.D, kBlockCols);
+  return {cols, (r.D + cols - 1) / cols, in_place, prefetch};
+}
+
+// x as acc_t, for data the kernels read or write in place (scalar_t is acc_t); never called otherwise.
 template <typename acc_t, typename scalar_t>
-inline const acc_t* acc_row(const scalar_t* x, int64_t stride, int64_t D, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (stride == 1) return x;
-  }
-  for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(x[d * stride]);
-  return buf;
+acc_t* as_acc(scalar_t* x) {
+  if constexpr (std::is_same_v<std::remove_const_t<scalar_t>, acc_t>) return const_cast<acc_t*>(x);
+  else return nullptr;
 }
 
-// Scratch rows of D values of one thread: rings over time (slot t % size) and buffers.
-enum ScratchRow : int {
-  kErrorRing = 0,      // e = pred - target, 3 slots
-  kPredRing = 3,       // pred (backward, for R), 3 slots
-  kVelocityRing = 6,   // gv (backward), 2 slots
-  kAccelRing = 8,      // ga (backward), 3 slots
-  kPredBuf = 11,       // conversion buffers
-  kTargetBuf = 12,
-  kGradRow = 13,       // d/de of one row (backward)
-  kLastFrameRow = 14,  // cL err'(pred[0] - cond) (backward)
-  kNumScratchRows = 15
-};
-
-template <typename acc_t>
-struct Scratch {
-  explicit Scratch(int64_t D) : D(D), data(kNumScratchRows * D) {}
-  acc_t* row(int i) { return data.data() + i * D; }
-  acc_t* ring(ScratchRow first, int64_t t, int slots) { return row(first + static_cast<int>(t % slots)); }
-  int64_t D;
-  std::vector<acc_t> data;
-};
-
-// Row loops. Each takes FL_R (restrict) pointers (its rows never overlap) so the compiler
-// vectorises it; they are inlined into the cloned (FL_CPU_CLONES) per-batch-element functions below.
-
-// e0 = p - q and the column sums of P, and of V and A once rows t-1 (em1), t-2 (em2) exist.
-template <typename acc_t, bool kL1, int kOrder>
-inline void accumulate_row(int64_t D, const acc_t* FL_R p, const acc_t* FL_R q, acc_t* FL_R e0,
-                           const acc_t* FL_R em1, const acc_t* FL_R em2, acc_t* FL_R SP, acc_t* FL_R SV,
-                           acc_t* FL_R SA) {
-  for (int64_t d = 0; d < D; ++d) {
-    const acc_t x = p[d] - q[d];
-    e0[d] = x;
-    SP[d] += err(x, kL1);
-    if constexpr (kOrder >= 1) SV[d] += err(x - em1[d], kL1);
-    if constexpr (kOrder >= 2) SA[d] += err(x - acc_t(2) * em1[d] + em2[d], kL1);
-  }
-}
-
-template <typename acc_t>
-inline void add_abs(int64_t D, const acc_t* FL_R x, acc_t* FL_R sum) {
-  for (int64_t d = 0; d < D; ++d) sum[d] += std::abs(x[d]);
-}
-
-template <typename acc_t>
-inline void difference(int64_t D, const acc_t* FL_R p, const acc_t* FL_R q, acc_t* FL_R out) {
-  for (int64_t d = 0; d < D; ++d) out[d] = p[d] - q[d];
-}
-
-// gv = err'(e1 - e0), ga = err'(e2 - 2 e1 + e0) (scaled by 0 past their last row), and
-// g = d/de[t] = cP err'(e0) + cV (gv[t-1] - gv) + cA (ga[t-2] - 2 ga[t-1] + ga).
-template <typename acc_t, bool kL1>
-inline void gradient_row(int64_t D, const acc_t* FL_R e0, const acc_t* FL_R e1, const acc_t* FL_R e2,
-                         acc_t* FL_R gv, const acc_t* FL_R gv_m1, acc_t* FL_R ga, const acc_t* FL_R ga_m1,
-                         const acc_t* FL_R ga_m2, const acc_t* FL_R cP, const acc_t* FL_R cV,
-                         const acc_t* FL_R cA, acc_t* FL_R g, acc_t v_on, acc_t a_on) {
-  for (int64_t d = 0; d < D; ++d) {
-    const acc_t v = v_on * err_grad(e1[d] - e0[d], kL1);
-    const acc_t a = a_on * err_grad(e2[d] - acc_t(2) * e1[d] + e0[d], kL1);
-    gv[d] = v;
-    ga[d] = a;
-    g[d] = cP[d] * err_grad(e0[d], kL1) + cV[d] * (gv_m1[d] - v) + cA[d] * (ga_m2[d] - acc_t(2) * ga_m1[d] + a);
-  }
-}
-
-template <typename acc_t>
-inline void add_scaled_sign(int64_t D, const acc_t* FL_R x, const acc_t* FL_R scale, acc_t* FL_R g) {
-  for (int64_t d = 0; d < D; ++d) g[d] += scale[d] * sign(x[d]);
+// Rows [0, L) of columns [0, n) of x (element strides st, sd) as acc_t, row t at out + t * n.
+template <typename acc_t, typename scalar_t>
+void copy_rows(const scalar_t* x, int64_t L, int64_t st, int64_t sd, int64_t n, acc_t* out) {
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t j = 0; j < n; ++j) out[t * n + j] = static_cast<acc_t>(x[t * st + j * sd]);
 }
 
 template <typename scalar_t, typename acc_t>
-inline void store_row(int64_t D, const acc_t* FL_R x, acc_t factor, scalar_t* FL_R out) {
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(factor * x[d]);
+void round_rows(const acc_t* x, int64_t L, int64_t n, int64_t stride, scalar_t* out) {
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t j = 0; j < n; ++j) out[t * stride + j] = static_cast<scalar_t>(x[t * n + j]);
 }
 
-// Column sums S[stat][d] of batch element b, added to S.
-template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
-FL_CPU_CLONES void column_sums(const Rows<scalar_t>& r, bool last_frame, int64_t b, acc_t* S, Scratch<acc_t>& w) {
-  const int64_t D = r.D;
-  acc_t* SP = S + kP * D;
-  acc_t* SV = S + kV * D;
-  acc_t* SA = S + kA * D;
-  acc_t* SR = S + kR * D;
-  acc_t* p_buf = w.row(kPredBuf);
-  acc_t* q_buf = w.row(kTargetBuf);
-  if (last_frame) {
-    const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.sp_b, r.sp_d, D, p_buf);
-    const acc_t* c = acc_row<acc_t>(r.cond + b * r.sc_b, r.sc_d, D, q_buf);
-    acc_t* SL = S + kL * D;
-    for (int64_t d = 0; d < D; ++d) SL[d] += err(p0[d] - c[d], kL1);
-  }
-  for (int64_t t = 0; t < r.L; ++t) {
-    acc_t* e0 = w.ring(kErrorRing, t, 3);
-    const acc_t* em1 = w.ring(kErrorRing, t + 2, 3);  // row t-1
-    const acc_t* em2 = w.ring(kErrorRing, t + 1, 3);  // row t-2
-    const acc_t* p = acc_row<acc_t>(r.pred + b * r.sp_b + t * r.sp_t, r.sp_d, D, p_buf);
-    const acc_t* q = acc_row<acc_t>(r.target + b * r.sq_b + t * r.sq_t, r.sq_d, D, q_buf);
-    if (kReg) add_abs(D, p, SR);
-    if (t >= 2) accumulate_row<acc_t, kL1, 2>(D, p, q, e0, em1, em2, SP, SV, SA);
-    else if (t == 1) accumulate_row<acc_t, kL1, 1>(D, p, q, e0, em1, em2, SP, SV, SA);
-    else accumulate_row<acc_t, kL1, 0>(D, p, q, e0, em1, em2, SP, SV, SA);
-  }
+// The block [d0, d0 + n) of batch element b: in place, or copied into buf ((2 L + 1) n values).
+template <typename scalar_t, typename acc_t>
+Block<acc_t> block_of(const Rows<scalar_t>& r, bool in_place, int64_t b, int64_t d0, int64_t n, acc_t* buf) {
+  const scalar_t* p = r.pred + b * r.sp_b + d0 * r.sp_d;
+  const scalar_t* q = r.target + b * r.sq_b + d0 * r.sq_d;
+  const scalar_t* c = r.cond ? r.cond + b * r.sc_b + d0 * r.sc_d : nullptr;
+  if (in_place) return {as_acc<acc_t>(p), as_acc<acc_t>(q), c ? as_acc<acc_t>(c) : nullptr, r.sp_t, r.sq_t, n};
+  copy_rows(p, r.L, r.sp_t, r.sp_d, n, buf);
+  copy_rows(q, r.L, r.sq_t, r.sq_d, n, buf + r.L * n);
+  if (c) copy_rows(c, 1, 0, r.sc_d, n, buf + 2 * r.L * n);
+  return {buf, buf + r.L * n, c ? buf + 2 * r.L * n : nullptr, n, n, n};
+}
+
+// The prefetcher of a task on batch element b (blocks of whole rows): the slabs of b + 1, to read and
+// (gradients, contiguous [B, L, D], null when not written) to write, over the task's vector rows.
+template <typename scalar_t, typename acc_t>
+Prefetcher next_slabs(const Rows<scalar_t>& r, int64_t b, scalar_t* grad0, scalar_t* grad1) {
+  constexpr int64_t W = sizeof(Lanes<acc_t>) / sizeof(acc_t);
+  Prefetcher pf;
+  pf.read[0] = reinterpret_cast<const char*>(r.pred + (b + 1) * r.sp_b);
+  pf.read[1] = reinterpret_cast<const char*>(r.target + (b + 1) * r.sq_b);
+  pf.write[0] = grad0 ? reinterpret_cast<char*>(grad0 + (b + 1) * r.L * r.D) : nullptr;
+  pf.write[1] = grad1 ? reinterpret_cast<char*>(grad1 + (b + 1) * r.L * r.D) : nullptr;
+  pf.pace(r.L * r.D * int64_t(sizeof(acc_t)), r.D / W * std::max<int64_t>(r.L - 3, 1));
+  return pf;
 }
 
 // Fixed batch chunks (independent of the thread count) keep the sums deterministic.
 int64_t batch_chunk(int64_t B) { return std::max<int64_t>(1, (B + 63) / 64); }
 
+// The column sums of each batch chunk c (of `chunk` elements) added to partial[c][stat][d].
 template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
-void column_sums_chunks(const Rows<scalar_t>& r, const Options& o, int64_t chunk, int64_t nchunks,
-                        std::vector<acc_t>& partial) {
-  const int64_t D = r.D;
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    Scratch<acc_t> scratch(D);
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t* S = partial.data() + c * kNumStats * D;
-      for (int64_t b = c * chunk; b < std::min(r.B, (c + 1) * chunk); ++b)
-        column_sums<scalar_t, acc_t, kL1, kReg>(r, o.last_frame, b, S, scratch);
+void column_sums_chunks(const Rows<scalar_t>& r, int64_t chunk, int64_t nchunks, std::vector<acc_t>& partial) {
+  const int64_t D = r.D, L = r.L;
+  const Blocks blocks = blocks_of<scalar_t, acc_t>(r);
+  const int64_t grain = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, chunk * L * blocks.cols));
+  at::parallel_for(0, nchunks * blocks.count, grain, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> buf(blocks.in_place ? 0 : (2 * L + 1) * blocks.cols);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t c = k / blocks.count, d0 = (k % blocks.count) * blocks.cols;
+      const int64_t n = std::min(D, d0 + blocks.cols) - d0;
+      for (int64_t b = c * chunk; b < std::min(r.B, (c + 1) * chunk); ++b) {
+        const Block<acc_t> in = block_of(r, blocks.in_place, b, d0, n, buf.data());
+        const bool prefetch = blocks.prefetch && b + 1 < r.B;
+        const Prefetcher next = prefetch ? next_slabs<scalar_t, acc_t>(r, b, nullptr, nullptr) : Prefetcher{};
+        block_sums<acc_t, kL1, kReg>(in, L, partial.data() + c * kNumStats * D + d0, D, prefetch ? &next : nullptr);
+      }
     }
   });
 }
@@ -288,11 +558,11 @@ void forward_cpu(const Rows<scalar_t>& r, const Options& o, const double* table,
   const int64_t nchunks = std::max<int64_t>(1, (r.B + chunk - 1) / chunk);  // one (empty) for B = 0
   std::vector<acc_t> partial(nchunks * kNumStats * D, acc_t(0));
   if (o.l1) {
-    if (o.reg) column_sums_chunks<scalar_t, acc_t, true, true>(r, o, chunk, nchunks, partial);
-    else column_sums_chunks<scalar_t, acc_t, true, false>(r, o, chunk, nchunks, partial);
+    if (o.reg) column_sums_chunks<scalar_t, acc_t, true, true>(r, chunk, nchunks, partial);
+    else column_sums_chunks<scalar_t, acc_t, true, false>(r, chunk, nchunks, partial);
   } else {
-    if (o.reg) column_sums_chunks<scalar_t, acc_t, false, true>(r, o, chunk, nchunks, partial);
-    else column_sums_chunks<scalar_t, acc_t, false, false>(r, o, chunk, nchunks, partial);
+    if (o.reg) column_sums_chunks<scalar_t, acc_t, false, true>(r, chunk, nchunks, partial);
+    else column_sums_chunks<scalar_t, acc_t, false, false>(r, chunk, nchunks, partial);
   }
   for (int64_t c = 1; c < nchunks; ++c)
     for (int64_t i = 0; i < kNumStats * D; ++i) partial[i] += partial[c * kNumStats * D + i];
@@ -345,63 +615,44 @@ std::vector<acc_t> column_coefficients(const Options& o, const double* table, in
   return coef;
 }
 
-// Gradients of batch element b. With gv[t] = err'(e[t+1] - e[t]) and
-// ga[t] = err'(e[t+2] - 2 e[t+1] + e[t]) (0 outside their row ranges):
-//   d/de[t]     = cP err'(e[t]) + cV (gv[t-1] - gv[t]) + cA (ga[t-2] - 2 ga[t-1] + ga[t])
-//   d/dpred[t]  = d/de[t] + cR sign(pred[t]) + [t == 0] cL err'(pred[0] - cond)
-//   d/dtarget   = -d/de,    d/dcond = -cL err'(pred[0] - cond)
-// Rows of e (and pred, for R) are loaded two steps ahead into rings.
+// The gradients (each null when not wanted) of every batch element, one task per block.
 template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
-FL_CPU_CLONES void gradient_rows(const Rows<scalar_t>& r, bool last_frame, const acc_t* coef, int64_t b,
-                                 scalar_t* grad_pred, scalar_t* grad_target, scalar_t* grad_cond,
-                                 Scratch<acc_t>& w) {
+void gradient_all(const Rows<scalar_t>& r, const acc_t* coef, scalar_t* grad_pred, scalar_t* grad_target,
+                  scalar_t* grad_cond) {
+  constexpr bool kOutInPlace = std::is_same_v<scalar_t, acc_t>;  // the gradients: contiguous acc_t
   const int64_t D = r.D, L = r.L;
-  const acc_t* cP = coef + kP * D;
-  const acc_t* cV = coef + kV * D;
-  const acc_t* cA = coef + kA * D;
-  const acc_t* cL = coef + kL * D;
-  const acc_t* cR = coef + kR * D;
-  auto load = [&](int64_t t) {  // e (and pred) of row t into their ring slots
-    acc_t* pr = w.ring(kPredRing, t, 3);
-    const acc_t* p = acc_row<acc_t>(r.pred + b * r.sp_b + t * r.sp_t, r.sp_d, D, pr);
-    const acc_t* q = acc_row<acc_t>(r.target + b * r.sq_b + t * r.sq_t, r.sq_d, D, w.row(kTargetBuf));
-    difference(D, p, q, w.ring(kErrorRing, t, 3));
-    if (kReg && p != pr) std::copy(p, p + D, pr);
-  };
-  load(0);
-  if (L > 1) load(1);
-  std::fill(w.row(kVelocityRing), w.row(kVelocityRing + 2), acc_t(0));  // gv[-1]
-  std::fill(w.row(kAccelRing), w.row(kAccelRing + 3), acc_t(0));        // ga[-2], ga[-1]
-  acc_t* g = w.row(kGradRow);
-  for (int64_t t = 0; t < L; ++t) {
-    if (t + 2 < L) load(t + 2);
-    gradient_row<acc_t, kL1>(D, w.ring(kErrorRing, t, 3), w.ring(kErrorRing, t + 1, 3),
-                             w.ring(kErrorRing, t + 2, 3), w.ring(kVelocityRing, t, 2),
-                             w.ring(kVelocityRing, t + 1, 2), w.ring(kAccelRing, t, 3),
-                             w.ring(kAccelRing, t + 2, 3), w.ring(kAccelRing, t + 1, 3), cP, cV, cA, g,
-                             t + 1 < L ? acc_t(1) : acc_t(0), t + 2 < L ? acc_t(1) : acc_t(0));
-    if (grad_target) store_row(D, g, acc_t(-1), grad_target + (b * L + t) * D);
-    if (!grad_pred && !grad_cond) continue;
-    if (kReg) add_scaled_sign(D, w.ring(kPredRing, t, 3), cR, g);
-    if (t == 0 && last_frame) {  // the last-frame term joins d/dpred before the one rounding
-      const acc_t* p0 = acc_row<acc_t>(r.pred + b * r.sp_b, r.sp_d, D, w.row(kPredBuf));
-      const acc_t* c = acc_row<acc_t>(r.cond + b * r.sc_b, r.sc_d, D, w.row(kTargetBuf));
-      acc_t* gl = w.row(kLastFrameRow);
-      for (int64_t d = 0; d < D; ++d) gl[d] = cL[d] * err_grad(p0[d] - c[d], kL1);
-      for (int64_t d = 0; d < D; ++d) g[d] += gl[d];
-      if (grad_cond) store_row(D, gl, acc_t(-1), grad_cond + b * D);
+  const Blocks blocks = blocks_of<scalar_t, acc_t>(r);
+  const bool pred_in_place = kOutInPlace && grad_pred != nullptr;
+  // Per-thread buffer: copied inputs, then acc_t rows of d/dpred, d/dtarget and d/dcond where needed.
+  const int64_t in_size = blocks.in_place ? 0 : (2 * L + 1) * blocks.cols;
+  const int64_t gp_size = pred_in_place ? 0 : L * blocks.cols;
+  const int64_t gq_size = grad_target && !kOutInPlace ? L * blocks.cols : 0;
+  const int64_t gc_size = grad_cond && !kOutInPlace ? blocks.cols : 0;
+  const int64_t grain = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, L * blocks.cols));
+  at::parallel_for(0, r.B * blocks.count, grain, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> buf(in_size + gp_size + gq_size + gc_size);
+    acc_t* gp_buf = buf.data() + in_size;
+    acc_t* gq_buf = gp_buf + gp_size;
+    acc_t* gc_buf = gq_buf + gq_size;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / blocks.count, d0 = (k % blocks.count) * blocks.cols;
+      const int64_t n = std::min(D, d0 + blocks.cols) - d0;
+      scalar_t* gp = grad_pred ? grad_pred + b * L * D + d0 : nullptr;
+      scalar_t* gq = grad_target ? grad_target + b * L * D + d0 : nullptr;
+      scalar_t* gc = grad_cond ? grad_cond + b * D + d0 : nullptr;
+      GradientBlock<acc_t> out{pred_in_place ? as_acc<acc_t>(gp) : gp_buf, pred_in_place ? D : n,
+                               gq ? (kOutInPlace ? as_acc<acc_t>(gq) : gq_buf) : nullptr, kOutInPlace ? D : n,
+                               gc ? (kOutInPlace ? as_acc<acc_t>(gc) : gc_buf) : nullptr};
+      const Block<acc_t> in = block_of(r, blocks.in_place, b, d0, n, buf.data());
+      const bool prefetch = blocks.prefetch && b + 1 < r.B;
+      const Prefetcher next = prefetch ? next_slabs<scalar_t, acc_t>(r, b, grad_pred, grad_target) : Prefetcher{};
+      block_gradients<acc_t, kL1, kReg>(in, L, coef + d0, D, out, prefetch ? &next : nullptr);
+      if constexpr (!kOutInPlace) {
+        if (gp) round_rows(out.gp, L, n, D, gp);
+        if (gq) round_rows(out.gq, L, n, D, gq);
+        if (gc) round_rows(out.gc, 1, n, D, gc);
+      }
     }
-    if (grad_pred) store_row(D, g, acc_t(1), grad_pred + (b * L + t) * D);
-  }
-}
-
-template <typename scalar_t, typename acc_t, bool kL1, bool kReg>
-void gradient_all(const Rows<scalar_t>& r, bool last_frame, const acc_t* coef, scalar_t* gp, scalar_t* gq,
-                  scalar_t* gc) {
-  at::parallel_for(0, r.B, 1, [&](int64_t b0, int64_t b1) {
-    Scratch<acc_t> scratch(r.D);
-    for (int64_t b = b0; b < b1; ++b)
-      gradient_rows<scalar_t, acc_t, kL1, kReg>(r, last_frame, coef, b, gp, gq, gc, scratch);
   });
 }
 
@@ -449,11 +700,11 @@ std::tuple<Tensor, Tensor, Tensor> pva_backward_cpu(
     scalar_t* gq = grads.target.numel() ? grads.target.data_ptr<scalar_t>() : nullptr;
     scalar_t* gc = grads.cond.numel() ? grads.cond.data_ptr<scalar_t>() : nullptr;
     if (o.l1) {
-      if (o.reg) gradient_all<scalar_t, acc_t, true, true>(rows, o.last_frame, coef.data(), gp, gq, gc);
-      else gradient_all<scalar_t, acc_t, true, false>(rows, o.last_frame, coef.data(), gp, gq, gc);
+      if (o.reg) gradient_all<scalar_t, acc_t, true, true>(rows, coef.data(), gp, gq, gc);
+      else gradient_all<scalar_t, acc_t, true, false>(rows, coef.data(), gp, gq, gc);
     } else {
-      if (o.reg) gradient_all<scalar_t, acc_t, false, true>(rows, o.last_frame, coef.data(), gp, gq, gc);
-      else gradient_all<scalar_t, acc_t, false, false>(rows, o.last_frame, coef.data(), gp, gq, gc);
+      if (o.reg) gradient_all<scalar_t, acc_t, false, true>(rows, coef.data(), gp, gq, gc);
+      else gradient_all<scalar_t, acc_t, false, false>(rows, coef.data(), gp, gq, gc);
     }
   });
   return {grads.pred, grads.target, grads.cond};

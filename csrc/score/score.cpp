@@ -157,15 +157,18 @@ void sort_items(std::vector<Item<acc_t>>& items) {
 template <typename acc_t, typename scalar_t, typename label_t>
 int64_t count_by_merge(const Inputs<scalar_t, label_t>& in, const Problem& pb, acc_t margin, int32_t* counts) {
   std::vector<Item<acc_t>> reals, fakes;
+  reals.reserve(pb.B);
+  fakes.reserve(pb.B);
   for (int64_t k = 0; k < pb.B; ++k) {
     const Item<acc_t> item{key_of(static_cast<acc_t>(in.scores[k * in.ss])), static_cast<uint32_t>(k)};
     (is_real(static_cast<double>(in.labels[k * in.ys])) ? reals : fakes).push_back(item);
   }
-  at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+  const int64_t grain = pb.B < kChunk ? 2 : 1;  // (below kChunk scores an OpenMP region costs more than the work)
+  at::parallel_for(0, 2, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) sort_items(i == 0 ? reals : fakes);
   });
   const int64_t nR = static_cast<int64_t>(reals.size()), nF = static_cast<int64_t>(fakes.size());
-  at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, 2, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       int64_t p = 0;
       if (i == 0) {
@@ -254,6 +257,45 @@ void forward_cpu(const Inputs<scalar_t, label_t>& in, const Problem& pb, const d
   *rank_scale.data_ptr<double>() = scale;
   *status.data_ptr<int32_t>() = (sum.bad_scores ? kScoresNotFinite : 0) | (sum.bad_logits ? kLogitsNotFinite : 0) |
                                 (std::isfinite(weighted) ? 0 : kTotalNotFinite);
+}
+
+// d/dscores[k] = c_reg regression'(s_k - y_k) + c_rank count_k (count: null without ranking).
+template <typename scalar_t, typename label_t, typename acc_t>
+struct Gradients {
+  const scalar_t* scores;
+  int64_t ss;
+  const label_t* labels;
+  int64_t ys;
+  const int32_t* count;
+  acc_t c_reg, c_rank;
+  scalar_t* out;
+};
+
+template <bool kSmoothL1, bool kCount, bool kUnitStride, typename scalar_t, typename label_t, typename acc_t>
+FL_CPU_CLONES void score_gradient_loop(const Gradients<scalar_t, label_t, acc_t>& in, int64_t k0, int64_t k1) {
+  const int64_t ss = kUnitStride ? 1 : in.ss, ys = kUnitStride ? 1 : in.ys;
+  const scalar_t* FL_R s = in.scores;
+  const label_t* FL_R y = in.labels;
+  const int32_t* FL_R count = in.count;
+  scalar_t* FL_R out = in.out;
+  for (int64_t k = k0; k < k1; ++k) {
+    acc_t g = in.c_reg * regression_grad(static_cast<acc_t>(s[k * ss]) - static_cast<acc_t>(y[k * ys]), kSmoothL1);
+    if constexpr (kCount) g += in.c_rank * static_cast<acc_t>(count[k]);
+    out[k] = static_cast<scalar_t>(g);
+  }
+}
+
+// The loop over [k0, k1), vectorised where scores and labels are acc_t (or float64) with unit stride.
+template <bool kSmoothL1, typename scalar_t, typename label_t, typename acc_t>
+void score_gradients(const Gradients<scalar_t, label_t, acc_t>& in, int64_t k0, int64_t k1) {
+  constexpr bool kPlain = std::is_same_v<scalar_t, acc_t> && std::is_same_v<label_t, acc_t>;
+  if (kPlain && in.ss == 1 && in.ys == 1) {
+    if (in.count) score_gradient_loop<kSmoothL1, true, true>(in, k0, k1);
+    else score_gradient_loop<kSmoothL1, false, true>(in, k0, k1);
+  } else {
+    if (in.count) score_gradient_loop<kSmoothL1, true, false>(in, k0, k1);
+    else score_gradient_loop<kSmoothL1, false, false>(in, k0, k1);
+  }
 }
 
 struct Outputs {
@@ -351,23 +393,20 @@ std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const
       const label_t* y_ptr = labels.const_data_ptr<label_t>();
       const int64_t ys = labels.stride(0);
       at::parallel_for(0, pb.B, kChunk, [&](int64_t k0, int64_t k1) {
+        if (gs) {
+          const Gradients<scalar_t, label_t, acc_t> in{s_ptr, ss, y_ptr, ys, count, c_reg, c_rank, gs};
+          if (pb.smooth_l1) score_gradients<true>(in, k0, k1);
+          else score_gradients<false>(in, k0, k1);
+        }
+        if (!gl) return;
         for (int64_t k = k0; k < k1; ++k) {
-          const acc_t y = static_cast<acc_t>(y_ptr[k * ys]);
+          // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
           const bool real = is_real(static_cast<double>(y_ptr[k * ys]));
-          if (gs) {
-            const acc_t s = static_cast<acc_t>(s_ptr[k * ss]);
-            acc_t g = c_reg * regression_grad(s - y, pb.smooth_l1);
-            if (count) g += c_rank * static_cast<acc_t>(count[k]);
-            gs[k] = static_cast<scalar_t>(g);
-          }
-          if (gl) {
-            // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
-            const acc_t l0 = static_cast<acc_t>(l_ptr[k * ls0]), l1 = static_cast<acc_t>(l_ptr[k * ls0 + ls1]);
-            const acc_t p_other = sigmoid(real ? l0 - l1 : l1 - l0);
-            const acc_t g_other = c_cls * p_other;
-            gl[2 * k] = static_cast<scalar_t>(real ? g_other : -g_other);
-            gl[2 * k + 1] = static_cast<scalar_t>(real ? -g_other : g_other);
-          }
+          const acc_t l0 = static_cast<acc_t>(l_ptr[k * ls0]), l1 = static_cast<acc_t>(l_ptr[k * ls0 + ls1]);
+          const acc_t p_other = sigmoid(real ? l0 - l1 : l1 - l0);
+          const acc_t g_other = c_cls * p_other;
+          gl[2 * k] = static_cast<scalar_t>(real ? g_other : -g_other);
+          gl[2 * k + 1] = static_cast<scalar_t>(real ? -g_other : g_other);
         }
       });
     };

@@ -47,6 +47,7 @@ def make_case(label: str, shape: tuple[int, ...], kwargs: dict) -> Case:
         name=f"blendshape {list(shape)} {label}",
         make=make,
         elements={"forward": 2 * n, "backward": 3 * n, "full": 5 * n},
+        writes={"forward": 0, "backward": n, "full": n},
     )
 
 

@@ -37,6 +37,7 @@ def make_case(B: int) -> Case:
         name=f"pva [{B}, {SEQUENCE}, {DIM}]",
         make=make,
         elements={"forward": 2 * n + cond, "backward": 3 * n + cond, "full": 5 * n + 2 * cond},
+        writes={"forward": 0, "backward": n, "full": n},
     )
 
 

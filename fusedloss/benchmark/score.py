@@ -73,7 +73,8 @@ def make_case(B: int) -> Case:
         return B <= REFERENCE_COMPILE_MAX.get(device.type, 0)
 
     return Case(family="score", name=f"score B={B}", make=make,
-                elements={"forward": 5 * B, "backward": 4 * B, "full": 9 * B}, runs=runs,
+                elements={"forward": 5 * B, "backward": 4 * B, "full": 9 * B},
+                writes={"forward": B, "backward": B, "full": 2 * B}, runs=runs,
                 baselines=("torch-sorted",))
 
 
