@@ -246,7 +246,7 @@ def cases(names: tuple[str, ...] | None = None) -> list[Case]:
     from . import pva as bp
     from . import score as bs
     from . import seed_shapes as ss
-    from ..blendshape.config import SEED_001_GROUPS
+    from ..blendshape.config import DUAL_STREAM_GROUPS
 
     out = []
 
@@ -254,7 +254,7 @@ def cases(names: tuple[str, ...] | None = None) -> list[Case]:
         make, minimum = _from_seed(seed_case_of, B, bench_case)
         out.append(Case(family, seed_case_of(B).name, B, make, minimum, seed=True, **kw))
 
-    groups = {"perceptual_groups": SEED_001_GROUPS}
+    groups = {"perceptual_groups": DUAL_STREAM_GROUPS}
     seed(lambda b: ss._blendshape((b, 52), {}), 16, "blendshape", bb.make_case("seed", (16, 52), {}))
     seed(lambda b: ss._blendshape((b, 52), groups), 4, "blendshape", bb.make_case("seed", (4, 52), groups))
     seed(ss._score, 64, "score", bs.make_case(64))
