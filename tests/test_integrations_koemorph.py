@@ -194,3 +194,29 @@ def test_weight_at_or_below_zero_switches_the_term_off():
     loss_fn.landmark_matrix = torch.rand(136, 52)
     loss_fn.landmark_weight, loss_fn.perceptual_weight = 0.3, 0.5
     assert {"landmark", "perceptual"} <= set(loss_fn(torch.rand(3, 52), torch.rand(3, 52))[1])
+
+
+@pytest.mark.parametrize("edit", ["in place", "replaced"])
+def test_perceptual_groups_edited_take_effect(edit):
+    """The group term follows ``perceptual_loss``'s groups as they are at each call: a group's
+    index list edited in place or replaced changes the next total (and the audio-visual term's
+    mouth columns) as in the plain group-weighted MSE."""
+    g = torch.Generator().manual_seed(5)
+    pred, target, audio = torch.rand(4, 52, generator=g), torch.rand(4, 52, generator=g), torch.rand(4, 3, 8, generator=g)
+    loss_fn = koemorph.KoeMorphLoss(landmark_weight=0.0, metrics="tensors", backend="cpu")
+    loss_fn(pred, target, audio_features=audio)
+    surface = loss_fn.perceptual_loss
+    if edit == "in place":
+        del surface.mouth_group[10:]               # the same list object groups["mouth"] holds
+    else:
+        surface.mouth_group = list(range(14, 20))
+        surface.groups["mouth"] = surface.mouth_group
+    _, terms = loss_fn(pred, target, audio_features=audio)
+    torch.testing.assert_close(terms["perceptual"], surface(pred, target, audio_features=audio))
+    mouth = list(surface.mouth_group)
+    expected = (2.0 * F.mse_loss(pred[:, mouth], target[:, mouth])
+                + sum(w * F.mse_loss(pred[:, list(idx)], target[:, list(idx)])
+                      for idx, w in ((range(0, 12), 1.0), (range(32, 44), 1.0), (range(44, 52), 1.5))))
+    assert not torch.allclose(terms["perceptual"], koemorph.KoeMorphLoss(landmark_weight=0.0, metrics="tensors",
+                                                                        backend="cpu")(pred, target, audio_features=audio)[1]["perceptual"])
+    torch.testing.assert_close(surface(pred, target), expected)

@@ -125,6 +125,7 @@ class BlendshapeLoss(FusedLoss):
         return config.weights + (config.threshold,)
 
     def _config_with(self, name, values, config):
+        values = [checks.real(f"{name}[{slot}]", number) for slot, number in zip(SETTINGS, values)]
         return dataclasses.replace(config, weights=tuple(values[:len(TERMS)]), threshold=values[len(TERMS)])
 
     def _check_table(self, name, value):

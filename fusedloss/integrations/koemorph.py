@@ -78,7 +78,7 @@ class PerceptualBlendshapeLoss(nn.Module):
         total = sum(GROUPS[name][1] * F.mse_loss(pred_blendshapes[:, idx], target_blendshapes[:, idx])
                     for name, idx in self.groups.items())
         if audio_features is not None:
-            total = total + 0.5 * _audiovisual(pred_blendshapes, audio_features)
+            total = total + 0.5 * _audiovisual(pred_blendshapes, audio_features, self.mouth_group)
         return total
 
 
@@ -138,7 +138,7 @@ class KoeMorphLoss(nn.Module):
             landmark_weight, velocity_weight)))))
         fused = BlendshapeLoss(mse_weight=0.0, l1_weight=0.0, perceptual_weight=0.0,
                                perceptual_groups=[(list(idx), w) for idx, w in GROUPS.values()], backend=backend)
-        self.__dict__.update(fused=fused, _weights={t: 0.0 for t in WEIGHTS}, _landmark_seen=None,
+        self.__dict__.update(fused=fused, _weights={t: 0.0 for t in WEIGHTS}, _landmark_seen=None, _groups_seen=None,
                              _landmark_seed=None if landmark_seed is None else checks.integer("landmark_seed",
                                                                                              landmark_seed))
         self.metrics, self.eps = metrics, eps
@@ -230,6 +230,17 @@ class KoeMorphLoss(nn.Module):
             self.fused.landmark_matrix = matrix.detach()
             self.__dict__["_landmark_seen"] = (matrix, matrix._version, matrix.data_ptr())
 
+    def _sync_groups(self) -> None:
+        """The fused group term follows ``perceptual_loss.groups`` as it is now (a group's index list
+        edited in place or replaced: compared by value), each group with its repository weight."""
+        module = self._modules.get("perceptual_loss")
+        if module is None or torch.compiler.is_compiling():
+            return
+        groups = tuple((tuple(indices), GROUPS[name][1]) for name, indices in module.groups.items())
+        if groups != self.__dict__["_groups_seen"]:
+            self.fused.perceptual_groups = groups
+            self.__dict__["_groups_seen"] = groups
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self.fused._apply(fn, recurse)   # (held outside the module tree, so that the state dict is the repository's)
@@ -240,6 +251,7 @@ class KoeMorphLoss(nn.Module):
         pred, target = pred_blendshapes, target_blendshapes
         w = self.__dict__["_weights"]
         self._sync_landmark()
+        self._sync_groups()
         _, fused = self.fused(pred, target, return_components=True)
         terms = {}
         for name, criterion in (("mse", self.mse_loss), ("l1", self.l1_loss)):
@@ -248,7 +260,8 @@ class KoeMorphLoss(nn.Module):
         if w["perceptual"] > 0:
             terms["perceptual"] = fused["perceptual"]
             if audio_features is not None:
-                terms["perceptual"] = terms["perceptual"] + 0.5 * _audiovisual(pred, audio_features)
+                terms["perceptual"] = terms["perceptual"] + 0.5 * _audiovisual(pred, audio_features,
+                                                                               self.perceptual_loss.mouth_group)
         if w["temporal"] > 0 and prev_pred is not None and prev_target is not None:
             terms["temporal"] = F.mse_loss(pred - prev_pred, target - prev_target)
         if w["velocity"] > 0 and prev_pred is not None and prev_target is not None:
@@ -271,8 +284,8 @@ class KoeMorphLoss(nn.Module):
         return f"{weights}, reduction={self.reduction!r}, metrics={self.metrics!r}, backend={self.backend!r}"
 
 
-def _audiovisual(pred, audio):
-    mouth = pred[:, list(GROUPS["mouth"][0])].mean(1)
+def _audiovisual(pred, audio, mouth_group):
+    mouth = pred[:, list(mouth_group)].mean(1)
     energy = audio.norm(dim=2).mean(1) if audio.dim() == 3 else audio.norm(dim=1)
     mouth, energy = F.normalize(mouth.unsqueeze(0), dim=1), F.normalize(energy.unsqueeze(0), dim=1)
     return 1 - F.cosine_similarity(mouth, energy).mean()

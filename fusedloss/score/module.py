@@ -62,6 +62,7 @@ class _ScoreLoss(FusedLoss):
         return config.weights + (config.margin,)
 
     def _config_with(self, name, values, config):
+        values = [checks.real(f"{name}[{slot}]", number) for slot, number in zip(SETTINGS, values)]
         return dataclasses.replace(config, weights=tuple(values[:len(TERMS)]), margin=values[len(TERMS)])
 
     def _check_table(self, name, value):
