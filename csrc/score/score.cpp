@@ -285,7 +285,8 @@ FL_CPU_CLONES void score_gradient_loop(const Gradients<scalar_t, label_t, acc_t>
   }
 }
 
-// The loop over [k0, k1), vectorised where scores and labels are acc_t (or float64) with unit stride.
+// The loop over [k0, k1), vectorised where scores and labels both have the accumulation type acc_t
+// (float32 or float64 inputs) and unit stride.
 template <bool kSmoothL1, typename scalar_t, typename label_t, typename acc_t>
 void score_gradients(const Gradients<scalar_t, label_t, acc_t>& in, int64_t k0, int64_t k1) {
   constexpr bool kPlain = std::is_same_v<scalar_t, acc_t> && std::is_same_v<label_t, acc_t>;

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..core.registry import FAMILIES
 from . import sm90
 from .traffic import Traffic
 
@@ -172,8 +173,12 @@ class OpRecorder(TorchDispatchMode):
         inputs = {(t.data_ptr(), t.shape, t.stride()): t for t in _tensors((args, kwargs))}
         outputs = list(_tensors(out))
         largest = max([tensor_bytes(t) for t in (*inputs.values(), *outputs)], default=0)
-        if func.namespace.startswith("fusedloss"):
-            self.ops.append(Op(self.phase, func._schema.name.split("::")[1], 0, 0, True, list(args),
+        op_name = func._schema.name.split("::")[-1]
+        family, _, phase = op_name.rpartition("_")
+        if func.namespace.startswith("fusedloss") and family in FAMILIES and phase in ("forward", "backward"):
+            # a family's fused operator: its kernels are traced (other fusedloss operators, e.g. the
+            # finiteness check, are timed as one launch like an aten op)
+            self.ops.append(Op(self.phase, op_name, 0, 0, True, list(args),
                                list(out) if isinstance(out, (tuple, list)) else [out], largest))
         elif func.is_view or name in NO_LAUNCH:
             pass
@@ -903,6 +908,9 @@ def main(argv=None) -> int:
         rerender(Path(args.rerender))
         return 0
     command = args.command or "python bench/run.py --section model"
+    if not (ROOT / "tests" / "simt" / "trace.h").is_file():
+        parser.error(f"the model needs a source checkout of fusedloss (the SIMT lane's trace build in tests/simt, "
+                     f"tests/triton_sm90_compile.py); {ROOT} has none. Run it from a git clone.")
     if not triton_interpreter():
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
