@@ -88,7 +88,6 @@ class BlendshapeLoss(FusedLoss):
         config = BlendshapeConfig.build(mse_weight, l1_weight, perceptual_weight, temporal_weight, landmark_weight,
                                         smoothing_weight, consistency_weight, threshold, perceptual_groups)
         super().__init__(config, {"landmark_matrix": landmark_matrix}, backend, process_group)
-        self._check_config(config)
 
     mse_weight = _setting()
     l1_weight = _setting()
@@ -137,8 +136,8 @@ class BlendshapeLoss(FusedLoss):
             return value
         if value is None:
             if self._config_now().weight("landmark") != 0:
-                raise ValueError("landmark_matrix [J, K] is required while landmark_weight is non-zero; "
-                                 "set landmark_weight = 0 first")
+                raise ValueError("landmark_matrix [J, K] is required while landmark_weight is non-zero "
+                                 "(give one, or make landmark_weight 0 first)")
             return None
         value = table(name, value, 2, "[J, K]", self._device())
         if value.shape[0] < 1 or value.shape[1] < 1:
