@@ -96,15 +96,19 @@ def overlay(folder: Path, log) -> Path:
     run([sys.executable, "-m", "venv", "--without-pip", folder], log)
     python = folder / "bin" / "python"
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], log).stdout.strip())
-    (site / "base_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The current environment's site folders: its own, and those it names in turn (when it is
+    # itself such an overlay, e.g. this script run by the editable way's tests).
+    base = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("site-packages"))]
+    (site / "base_environment.pth").write_text("\n".join(dict.fromkeys(base)) + "\n")
     return python
 
 
-def user_env(**extra) -> dict:
-    """The environment of a user of the current Python: its bin folder first on PATH (an activated
-    venv), no PYTHONPATH and no FUSEDLOSS_OPS_LIBRARY of ours."""
+def user_env(python: Path | None = None, **extra) -> dict:
+    """The environment of a user of ``python`` (default: the current Python): its bin folder first
+    on PATH (an activated venv, so a script's ``python3`` is that Python), no PYTHONPATH and no
+    FUSEDLOSS_OPS_LIBRARY of ours."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSEDLOSS_OPS_LIBRARY")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(python or sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
 
@@ -257,7 +261,8 @@ def main(argv=None) -> int:
     if args.tests and editable is not None and "editable" not in failed:
         python, src = editable
         print(f"build_check tests: {python} -m pytest {' '.join(args.pytest_args)} (in {src})", flush=True)
-        tests = subprocess.run([str(python), "-m", "pytest", *args.pytest_args], cwd=src, env=user_env()).returncode
+        tests = subprocess.run([str(python), "-m", "pytest", *args.pytest_args], cwd=src,
+                               env=user_env(python)).returncode
         print(f"build_check tests: {'ok' if tests == 0 else f'FAILED (pytest exit {tests})'}", flush=True)
         code = code or tests
     if not failed and not args.work:

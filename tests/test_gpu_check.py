@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusedloss.benchmark import file_stem, thread_counts
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,7 +36,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     for tool in ("memcheck", "racecheck", "synccheck", "initcheck"):
         assert rows[f"sanitizer {tool}"] == "skipped: needs a GPU"
     stem = next(tmp_path.glob("*-gpu-check.log")).name.removesuffix("-gpu-check.log")
-    assert (tmp_path / f"{stem}.md").is_file() and (tmp_path / f"{stem}.json").is_file()
+    # the benchmark's table, named as the benchmark names it (on the CPU: 1 thread and all of them)
+    bench_stem = file_stem(torch.device("cpu"), thread_counts(torch.device("cpu")))
+    assert (tmp_path / f"{bench_stem}.md").is_file() and (tmp_path / f"{bench_stem}.json").is_file()
     assert next(tmp_path.glob("distributed-*-W2.md"), None) is not None
     assert "| blendshape [16, 52] | reference eager |" in next(tmp_path.glob("model-calibration-*.md")).read_text()
     log = (tmp_path / f"{stem}-gpu-check.log").read_text()

@@ -102,7 +102,10 @@ def test_wheel_compiles_and_runs_the_cpu_kernels_on_first_use(dists, tmp_path):
     run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)])
     python = env_dir / "bin" / "python"
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
-    (site / "outer_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The current environment's site folders: its own, and those it names in turn (a venv over
+    # another environment, as scripts/build_check.py makes, finds torch in the outer one).
+    outer = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("site-packages"))]
+    (site / "outer_site.pth").write_text("\n".join(dict.fromkeys(outer)) + "\n")
     run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", str(site),
          str(wheel)])
     script = """
