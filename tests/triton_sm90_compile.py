@@ -51,21 +51,25 @@ class Recorder:
 
 def compile_for_sm90(kernel, args, kwargs):
     names = kernel.arg_names
-    signature, constexprs = {}, {}
-    for name, value in itertools.chain(zip(names, args), kwargs.items()):
+    signature, constexprs, attrs = {}, {}, {}
+    # Specialised as Triton's JIT does: an int equal to 1 becomes a constexpr; a tensor whose data is
+    # 16-byte aligned and an int divisible by 16 are marked so (tt.divisibility 16: what lets the
+    # compiler emit 128-bit accesses).
+    for index, (name, value) in enumerate(itertools.chain(zip(names, args), kwargs.items())):
         if name in kwargs:
             signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = POINTER[value.dtype]
-        else:
-            kind, _ = native_specialize_impl(CUDABackend, value, False, True, True)
-            signature[name] = kind
-            if kind == "constexpr":
-                constexprs[name] = value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[name] = POINTER[value.dtype] if isinstance(value, torch.Tensor) else kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif isinstance(key, str) and key:
+            attrs[(index,)] = CUDABackend.parse_attr(key)
     key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
     if key in compiled:
         return
-    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET)
+    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=TARGET)
     compiled[key] = binary
     if FACTS is not None:
         from fusedloss.benchmark import sm90

@@ -314,20 +314,25 @@ def _triton_compile_one(spec: dict) -> dict:
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    signature, constexprs = {}, {}
-    for name, kind, value in spec["args"]:
-        if kind == "pointer":
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, kind, value) in enumerate(spec["args"]):
+        if kind in ("pointer", "pointer16"):
             signature[name] = value
+            if kind == "pointer16":
+                attrs[(index,)] = CUDABackend.parse_attr("D")
         elif kind == "constexpr":
             signature[name] = "constexpr"
             constexprs[name] = tl.dtype(value[len("tl."):]) if isinstance(value, str) and value.startswith("tl.") \
                 else value
         else:
-            ty, _ = native_specialize_impl(CUDABackend, value, False, True, True)
+            # as Triton's JIT specialises an int: 1 a constexpr, a multiple of 16 marked divisible by 16
+            ty, key = native_specialize_impl(CUDABackend, value, False, True, True)
             signature[name] = ty
             if ty == "constexpr":
                 constexprs[name] = value
-    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            elif isinstance(key, str) and key:
+                attrs[(index,)] = CUDABackend.parse_attr(key)
+    binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32))
     return asdict(facts_of_binary(spec["kernel"], binary))
 
