@@ -120,7 +120,8 @@ def blendshape_kernels():
 def score_kernels():
     triton_score.wrap_triton = Recorder
     triton_score.program_budget = lambda device, per_sm=4: per_sm * 132
-    triton_score._all_pairs_tile = lambda device: (64, 128)  # a GPU launch's tile
+    all_pairs_tile = triton_score._all_pairs_tile
+    triton_score._all_pairs_tile = lambda device: all_pairs_tile(torch.device("cuda"))  # a GPU launch's tile
     forward = triton_score.score_forward._opoverload
     backward = triton_score.score_backward._opoverload
     settings = score_config.ScoreConfig.build().settings()
@@ -143,7 +144,8 @@ def score_kernels():
 def pva_kernels():
     triton_pva.wrap_triton = Recorder
     # The tensors are on the CPU: use what a GPU launch would (its tiles, an H100's 132 SMs).
-    triton_pva._tile = lambda device: (16, 64)
+    pva_tile = triton_pva._tile
+    triton_pva._tile = lambda device: pva_tile(torch.device("cuda"))
     triton_pva.program_budget = lambda device, per_sm=4: per_sm * 132
     forward = triton_pva.pva_forward._opoverload
     backward = triton_pva.pva_backward._opoverload

@@ -471,6 +471,8 @@ def as_on_gpu(sms: int = 132):
     import torch
 
     counter = torch.zeros(1, dtype=torch.int32)
+    gpu = torch.device("cuda")  # (only compared with: no GPU needed)
+    pva_tile, all_pairs_tile = pva._tile, score._all_pairs_tile
 
     def zeroed_counter(like):  # one counter, which the kernels leave at 0, as on a GPU
         return counter
@@ -479,12 +481,12 @@ def as_on_gpu(sms: int = 132):
         return per_sm * sms
 
     patches = {
-        pva: {"_tile": lambda device: (16, 64), "program_budget": budget, "zeroed_counter": zeroed_counter},
+        pva: {"_tile": lambda device: pva_tile(gpu), "program_budget": budget, "zeroed_counter": zeroed_counter},
         blendshape: {"program_budget": budget, "zeroed_counter": zeroed_counter,
                      "_layout": lambda pred: blendshape._layout_for(
                          (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else tuple(pred.shape), True, sms)},
         score: {"program_budget": budget, "zeroed_counter": zeroed_counter,
-                "_all_pairs_tile": lambda device: (64, 128)},
+                "_all_pairs_tile": lambda device: all_pairs_tile(gpu)},
     }
     saved = []
     try:

@@ -252,7 +252,7 @@ def _logit_strides(logits: Optional[torch.Tensor]):
 
 def _all_pairs_tile(device: torch.device) -> tuple[int, int]:
     """(scores per program, scores compared per step) of the all-pairs forward; small when interpreted."""
-    return (64, 128) if device.type == "cuda" else (32, 64)
+    return (64, 32) if device.type == "cuda" else (32, 64)
 
 
 def _term_flags(term_mask: int) -> dict:
