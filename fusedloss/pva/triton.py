@@ -308,7 +308,7 @@ def pva_backward_kernel(
 
 def _tile(device: torch.device) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_D): GPU tiles, or small ones for the interpreter (fast, many programs)."""
-    return (16, 64) if device.type == "cuda" else (8, 32)
+    return (8, 64) if device.type == "cuda" else (8, 32)
 
 
 def _grid(pred: torch.Tensor, per_sm: int) -> tuple[int, int, int, int]:
