@@ -92,8 +92,8 @@ def blendshape_kernels():
     triton_blendshape.wrap_triton = Recorder
     triton_blendshape.program_budget = lambda device, per_sm=4: per_sm * 132
     # The tensors are on the CPU: use the tile a GPU launch would (an H100's 132 SMs).
-    triton_blendshape._layout = lambda pred: triton_blendshape._layout_for(
-        (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else tuple(pred.shape), True, 132)
+    layout_of = triton_blendshape._layout
+    triton_blendshape._layout = lambda pred: layout_of(pred, gpu=True, sms=132)
     forward = triton_blendshape.blendshape_forward._opoverload
     backward = triton_blendshape.blendshape_backward._opoverload
     matrix = torch.randn(7, 52, dtype=torch.float64)

@@ -472,7 +472,7 @@ def as_on_gpu(sms: int = 132):
 
     counter = torch.zeros(1, dtype=torch.int32)
     gpu = torch.device("cuda")  # (only compared with: no GPU needed)
-    pva_tile, all_pairs_tile = pva._tile, score._all_pairs_tile
+    pva_tile, all_pairs_tile, blendshape_layout = pva._tile, score._all_pairs_tile, blendshape._layout
 
     def zeroed_counter(like):  # one counter, which the kernels leave at 0, as on a GPU
         return counter
@@ -483,8 +483,7 @@ def as_on_gpu(sms: int = 132):
     patches = {
         pva: {"_tile": lambda device: pva_tile(gpu), "program_budget": budget, "zeroed_counter": zeroed_counter},
         blendshape: {"program_budget": budget, "zeroed_counter": zeroed_counter,
-                     "_layout": lambda pred: blendshape._layout_for(
-                         (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else tuple(pred.shape), True, sms)},
+                     "_layout": lambda pred: blendshape_layout(pred, gpu=True, sms=sms)},
         score: {"program_budget": budget, "zeroed_counter": zeroed_counter,
                 "_all_pairs_tile": lambda device: all_pairs_tile(gpu)},
     }

@@ -373,19 +373,23 @@ def blendshape_backward_kernel(
             tl.store(grad_pred_ptr + out, g_pred.to(grad_pred_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(pred: torch.Tensor):
-    """(B, T, K) of pred viewed as [B, T, K], and its tile (see _layout_for)."""
+def _layout(pred: torch.Tensor, gpu: Optional[bool] = None, sms: Optional[int] = None):
+    """(B, T, K) of pred viewed as [B, T, K], and its tile (see _layout_for), for pred's device
+    (or for a GPU of ``sms`` SMs with ``gpu=True``: the model and the sm_90 compile use that)."""
     shape = (pred.shape[0], 1, pred.shape[1]) if pred.dim() == 2 else pred.shape
-    return _layout_for(tuple(int(n) for n in shape), pred.device.type == "cuda", sm_count(pred.device))
+    gpu = pred.device.type == "cuda" if gpu is None else gpu
+    return _layout_for(tuple(int(n) for n in shape), gpu, sms or sm_count(pred.device), pred.dtype == torch.float64)
 
 
-def _layout_for(shape: tuple[int, int, int], gpu: bool, sms: int):
+def _layout_for(shape: tuple[int, int, int], gpu: bool, sms: int, wide: bool = False):
     """(B, T, K, KP, BLOCK_T, BLOCK_B): all K columns (padded to KP), BLOCK_T time rows, BLOCK_B
-    batch rows. A tile holds up to 16 rows (8 in the interpreter), fewer for wide K (at most ~4K
-    values); time tiles are made short enough for one per SM when T is long."""
+    batch rows. A tile holds up to 16 rows (8 in the interpreter), fewer for wide K: at most 1024
+    values (512 for float64, ``wide``), so that the kernels' per-element accumulators (8 per
+    value of the tile in the forward) fit in registers without spilling on sm_90; time tiles are
+    made short enough for one per SM when T is long."""
     B, T, K = shape
     kp = max(16, triton.next_power_of_2(K))
-    rows = max(1, min(16 if gpu else 8, 4096 // kp))
+    rows = max(1, min(16 if gpu else 8, (512 if wide else 1024) // kp))
     block_t = min(rows, triton.next_power_of_2(T))
     while block_t > 1 and triton.cdiv(T, block_t) < sms:
         block_t //= 2
