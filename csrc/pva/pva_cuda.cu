@@ -193,7 +193,10 @@ pva_backward_kernel(const CudaInputs in, const CudaGradients out) {
           const int stat = term_stat(k, o);
           const acc_t g_term = g != nullptr ? g[(p * K + k) * out.grad_terms_stride] : acc_t(0);
           const acc_t f = (g_term + g_total) * term_factor<acc_t>(row, stat, in.B, in.L, e0 - s0);
-          c[stat] += stat == kR ? f : f * colw;
+          // c[stat] += ..., with constant indices only: c stays in registers (no local memory)
+#pragma unroll
+          for (int x = 0; x < kNumStats; ++x)
+            if (x == stat) c[x] += x == kR ? f : f * colw;
         }
       }
     }
