@@ -179,41 +179,97 @@ __global__ void __launch_bounds__(kThreads)
                 (final_sums[kBadLogits] > 0 ? kLogitsNotFinite : 0) | (isfinite(weighted) ? 0 : kTotalNotFinite);
 }
 
+// The backward's factors: d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the
+// term's count (B, or the ranking's pairs via rank_scale).
+template <typename acc_t>
+struct GradScales {
+  acc_t reg, cls, rank;
+};
+
+// d loss / d s of one score: reg regression'(s - y) + rank signed_count.
+template <typename acc_t>
+__device__ __forceinline__ acc_t score_grad(const GradScales<acc_t>& c, acc_t s, acc_t y, int32_t signed_count,
+                                            bool smooth_l1) {
+  return c.reg * regression_grad(s - y, smooth_l1) + c.rank * static_cast<acc_t>(signed_count);
+}
+
+// d loss / d (l0, l1): d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void logits_grad(acc_t c_cls, acc_t l0, acc_t l1, bool real, scalar_t& g0, scalar_t& g1) {
+  const acc_t g_other = c_cls * sigmoid(real ? l0 - l1 : l1 - l0);
+  g0 = from_acc<scalar_t>(real ? g_other : -g_other);
+  g1 = from_acc<scalar_t>(real ? -g_other : g_other);
+}
+
+// Elementwise over B. Where every array it reads or writes is contiguous and 16-byte aligned, a
+// thread takes kVecWidth<scalar_t> consecutive elements with 16-byte accesses (grad_logits and
+// logits: two such rows per 16 bytes of fp32); the rest (a strided or unaligned view, the tail
+// past the last whole vector) goes element by element.
 template <typename scalar_t, typename label_t>
 __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in, CudaGradients g) {
   using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int N = cuda::kVecWidth<scalar_t>;
   const Problem pb = in.problem;
   const int64_t B = pb.B;
-  // d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the term's count.
   // A null gradient reads as 0.
   const acc_t g_total = g.grad_total != nullptr ? *static_cast<const acc_t*>(g.grad_total) : acc_t(0);
   const acc_t* gt = static_cast<const acc_t*>(g.grad_terms);
-  auto coef = [&](int t) {
-    return (gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0)) + static_cast<acc_t>(in.settings[t]) * g_total;
-  };
+  acc_t coef[kNumTerms];
+#pragma unroll
+  for (int t = 0; t < kNumTerms; ++t)
+    coef[t] = (gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0)) + static_cast<acc_t>(in.settings[t]) * g_total;
   const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
-  const acc_t c_reg = has(pb.term_mask, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
-  const acc_t c_cls = has(pb.term_mask, kClassification) ? coef(kClassification) * inv_B : acc_t(0);
-  const acc_t c_rank = g.counts ? static_cast<acc_t>(static_cast<double>(coef(kRanking)) * *g.rank_scale) : acc_t(0);
+  const GradScales<acc_t> c = {
+      has(pb.term_mask, kRegression) ? coef[kRegression] * inv_B : acc_t(0),
+      has(pb.term_mask, kClassification) ? coef[kClassification] * inv_B : acc_t(0),
+      g.counts ? static_cast<acc_t>(static_cast<double>(coef[kRanking]) * *g.rank_scale) : acc_t(0)};
+  const auto* scores = static_cast<const scalar_t*>(in.scores);
+  const auto* labels = static_cast<const label_t*>(in.labels);
+  const auto* logits = static_cast<const scalar_t*>(in.logits);
   auto* gs = static_cast<scalar_t*>(g.grad_scores);
   auto* gl = static_cast<scalar_t*>(g.grad_logits);
-  for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
-    const auto label = load<label_t>(in.labels, k * in.labels_stride);
-    const acc_t y = static_cast<acc_t>(label);
-    const bool real = is_real(label);
+
+  const bool vec = in.labels_stride == 1 && cuda::aligned16(labels) && cuda::aligned16(g.counts) &&
+                   cuda::aligned16(gs) && (!gs || (in.scores_stride == 1 && cuda::aligned16(scores))) &&
+                   cuda::aligned16(gl) &&
+                   (!gl || (in.logits_strides[0] == 2 && in.logits_strides[1] == 1 && cuda::aligned16(logits)));
+  // 32-bit indices: B < 2^31 (checked on the host), and an index plus one grid's step stays below 2^32.
+  const uint32_t n = static_cast<uint32_t>(B), vec_end = vec ? n / N * N : 0;
+  const uint32_t first = blockIdx.x * kThreads + threadIdx.x, step = gridDim.x * kThreads;
+#pragma unroll 1
+  for (uint32_t k0 = first * N; k0 < vec_end; k0 += step * N) {
+    label_t label[N];
+    cuda::load_vec(labels + k0, label);
     if (gs) {
-      const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
-      acc_t grad = c_reg * regression_grad(s - y, pb.smooth_l1);
-      if (g.counts) grad += c_rank * static_cast<acc_t>(g.counts[k]);
-      gs[k] = from_acc<scalar_t>(grad);
+      scalar_t s[N], out[N];
+      int32_t counts[N] = {};
+      cuda::load_vec(scores + k0, s);
+      if (g.counts) cuda::load_vec(g.counts + k0, counts);
+#pragma unroll
+      for (int e = 0; e < N; ++e)
+        out[e] = from_acc<scalar_t>(score_grad(c, to_acc(s[e]), static_cast<acc_t>(to_acc(label[e])), counts[e], pb.smooth_l1));
+      cuda::store_vec(gs + k0, out);
     }
     if (gl) {
-      // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
+      scalar_t l[2 * N], out[2 * N];
+      cuda::load_vec(logits + 2 * k0, l);
+#pragma unroll
+      for (int e = 0; e < N; ++e)
+        logits_grad(c.cls, to_acc(l[2 * e]), to_acc(l[2 * e + 1]), is_real(to_acc(label[e])), out[2 * e], out[2 * e + 1]);
+      cuda::store_vec(gl + 2 * k0, out);
+    }
+  }
+#pragma unroll 1
+  for (uint32_t k = vec_end + first; k < n; k += step) {
+    const auto label = to_acc(labels[k * in.labels_stride]);  // label_t's own arithmetic type
+    if (gs) {
+      const acc_t s = to_acc(scores[k * in.scores_stride]);
+      gs[k] = from_acc<scalar_t>(score_grad(c, s, static_cast<acc_t>(label), g.counts ? g.counts[k] : 0, pb.smooth_l1));
+    }
+    if (gl) {
       const int64_t at = k * in.logits_strides[0];
-      const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);
-      const acc_t g_other = c_cls * sigmoid(real ? l0 - l1 : l1 - l0);
-      gl[2 * k] = from_acc<scalar_t>(real ? g_other : -g_other);
-      gl[2 * k + 1] = from_acc<scalar_t>(real ? -g_other : g_other);
+      logits_grad(c.cls, to_acc(logits[at]), to_acc(logits[at + in.logits_strides[1]]), is_real(label), gl[2 * k],
+                  gl[2 * k + 1]);
     }
   }
 }
