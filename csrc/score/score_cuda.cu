@@ -59,16 +59,45 @@ size_t sort_temp_bytes(int64_t B) {
   return bytes;
 }
 
-// The sort rows: keys[0, B) the real scores (+inf for fakes), keys[B, 2B) the fake scores (-inf for reals).
+// The sort rows: keys[0, B) the real scores (+inf for fakes), keys[row, row + B) the fake scores
+// (-inf for reals); row is a multiple of 16 bytes. A thread takes kVecWidth<scalar_t> consecutive
+// scores with 16-byte accesses where scores and labels are contiguous and 16-byte aligned; the rest
+// (a strided or unaligned view, the tail) goes element by element.
 template <typename scalar_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) score_keys_kernel(CudaInputs in, typename AccOf<scalar_t>::type* keys) {
+__global__ void __launch_bounds__(kThreads)
+    score_keys_kernel(CudaInputs in, typename AccOf<scalar_t>::type* keys, int64_t row) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t B = in.problem.B;
-  for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
-    const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
-    const bool real = is_real(load<label_t>(in.labels, k * in.labels_stride));
+  constexpr int N = cuda::kVecWidth<scalar_t>;
+  const auto* scores = static_cast<const scalar_t*>(in.scores);
+  const auto* labels = static_cast<const label_t*>(in.labels);
+  acc_t* fake_keys = keys + row;
+  const bool vec = in.scores_stride == 1 && in.labels_stride == 1 && cuda::aligned16(scores) &&
+                   cuda::aligned16(labels) && cuda::aligned16(keys) && cuda::aligned16(fake_keys);
+  // 32-bit indices: B < 2^31 (checked on the host), and an index plus one grid's step stays below 2^32.
+  const uint32_t n = static_cast<uint32_t>(in.problem.B), vec_end = vec ? n / N * N : 0;
+  const uint32_t first = blockIdx.x * kThreads + threadIdx.x, step = gridDim.x * kThreads;
+#pragma unroll 1
+  for (uint32_t k0 = first * N; k0 < vec_end; k0 += step * N) {
+    scalar_t s[N];
+    label_t label[N];
+    acc_t real_row[N], fake_row[N];
+    cuda::load_vec(scores + k0, s);
+    cuda::load_vec(labels + k0, label);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const bool real = is_real(to_acc(label[e]));
+      real_row[e] = real ? to_acc(s[e]) : infinity<acc_t>();
+      fake_row[e] = real ? -infinity<acc_t>() : to_acc(s[e]);
+    }
+    cuda::store_vec(keys + k0, real_row);
+    cuda::store_vec(fake_keys + k0, fake_row);
+  }
+#pragma unroll 1
+  for (uint32_t k = vec_end + first; k < n; k += step) {
+    const acc_t s = to_acc(scores[k * in.scores_stride]);
+    const bool real = is_real(to_acc(labels[k * in.labels_stride]));
     keys[k] = real ? s : infinity<acc_t>();
-    keys[B + k] = real ? -infinity<acc_t>() : s;
+    fake_keys[k] = real ? -infinity<acc_t>() : s;
   }
 }
 
@@ -246,8 +275,10 @@ __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in,
       cuda::load_vec(scores + k0, s);
       if (g.counts) cuda::load_vec(g.counts + k0, counts);
 #pragma unroll
-      for (int e = 0; e < N; ++e)
-        out[e] = from_acc<scalar_t>(score_grad(c, to_acc(s[e]), static_cast<acc_t>(to_acc(label[e])), counts[e], pb.smooth_l1));
+      for (int e = 0; e < N; ++e) {
+        const acc_t y = static_cast<acc_t>(to_acc(label[e]));
+        out[e] = from_acc<scalar_t>(score_grad(c, to_acc(s[e]), y, counts[e], pb.smooth_l1));
+      }
       cuda::store_vec(gs + k0, out);
     }
     if (gl) {
@@ -255,7 +286,8 @@ __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in,
       cuda::load_vec(logits + 2 * k0, l);
 #pragma unroll
       for (int e = 0; e < N; ++e)
-        logits_grad(c.cls, to_acc(l[2 * e]), to_acc(l[2 * e + 1]), is_real(to_acc(label[e])), out[2 * e], out[2 * e + 1]);
+        logits_grad(c.cls, to_acc(l[2 * e]), to_acc(l[2 * e + 1]), is_real(to_acc(label[e])), out[2 * e],
+                    out[2 * e + 1]);
       cuda::store_vec(gl + 2 * k0, out);
     }
   }
@@ -296,7 +328,9 @@ size_t forward_workspace_bytes(const CudaInputs& in) {
   size_t bytes = aligned(size_t(forward_blocks(pb, sorted)) * kNumPartials * sizeof(double));
   if (sorted) {
     const size_t temp = in.dtype == DType::kFloat64 ? sort_temp_bytes<double>(pb.B) : sort_temp_bytes<float>(pb.B);
-    bytes += 2 * aligned(2 * size_t(pb.B) * acc_bytes(in.dtype)) + aligned(temp);
+    // the key rows (each 256-byte aligned), the sorted rows, CUB's scratch
+    bytes += 2 * aligned(size_t(pb.B) * acc_bytes(in.dtype)) + aligned(2 * size_t(pb.B) * acc_bytes(in.dtype)) +
+             aligned(temp);
   }
   return bytes;
 }
@@ -320,14 +354,15 @@ cudaError_t forward_cuda(const CudaInputs& in, const CudaOutputs& out, void* wor
     }
     const int64_t B = pb.B;
     auto* keys = reinterpret_cast<acc_t*>(bytes);
-    bytes += aligned(2 * size_t(B) * sizeof(acc_t));
+    const int64_t key_row = int64_t(aligned(size_t(B) * sizeof(acc_t)) / sizeof(acc_t));
+    bytes += 2 * key_row * sizeof(acc_t);
     auto* rows = reinterpret_cast<acc_t*>(bytes);
     bytes += aligned(2 * size_t(B) * sizeof(acc_t));
     size_t temp_bytes = sort_temp_bytes<acc_t>(B);
     cudaError_t status = cuda::launch(score_keys_kernel<scalar_t, label_t>, dim3(blocks), dim3(kThreads), stream, in,
-                                      keys);
-    for (int row = 0; row < 2 && status == cudaSuccess; ++row)
-      status = cub::DeviceRadixSort::SortKeys(bytes, temp_bytes, keys + row * B, rows + row * B, static_cast<int>(B),
+                                      keys, key_row);
+    for (int r = 0; r < 2 && status == cudaSuccess; ++r)
+      status = cub::DeviceRadixSort::SortKeys(bytes, temp_bytes, keys + r * key_row, rows + r * B, static_cast<int>(B),
                                               0, int(sizeof(acc_t) * 8), stream);
     if (status != cudaSuccess) return status;
     return cuda::launch(score_forward_kernel<scalar_t, label_t, true>, dim3(blocks), dim3(kThreads), stream, in, out,
