@@ -2,7 +2,7 @@
 //
 // forward, up to kCudaAllPairsMax scores: one launch. A thread owns a score; the block walks over all
 //           scores in shared-memory tiles and counts the active partners of each thread's score.
-// forward, beyond: a keys kernel writes the two sort rows [2, B] (reals: the score, or +inf for a
+// forward, beyond: a keys kernel writes the two sort rows of B (reals: the score, or +inf for a
 //           fake; fakes: the score, or -inf for a real), two CUB radix sorts order them, and one
 //           launch counts each score's active partners by binary search in the opposite row (the
 //           infinities are never active, so they are never counted).
@@ -10,6 +10,8 @@
 //           reduces them in a fixed order (deterministic) into the terms, the total, the ranking's
 //           gradient scale and the status.
 // backward: one elementwise launch from the stored signed counts.
+// The elementwise kernels (keys, backward) read and write 16 bytes per access where every array
+// is contiguous and 16-byte aligned (cuda::load_vec), element by element otherwise.
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
