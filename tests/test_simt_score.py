@@ -38,7 +38,13 @@ pytestmark = pytest.mark.simt
 ALL_PAIRS_MAX = score_layout.ALL_PAIRS_MAX["cuda"]  # beyond, the CUDA forward sorts
 
 
-def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
+def shifted(t):
+    """t as a view one row into a copy one row longer: the same values at an address
+    one row past a 16-byte boundary (for 16-byte rows, aligned)."""
+    return torch.cat([t[:1], t])[1:]
+
+
+def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g, offset=""):
     if ties:  # scores on a 1/4 grid, margin 0.5 or 1: many pairs exactly at the hinge
         base = torch.randint(-4, 5, (B,), generator=g).to(torch.float64) * 0.25
     else:
@@ -65,19 +71,26 @@ def make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g):
     if cls:  # column-major when strided
         logits = (torch.randn(2, B, generator=g, dtype=torch.float64).to(dtype).t() if strided
                   else torch.randn(B, 2, generator=g, dtype=torch.float64).to(dtype))
+    # offset: the input given as an unaligned contiguous view (the element-by-element path)
+    if offset == "scores":
+        scores = shifted(scores)
+    elif offset == "labels":
+        lab = shifted(lab)
+    elif offset == "logits":
+        logits = shifted(logits)
     return scores, lab, logits
 
 
 def check(B, dtype, term_mask=ALL_TERMS, smooth=False, reduction="mean", margin=0.5, labels="binary", label_dtype=None,
           ties=False, strided=False, grad_stride=1, mask=(True, True), sms=2, bad=None, min_blocks=1,
-          grid_stride=False, null=""):
+          grid_stride=False, null="", offset=""):
 
 
     k = use_device(sms).score
     g = torch.Generator().manual_seed(B + 7)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     cls, rank = bool(term_mask & TERM_BIT["classification"]), bool(term_mask & RANKING_ONLY)
-    scores, lab, logits = make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g)
+    scores, lab, logits = make_inputs(B, dtype, labels, label_dtype, ties, strided, cls, g, offset)
     if bad == "score_nan":
         scores[B // 3] = float("nan")
     elif bad == "logit_inf":
@@ -206,6 +219,16 @@ CASES = {
                                                 strided=True),
     # 1 SM: 4 counting blocks walk 3000 scores (grid-stride), the backward's 8 blocks too.
     "sorted, grid-stride, 1 SM": dict(B=3000, dtype=torch.float32, sms=1, ties=True, grid_stride=True),
+    # Contiguous 16-byte aligned inputs (the cases above, but strided) take the kernels' vector path,
+    # 16 / element size scores per thread, the tail past the last whole vector element by element.
+    # Unaligned views (one element past a 16-byte boundary) take the element-by-element path:
+    "offset scores (unaligned)": dict(B=301, dtype=torch.float32, offset="scores"),
+    "offset logits (unaligned), smooth-L1": dict(B=301, dtype=torch.float32, offset="logits", smooth=True),
+    "sorted fp16, offset float32 labels (unaligned)": dict(B=2101, dtype=torch.float16, label_dtype=torch.float32,
+                                                          offset="labels", ties=True),
+    # 1 SM, fp64 (2 per vector): the keys kernel's 4 blocks and the backward's 8 walk their vectors
+    # more than once (grid-stride).
+    "sorted fp64, vector grid-stride, 1 SM": dict(B=4500, dtype=torch.float64, sms=1, ties=True),
     # 4 SMs: 16 counting blocks race for the last-block ticket.
     "sorted, 16 blocks race": dict(B=4100, dtype=torch.float32, sms=4, min_blocks=16, labels="soft"),
 }

@@ -1,5 +1,6 @@
 // Device helpers shared by the CUDA kernels: kernel launches and shared arrays, arithmetic types,
-// loads and stores of every input dtype, warp and block sums, the SM count. No torch headers.
+// loads and stores of every input dtype, 128-bit vector accesses, warp and block sums, the SM
+// count. No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 // FL_SHARED(T, name, [N]...) declares the block's shared array `__shared__ T name[N]...` (or a
@@ -48,6 +50,45 @@ template <> __device__ __forceinline__ float from_acc<float>(float x) { return x
 template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---- vector accesses: N consecutive elements in 16-byte (128-bit) pieces ----------------------------
+// Elements of T in one 16-byte access.
+template <typename T> inline constexpr int kVecWidth = 16 / sizeof(T);
+
+// Whether p may be accessed in 16-byte pieces (null, never accessed, counts as aligned).
+__host__ __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The unsigned word of each access: CUDA's vector types, aligned to their size.
+template <int Bytes> struct Word;
+template <> struct Word<2> { using type = unsigned short; };
+template <> struct Word<4> { using type = unsigned int; };
+template <> struct Word<8> { using type = uint2; };
+template <> struct Word<16> { using type = uint4; };
+template <typename T, int N> constexpr int kPiece = N * sizeof(T) < 16 ? int(N * sizeof(T)) : 16;
+
+// out = p[0, N), read in accesses of min(16, N sizeof(T)) bytes; p must be aligned to that size.
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* p, T (&out)[N]) {
+  using W = typename Word<kPiece<T, N>>::type;
+  constexpr int kWords = N * sizeof(T) / sizeof(W);
+  static_assert(kWords * sizeof(W) == N * sizeof(T), "N elements fill whole words");
+  W w[kWords];
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const W*>(p)[i];
+  memcpy(out, w, sizeof(w));
+}
+
+// p[0, N) = v, written in accesses of min(16, N sizeof(T)) bytes; p must be aligned to that size.
+template <int N, typename T>
+__device__ __forceinline__ void store_vec(T* p, const T (&v)[N]) {
+  using W = typename Word<kPiece<T, N>>::type;
+  constexpr int kWords = N * sizeof(T) / sizeof(W);
+  static_assert(kWords * sizeof(W) == N * sizeof(T), "N elements fill whole words");
+  W w[kWords];
+  memcpy(w, v, sizeof(w));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) reinterpret_cast<W*>(p)[i] = w[i];
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {

@@ -2,7 +2,7 @@
 //
 // forward, up to kCudaAllPairsMax scores: one launch. A thread owns a score; the block walks over all
 //           scores in shared-memory tiles and counts the active partners of each thread's score.
-// forward, beyond: a keys kernel writes the two sort rows [2, B] (reals: the score, or +inf for a
+// forward, beyond: a keys kernel writes the two sort rows of B (reals: the score, or +inf for a
 //           fake; fakes: the score, or -inf for a real), two CUB radix sorts order them, and one
 //           launch counts each score's active partners by binary search in the opposite row (the
 //           infinities are never active, so they are never counted).
@@ -10,6 +10,8 @@
 //           reduces them in a fixed order (deterministic) into the terms, the total, the ranking's
 //           gradient scale and the status.
 // backward: one elementwise launch from the stored signed counts.
+// The elementwise kernels (keys, backward) read and write 16 bytes per access where every array
+// is contiguous and 16-byte aligned (cuda::load_vec), element by element otherwise.
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
@@ -59,16 +61,45 @@ size_t sort_temp_bytes(int64_t B) {
   return bytes;
 }
 
-// The sort rows: keys[0, B) the real scores (+inf for fakes), keys[B, 2B) the fake scores (-inf for reals).
+// The sort rows: keys[0, B) the real scores (+inf for fakes), keys[row, row + B) the fake scores
+// (-inf for reals); row is a multiple of 16 bytes. A thread takes kVecWidth<scalar_t> consecutive
+// scores with 16-byte accesses where scores and labels are contiguous and 16-byte aligned; the rest
+// (a strided or unaligned view, the tail) goes element by element.
 template <typename scalar_t, typename label_t>
-__global__ void __launch_bounds__(kThreads) score_keys_kernel(CudaInputs in, typename AccOf<scalar_t>::type* keys) {
+__global__ void __launch_bounds__(kThreads)
+    score_keys_kernel(CudaInputs in, typename AccOf<scalar_t>::type* keys, int64_t row) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t B = in.problem.B;
-  for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
-    const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
-    const bool real = is_real(load<label_t>(in.labels, k * in.labels_stride));
+  constexpr int N = cuda::kVecWidth<scalar_t>;
+  const auto* scores = static_cast<const scalar_t*>(in.scores);
+  const auto* labels = static_cast<const label_t*>(in.labels);
+  acc_t* fake_keys = keys + row;
+  const bool vec = in.scores_stride == 1 && in.labels_stride == 1 && cuda::aligned16(scores) &&
+                   cuda::aligned16(labels) && cuda::aligned16(keys) && cuda::aligned16(fake_keys);
+  // 32-bit indices: B < 2^31 (checked on the host), and an index plus one grid's step stays below 2^32.
+  const uint32_t n = static_cast<uint32_t>(in.problem.B), vec_end = vec ? n / N * N : 0;
+  const uint32_t first = blockIdx.x * kThreads + threadIdx.x, step = gridDim.x * kThreads;
+#pragma unroll 1
+  for (uint32_t k0 = first * N; k0 < vec_end; k0 += step * N) {
+    scalar_t s[N];
+    label_t label[N];
+    acc_t real_row[N], fake_row[N];
+    cuda::load_vec(scores + k0, s);
+    cuda::load_vec(labels + k0, label);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const bool real = is_real(to_acc(label[e]));
+      real_row[e] = real ? to_acc(s[e]) : infinity<acc_t>();
+      fake_row[e] = real ? -infinity<acc_t>() : to_acc(s[e]);
+    }
+    cuda::store_vec(keys + k0, real_row);
+    cuda::store_vec(fake_keys + k0, fake_row);
+  }
+#pragma unroll 1
+  for (uint32_t k = vec_end + first; k < n; k += step) {
+    const acc_t s = to_acc(scores[k * in.scores_stride]);
+    const bool real = is_real(to_acc(labels[k * in.labels_stride]));
     keys[k] = real ? s : infinity<acc_t>();
-    keys[B + k] = real ? -infinity<acc_t>() : s;
+    fake_keys[k] = real ? -infinity<acc_t>() : s;
   }
 }
 
@@ -179,41 +210,100 @@ __global__ void __launch_bounds__(kThreads)
                 (final_sums[kBadLogits] > 0 ? kLogitsNotFinite : 0) | (isfinite(weighted) ? 0 : kTotalNotFinite);
 }
 
+// The backward's factors: d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the
+// term's count (B, or the ranking's pairs via rank_scale).
+template <typename acc_t>
+struct GradScales {
+  acc_t reg, cls, rank;
+};
+
+// d loss / d s of one score: reg regression'(s - y) + rank signed_count.
+template <typename acc_t>
+__device__ __forceinline__ acc_t score_grad(const GradScales<acc_t>& c, acc_t s, acc_t y, int32_t signed_count,
+                                            bool smooth_l1) {
+  return c.reg * regression_grad(s - y, smooth_l1) + c.rank * static_cast<acc_t>(signed_count);
+}
+
+// d loss / d (l0, l1): d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void logits_grad(acc_t c_cls, acc_t l0, acc_t l1, bool real, scalar_t& g0, scalar_t& g1) {
+  const acc_t g_other = c_cls * sigmoid(real ? l0 - l1 : l1 - l0);
+  g0 = from_acc<scalar_t>(real ? g_other : -g_other);
+  g1 = from_acc<scalar_t>(real ? -g_other : g_other);
+}
+
+// Elementwise over B. Where every array it reads or writes is contiguous and 16-byte aligned, a
+// thread takes kVecWidth<scalar_t> consecutive elements with 16-byte accesses (grad_logits and
+// logits: two such rows per 16 bytes of fp32); the rest (a strided or unaligned view, the tail
+// past the last whole vector) goes element by element.
 template <typename scalar_t, typename label_t>
 __global__ void __launch_bounds__(kThreads) score_backward_kernel(CudaInputs in, CudaGradients g) {
   using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int N = cuda::kVecWidth<scalar_t>;
   const Problem pb = in.problem;
   const int64_t B = pb.B;
-  // d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the term's count.
   // A null gradient reads as 0.
   const acc_t g_total = g.grad_total != nullptr ? *static_cast<const acc_t*>(g.grad_total) : acc_t(0);
   const acc_t* gt = static_cast<const acc_t*>(g.grad_terms);
-  auto coef = [&](int t) {
-    return (gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0)) + static_cast<acc_t>(in.settings[t]) * g_total;
-  };
+  acc_t coef[kNumTerms];
+#pragma unroll
+  for (int t = 0; t < kNumTerms; ++t)
+    coef[t] = (gt != nullptr ? gt[t * g.grad_terms_stride] : acc_t(0)) + static_cast<acc_t>(in.settings[t]) * g_total;
   const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
-  const acc_t c_reg = has(pb.term_mask, kRegression) ? coef(kRegression) * inv_B : acc_t(0);
-  const acc_t c_cls = has(pb.term_mask, kClassification) ? coef(kClassification) * inv_B : acc_t(0);
-  const acc_t c_rank = g.counts ? static_cast<acc_t>(static_cast<double>(coef(kRanking)) * *g.rank_scale) : acc_t(0);
+  const GradScales<acc_t> c = {
+      has(pb.term_mask, kRegression) ? coef[kRegression] * inv_B : acc_t(0),
+      has(pb.term_mask, kClassification) ? coef[kClassification] * inv_B : acc_t(0),
+      g.counts ? static_cast<acc_t>(static_cast<double>(coef[kRanking]) * *g.rank_scale) : acc_t(0)};
+  const auto* scores = static_cast<const scalar_t*>(in.scores);
+  const auto* labels = static_cast<const label_t*>(in.labels);
+  const auto* logits = static_cast<const scalar_t*>(in.logits);
   auto* gs = static_cast<scalar_t*>(g.grad_scores);
   auto* gl = static_cast<scalar_t*>(g.grad_logits);
-  for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
-    const auto label = load<label_t>(in.labels, k * in.labels_stride);
-    const acc_t y = static_cast<acc_t>(label);
-    const bool real = is_real(label);
+
+  const bool vec = in.labels_stride == 1 && cuda::aligned16(labels) && cuda::aligned16(g.counts) &&
+                   cuda::aligned16(gs) && (!gs || (in.scores_stride == 1 && cuda::aligned16(scores))) &&
+                   cuda::aligned16(gl) &&
+                   (!gl || (in.logits_strides[0] == 2 && in.logits_strides[1] == 1 && cuda::aligned16(logits)));
+  // 32-bit indices: B < 2^31 (checked on the host), and an index plus one grid's step stays below 2^32.
+  const uint32_t n = static_cast<uint32_t>(B), vec_end = vec ? n / N * N : 0;
+  const uint32_t first = blockIdx.x * kThreads + threadIdx.x, step = gridDim.x * kThreads;
+#pragma unroll 1
+  for (uint32_t k0 = first * N; k0 < vec_end; k0 += step * N) {
+    label_t label[N];
+    cuda::load_vec(labels + k0, label);
     if (gs) {
-      const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
-      acc_t grad = c_reg * regression_grad(s - y, pb.smooth_l1);
-      if (g.counts) grad += c_rank * static_cast<acc_t>(g.counts[k]);
-      gs[k] = from_acc<scalar_t>(grad);
+      scalar_t s[N], out[N];
+      int32_t counts[N] = {};
+      cuda::load_vec(scores + k0, s);
+      if (g.counts) cuda::load_vec(g.counts + k0, counts);
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const acc_t y = static_cast<acc_t>(to_acc(label[e]));
+        out[e] = from_acc<scalar_t>(score_grad(c, to_acc(s[e]), y, counts[e], pb.smooth_l1));
+      }
+      cuda::store_vec(gs + k0, out);
     }
     if (gl) {
-      // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
+      scalar_t l[2 * N], out[2 * N];
+      cuda::load_vec(logits + 2 * k0, l);
+#pragma unroll
+      for (int e = 0; e < N; ++e)
+        logits_grad(c.cls, to_acc(l[2 * e]), to_acc(l[2 * e + 1]), is_real(to_acc(label[e])), out[2 * e],
+                    out[2 * e + 1]);
+      cuda::store_vec(gl + 2 * k0, out);
+    }
+  }
+#pragma unroll 1
+  for (uint32_t k = vec_end + first; k < n; k += step) {
+    const auto label = to_acc(labels[k * in.labels_stride]);  // label_t's own arithmetic type
+    if (gs) {
+      const acc_t s = to_acc(scores[k * in.scores_stride]);
+      gs[k] = from_acc<scalar_t>(score_grad(c, s, static_cast<acc_t>(label), g.counts ? g.counts[k] : 0, pb.smooth_l1));
+    }
+    if (gl) {
       const int64_t at = k * in.logits_strides[0];
-      const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);
-      const acc_t g_other = c_cls * sigmoid(real ? l0 - l1 : l1 - l0);
-      gl[2 * k] = from_acc<scalar_t>(real ? g_other : -g_other);
-      gl[2 * k + 1] = from_acc<scalar_t>(real ? -g_other : g_other);
+      logits_grad(c.cls, to_acc(logits[at]), to_acc(logits[at + in.logits_strides[1]]), is_real(label), gl[2 * k],
+                  gl[2 * k + 1]);
     }
   }
 }
@@ -240,7 +330,9 @@ size_t forward_workspace_bytes(const CudaInputs& in) {
   size_t bytes = aligned(size_t(forward_blocks(pb, sorted)) * kNumPartials * sizeof(double));
   if (sorted) {
     const size_t temp = in.dtype == DType::kFloat64 ? sort_temp_bytes<double>(pb.B) : sort_temp_bytes<float>(pb.B);
-    bytes += 2 * aligned(2 * size_t(pb.B) * acc_bytes(in.dtype)) + aligned(temp);
+    // the key rows (each 256-byte aligned), the sorted rows, CUB's scratch
+    bytes += 2 * aligned(size_t(pb.B) * acc_bytes(in.dtype)) + aligned(2 * size_t(pb.B) * acc_bytes(in.dtype)) +
+             aligned(temp);
   }
   return bytes;
 }
@@ -264,14 +356,15 @@ cudaError_t forward_cuda(const CudaInputs& in, const CudaOutputs& out, void* wor
     }
     const int64_t B = pb.B;
     auto* keys = reinterpret_cast<acc_t*>(bytes);
-    bytes += aligned(2 * size_t(B) * sizeof(acc_t));
+    const int64_t key_row = int64_t(aligned(size_t(B) * sizeof(acc_t)) / sizeof(acc_t));
+    bytes += 2 * key_row * sizeof(acc_t);
     auto* rows = reinterpret_cast<acc_t*>(bytes);
     bytes += aligned(2 * size_t(B) * sizeof(acc_t));
     size_t temp_bytes = sort_temp_bytes<acc_t>(B);
     cudaError_t status = cuda::launch(score_keys_kernel<scalar_t, label_t>, dim3(blocks), dim3(kThreads), stream, in,
-                                      keys);
-    for (int row = 0; row < 2 && status == cudaSuccess; ++row)
-      status = cub::DeviceRadixSort::SortKeys(bytes, temp_bytes, keys + row * B, rows + row * B, static_cast<int>(B),
+                                      keys, key_row);
+    for (int r = 0; r < 2 && status == cudaSuccess; ++r)
+      status = cub::DeviceRadixSort::SortKeys(bytes, temp_bytes, keys + r * key_row, rows + r * B, static_cast<int>(B),
                                               0, int(sizeof(acc_t) * 8), stream);
     if (status != cudaSuccess) return status;
     return cuda::launch(score_forward_kernel<scalar_t, label_t, true>, dim3(blocks), dim3(kThreads), stream, in, out,

@@ -202,6 +202,7 @@ int main(int argc, char** argv) {
     on(1, "fp16 B=3000, sorted, ranking only, grid-stride", [] { score_case<__half>(3000, 0b100); });
     on(4, "fp32 B=4100, sorted, 16 blocks", [] { score_case<float>(4100, 0b111); });
     on(2, "fp32 B=1", [] { score_case<float>(1, 0b111); });
+    on(1, "fp64 B=4500, sorted, vector grid-stride", [] { score_case<double>(4500, 0b111); });
   } else {
     std::fprintf(stderr, "usage: race_check {pva|blendshape|score}\n");
     return 2;
