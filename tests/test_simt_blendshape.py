@@ -7,6 +7,8 @@ Each case launches the forward twice in two block orders (bitwise equal, arrival
 poisoned beforehand.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import assert_close
@@ -42,6 +44,8 @@ def make_input(shape, dtype, g, layout):
         return torch.randn(B, K, T, generator=g).to(dtype).transpose(1, 2)
     if layout == "sliced":  # every other column of a wider tensor, every other row
         return torch.randn(2 * shape[0], *shape[1:-1], 2 * shape[-1], generator=g).to(dtype)[::2, ..., ::2]
+    if layout == "offset":  # contiguous, one element past a 16-byte aligned start
+        return torch.randn(math.prod(shape) + 1, generator=g).to(dtype)[1:].view(shape)
     return torch.randn(*shape, generator=g).to(dtype)
 
 
@@ -53,7 +57,8 @@ def strides3(x):
 
 
 def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, layout="contiguous", threshold=0.1,
-          grad_stride=1, mask=(True, True, True), ties=False, sms=2, min_blocks=1, min_groups=1, null=""):
+          grad_stride=1, mask=(True, True, True), ties=False, sms=2, min_blocks=1, min_groups=1, null="",
+          raw_layout="sliced"):
 
 
     k = use_device(sms).blendshape
@@ -65,7 +70,7 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
     if ties:  # values exactly at the threshold, and e == 0 (sign(0), |x| at 0)
         target.view(-1)[::3] = threshold
         pred[..., ::4] = target[..., ::4]
-    raw_pred = make_input(shape, dtype, g, "sliced") if raw else None
+    raw_pred = make_input(shape, dtype, g, raw_layout) if raw else None
     prev_pred = make_input(shape, dtype, g, "contiguous") if prev else None
     config = BlendshapeConfig.build(*weights, threshold=threshold, perceptual_groups=groups)
     names, term_mask = computed_terms(tuple(w != 0 for w in config.weights), pred.dim(), raw, prev)
@@ -166,6 +171,15 @@ CASES = {
                                                   weights=(1.0, 0.1, 0.5, 0, 0.2, 0, 0.3), raw=False, J=3,
                                                   min_groups=32),
     "16 blocks race, fp64": dict(B=24, T=16, K=52, dtype=torch.float64, sms=16, min_blocks=16),
+    # Every input contiguous and aligned: the forward reads runs of elements as vector loads (a run
+    # past the batch or a next time row outside the tensor element by element).
+    "vector runs, all terms": dict(B=6, T=5, K=52, dtype=torch.float32, raw_layout="contiguous", sms=1),
+    # A contiguous tile with K = 7 (runs across time and batch rows; next rows not aligned), fp64.
+    "vector runs across rows, fp64": dict(B=10, T=3, K=7, dtype=torch.float64, raw_layout="contiguous", sms=1, J=3),
+    "vector runs, fp16 (64-bit loads)": dict(B=9, T=4, K=20, dtype=torch.float16, raw_layout="contiguous", sms=1,
+                                             J=2),
+    # The same shape one element off 16-byte alignment: element by element.
+    "unaligned views (x[1:])": dict(B=6, T=5, K=52, dtype=torch.float32, layout="offset", raw_layout="offset", sms=1),
 }
 
 

@@ -11,6 +11,11 @@
 //           column statistics (importance weights w = target.mean(0), sum_b e^2). One launch.
 // backward: each block computes the gradient coefficients, then writes d/dpred, d/dtarget (with
 //           the path through w) and d/draw_pred of its elements. One launch.
+//
+// The forward reads a step of a block whose inputs are contiguous and 16-byte aligned (and whose
+// step starts at a multiple of the run length V) in runs of V consecutive elements per thread, one
+// vector load per input and run (128-bit for fp32/fp64, 64-bit for 16-bit inputs); other steps
+// element by element. The backward reads element by element.
 #include <algorithm>
 
 #include "blendshape_cuda.h"
@@ -29,17 +34,12 @@ using cuda::warp_sum;
 constexpr int kThreads = 256;
 constexpr int kPerThread = 8;
 constexpr int kTile = kThreads * kPerThread;  // elements of a tile: SB x ST x K
+// Blocks per SM the forward is compiled for (at most 64 registers per thread, 128 for double).
+template <typename scalar_t> constexpr int kMinBlocks = sizeof(scalar_t) == 8 ? 2 : 4;
 
 struct Tile {
   int ST, SB;  // time rows and batch rows of a tile
 };
-
-template <typename scalar_t>
-__device__ __forceinline__ typename AccOf<scalar_t>::type load(const void* x, const int64_t* s, int64_t b, int64_t t,
-                                                               int64_t k) {
-  return to_acc(static_cast<const scalar_t*>(x)[b * s[0] + t * s[1] + k * s[2]]);
-}
-
 
 // This block's time rows: the first, and the tile's columns (t, k) and elements per batch step.
 struct BlockTile {
@@ -56,20 +56,108 @@ __device__ __forceinline__ BlockTile block_tile(const Problem& pb, const Tile& t
 
 // Element i of a step: batch row, time row and column of the tile; false past the tile or batch.
 struct Element {
-  int64_t b, t, k;
+  int64_t b, t;
+  int k;
   int c;  // column (t - t0, k) of the tile: c = (t - t0) * K + k
   bool ok;
 };
+// (32-bit divisions: idx < kTile and K <= kTile.)
 __device__ __forceinline__ Element element(int idx, int n, int tile_cols, int64_t K, int64_t b0, int64_t t0, int64_t B) {
   Element el{};
   if (idx >= n) return el;
-  const int sb = idx / tile_cols;
-  el.c = idx % tile_cols;
-  el.k = el.c % K;
-  el.t = t0 + el.c / K;
+  const int sb = idx / tile_cols, k_cols = static_cast<int>(K);
+  el.c = idx - sb * tile_cols;
+  const int tt = el.c / k_cols;
+  el.k = el.c - tt * k_cols;
+  el.t = t0 + tt;
   el.b = b0 + sb;
   el.ok = el.b < B;
   return el;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ typename AccOf<scalar_t>::type load(const scalar_t* x, const int64_t* s, int64_t b, int64_t t,
+                                                               int64_t k) {
+  return to_acc(x[b * s[0] + t * s[1] + k * s[2]]);
+}
+template <typename scalar_t>
+__device__ __forceinline__ typename AccOf<scalar_t>::type load(const void* x, const int64_t* s, int64_t b, int64_t t,
+                                                               int64_t k) {
+  return load(static_cast<const scalar_t*>(x), s, b, t, k);
+}
+
+// One batch step of a block: the tile's SB x ST x K elements from batch row b0 on.
+struct Step {
+  int n, tile_cols;
+  int64_t K, T, B, C, b0, t0;
+  __device__ __forceinline__ Element at(int idx) const { return element(idx, n, tile_cols, K, b0, t0, B); }
+  // el = the next element of a vector run (which is contiguous [B, T, K] memory: after the
+  // row's last column the next time row, after the last time row the next batch row).
+  __device__ __forceinline__ void advance(Element& el) const {
+    if (++el.k == K) {
+      el.k = 0;
+      if (++el.t == T) el.t = 0;
+    }
+  }
+};
+
+// Runs (forward): a thread owns kPerThread / V runs of V consecutive tile elements, the same in
+// every step: element i of the thread is tile element idx(i) = V tid + i % V + (i / V) V kThreads.
+template <int V>
+__device__ __forceinline__ int run_start(int tid, int r) {
+  return V * tid + r * V * kThreads;
+}
+
+// Offset of element idx0 in a contiguous [B, T, K] tensor.
+__device__ __forceinline__ int64_t run_offset(const Step& st, int idx0) {
+  const int sb = idx0 / st.tile_cols;
+  return (st.b0 + sb) * st.C + st.t0 * st.K + (idx0 - sb * st.tile_cols);
+}
+
+// Whether the block's steps may read their runs as vector pieces: every input read is contiguous
+// [B, T, K] and 16-byte aligned (as is every output written), and a run of V tile elements is V
+// consecutive elements in memory starting at a multiple of V (the tile is contiguous, or each of
+// its batch rows is whole runs). The step's start b0 C must be a multiple of V too (vec_step).
+template <int V>
+__device__ __forceinline__ bool vec_block(const CudaInputs& in, const Step& st, const void* const* outs, int n_outs) {
+  const void* ins[4] = {in.pred, in.target, in.raw_pred, in.prev_pred};
+  bool ok = (st.tile_cols == st.C || (st.tile_cols % V == 0 && st.C % V == 0)) && (st.t0 * st.K) % V == 0;
+  for (int x = 0; x < 4; ++x) {
+    if (ins[x] == nullptr) continue;
+    const int64_t* s = in.strides[x];
+    ok = ok && cuda::aligned16(ins[x]) && s[2] == 1 && (s[1] == st.K || st.T == 1) && s[0] == st.C;
+  }
+  for (int x = 0; x < n_outs; ++x) ok = ok && cuda::aligned16(outs[x]);
+  return ok;
+}
+template <int V>
+__device__ __forceinline__ bool vec_step(bool block_ok, const Step& st) {
+  return block_ok && (st.b0 * st.C) % V == 0;
+}
+
+// Elements j of the run at tile element idx0 (memory offset off, in a step whose tile is
+// contiguous runs) that lie in the tile and the batch: bit j set.
+template <int V>
+__device__ __forceinline__ unsigned run_mask(const Step& st, int idx0, int64_t off) {
+  unsigned ok = 0;
+#pragma unroll
+  for (int j = 0; j < V; ++j) ok |= unsigned(idx0 + j < st.n && off + j < st.B * st.C) << j;
+  return ok;
+}
+
+// out[j] = x[off + shift + j] for the elements j of a contiguous run whose bit of mask is set:
+// one vector access of V elements when whole (every bit set, aligned to V elements), else element
+// by element (others 0).
+template <int V, typename scalar_t>
+__device__ __forceinline__ void load_masked(const scalar_t* x, int64_t off, int64_t shift, unsigned mask, bool whole,
+                                            scalar_t (&out)[V]) {
+  if (whole) {
+    cuda::load_vec<V>(x + off + shift, out);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    out[j] = mask >> j & 1 ? x[off + shift + j] : from_acc<scalar_t>(typename AccOf<scalar_t>::type(0));
 }
 
 // (G e)[k] of element idx's row, e of the step in shared memory (row starts at idx - k).
@@ -83,7 +171,7 @@ __device__ __forceinline__ acc_t gram_row(const double* gram, const acc_t* e_s, 
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t>)
 blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<scalar_t>::type* __restrict__ terms,
                           typename AccOf<scalar_t>::type* __restrict__ total,
                           typename AccOf<scalar_t>::type* __restrict__ col_stats, unsigned int* __restrict__ counter,
@@ -106,45 +194,116 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   FL_SHARED(acc_t, final_sums, [kPartialsWidth]);
   FL_SHARED(bool, is_last);
 
+  // Run length: 16 bytes (one 128-bit load), but at most 4 elements: 8 of a 16-bit input (with the
+  // column sums) do not fit 64 registers; their runs are 64-bit loads.
+  constexpr int V = cuda::kVecWidth<scalar_t> < 4 ? cuda::kVecWidth<scalar_t> : 4;
+  static_assert(kPerThread % V == 0, "a thread's elements are whole runs");
+  const auto* pred = static_cast<const scalar_t*>(in.pred);
+  const auto* target = static_cast<const scalar_t*>(in.target);
+  const auto* raw_pred = static_cast<const scalar_t*>(in.raw_pred);
+  const auto* prev_pred = static_cast<const scalar_t*>(in.prev_pred);
+  Step st{n, tile_cols, K, T, B, C, 0, t0};
+  const bool vec_ok = vec_block<V>(in, st, nullptr, 0);
+
   acc_t sums[kNumSums] = {};
   acc_t colT[kPerThread] = {}, colS2[kPerThread] = {};
   for (int64_t b0 = int64_t(blockIdx.y) * tile.SB; b0 < B; b0 += int64_t(gridDim.y) * tile.SB) {
+    st.b0 = b0;
+    const bool step_vec = vec_step<V>(vec_ok, st);
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int idx = tid + i * kThreads;
-      const Element el = element(idx, n, tile_cols, K, b0, t0, B);
-      acc_t e = 0;
-      if (el.ok) {
-        const acc_t p = load<scalar_t>(in.pred, in.strides[0], el.b, el.t, el.k);
-        const acc_t q = load<scalar_t>(in.target, in.strides[1], el.b, el.t, el.k);
-        e = p - q;
-        sums[kSqErr] += e * e;
-        sums[kAbsErr] += fabs(e);
-        sums[kActive] += acc_t((p > thr) != (q > thr));
-        if (groups && el.k < in.group_len) sums[kGroupSq] += static_cast<acc_t>(in.group_coef[el.k]) * e * e;
-        if (cols) {
-          colT[i] += q;
-          colS2[i] += e * e;
+    for (int r = 0; r < kPerThread / V; ++r) {  // the run of the thread's elements r V + j
+      const int idx0 = run_start<V>(tid, r);
+      // Element idx0 + j's terms of p and q (not its temporal, smoothing, consistency ones); its e.
+      auto add = [&](int j, const Element& el, acc_t p, acc_t q) {
+        const int idx = idx0 + j, i = r * V + j;
+        acc_t e = 0;
+        if (el.ok) {
+          e = p - q;
+          sums[kSqErr] += e * e;
+          sums[kAbsErr] += fabs(e);
+          sums[kActive] += acc_t((p > thr) != (q > thr));
+          if (groups && el.k < in.group_len) sums[kGroupSq] += static_cast<acc_t>(in.group_coef[el.k]) * e * e;
+          if (cols) {
+            colT[i] += q;
+            colS2[i] += e * e;
+          }
         }
-        if (has(pb.term_mask, kTemporal) && el.t + 1 < T) {
-          const acc_t e1 = load<scalar_t>(in.pred, in.strides[0], el.b, el.t + 1, el.k) -
-                           load<scalar_t>(in.target, in.strides[1], el.b, el.t + 1, el.k);
-          sums[kTemporalSq] += (e1 - e) * (e1 - e);
+        if (landmark && idx < n) e_s[idx] = e;  // 0 past the batch
+        return e;
+      };
+      if (step_vec) {
+        // The run is contiguous memory: whole in 16-byte pieces, else the elements of the tile and
+        // batch one by one; one input at a time (V values of each in registers).
+        if (idx0 >= n) continue;
+        const int64_t off = run_offset(st, idx0);
+        const unsigned ok = run_mask<V>(st, idx0, off), all = (1u << V) - 1;
+        scalar_t pv[V], xv[V], yv[V];
+        acc_t e[V];
+        unsigned next = 0;  // bit j: element j has a next time row
+        load_masked<V>(pred, off, 0, ok, ok == all, pv);
+        load_masked<V>(target, off, 0, ok, ok == all, xv);
+        Element el = st.at(idx0);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          el.ok = ok >> j & 1;
+          e[j] = add(j, el, to_acc(pv[j]), to_acc(xv[j]));
+          next |= unsigned(el.ok && el.t + 1 < T) << j;
+          st.advance(el);
         }
-        if (has(pb.term_mask, kSmoothing)) sums[kSmoothAbs] += fabs(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
+        if (has(pb.term_mask, kTemporal)) {  // e at (b, t + 1, k): K elements further on
+          const bool whole = next == all && K % V == 0;
+          load_masked<V>(pred, off, K, next, whole, xv);
+          load_masked<V>(target, off, K, next, whole, yv);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const acc_t d = to_acc(xv[j]) - to_acc(yv[j]) - e[j];
+            if (next >> j & 1) sums[kTemporalSq] += d * d;
+          }
+        }
+        if (has(pb.term_mask, kSmoothing)) {
+          load_masked<V>(raw_pred, off, 0, ok, ok == all, xv);
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            if (ok >> j & 1) sums[kSmoothAbs] += fabs(to_acc(pv[j]) - to_acc(xv[j]));
+        }
         if (has(pb.term_mask, kConsistency)) {
-          const acc_t d = p - load<scalar_t>(in.prev_pred, in.strides[3], el.b, el.t, el.k);
-          sums[kConsistencySq] += d * d;
+          load_masked<V>(prev_pred, off, 0, ok, ok == all, xv);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const acc_t d = to_acc(pv[j]) - to_acc(xv[j]);
+            if (ok >> j & 1) sums[kConsistencySq] += d * d;
+          }
+        }
+      } else {  // element by element
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const Element el = st.at(idx0 + j);
+          acc_t p = 0, q = 0;
+          if (el.ok) {
+            p = load(pred, in.strides[0], el.b, el.t, el.k);
+            q = load(target, in.strides[1], el.b, el.t, el.k);
+          }
+          const acc_t e = add(j, el, p, q);
+          if (!el.ok) continue;
+          if (has(pb.term_mask, kTemporal) && el.t + 1 < T) {
+            const acc_t d = load(pred, in.strides[0], el.b, el.t + 1, el.k) -
+                            load(target, in.strides[1], el.b, el.t + 1, el.k) - e;
+            sums[kTemporalSq] += d * d;
+          }
+          if (has(pb.term_mask, kSmoothing)) sums[kSmoothAbs] += fabs(p - load(raw_pred, in.strides[2], el.b, el.t, el.k));
+          if (has(pb.term_mask, kConsistency)) {
+            const acc_t d = p - load(prev_pred, in.strides[3], el.b, el.t, el.k);
+            sums[kConsistencySq] += d * d;
+          }
         }
       }
-      if (landmark && idx < n) e_s[idx] = e;  // 0 past the batch
     }
     if (landmark) {
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        const int idx = tid + i * kThreads;
-        const Element el = element(idx, n, tile_cols, K, b0, t0, B);
+        const int idx = run_start<V>(tid, i / V) + i % V;
+        const Element el = st.at(idx);
         if (el.ok) sums[kLandmarkSq] += e_s[idx] * gram_row(in.gram, e_s, idx, el.k, K);
       }
       __syncthreads();
@@ -159,11 +318,14 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   acc_t weighted = 0;
   if (cols) {
     acc_t ct[kPerThread] = {}, cs[kPerThread] = {};
+#pragma unroll
     for (int pass = 0; pass < 2; ++pass) {
       __syncthreads();
 #pragma unroll
-      for (int i = 0; i < kPerThread; ++i)
-        if (tid + i * kThreads < n) e_s[tid + i * kThreads] = pass == 0 ? colT[i] : colS2[i];
+      for (int i = 0; i < kPerThread; ++i) {
+        const int idx = run_start<V>(tid, i / V) + i % V;
+        if (idx < n) e_s[idx] = pass == 0 ? colT[i] : colS2[i];
+      }
       __syncthreads();
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {

@@ -92,6 +92,10 @@ MUTANTS = [
     Mutant("B7", "blendshape/blendshape_cuda.cu", "a missing (null) grad_total read as 1 instead of 0",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(1);"),
+    Mutant("B8", "blendshape/blendshape_cuda.cu", "vector runs: the smoothing term reads prev_pred instead of raw_pred",
+           "load_masked<V>(raw_pred, off, 0, ok, ok == all, xv);", "load_masked<V>(prev_pred, off, 0, ok, ok == all, xv);"),
+    Mutant("B9", "blendshape/blendshape_cuda.cu", "vector runs: the next time row read one element early",
+           "load_masked<V>(pred, off, K, next, whole, xv);", "load_masked<V>(pred, off, K - 1, next, whole, xv);"),
     # ---- score_cuda.cu ----
     Mutant("S1", "score/score_cuda.cu", "sorted path: real scores searched in their own row",
            "active_fakes(margin, s, sorted + B, B)", "active_fakes(margin, s, sorted, B)"),
