@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fusedloss.benchmark.traffic import as_on_gpu  # noqa: E402
 from fusedloss.blendshape import config as blendshape_config  # noqa: E402
 from fusedloss.blendshape import triton as triton_blendshape  # noqa: E402
 from fusedloss.pva import config as pva_config  # noqa: E402
@@ -82,18 +83,17 @@ def compile_for_sm90(kernel, args, kwargs):
 
 
 def main():
-    pva_kernels()
-    blendshape_kernels()
-    score_kernels()
+    # The tensors are on the CPU: the launchers pick the tiles and grids of a GPU launch on an
+    # H100/H200 (132 SMs), as the model's traffic measurement does.
+    with as_on_gpu(sms=132):
+        pva_kernels()
+        blendshape_kernels()
+        score_kernels()
     print(f"OK: {len(compiled)} kernel variants compiled for sm_90")
 
 
 def blendshape_kernels():
     triton_blendshape.wrap_triton = Recorder
-    triton_blendshape.program_budget = lambda device, per_sm=4: per_sm * 132
-    # The tensors are on the CPU: use the tile a GPU launch would (an H100's 132 SMs).
-    layout_of = triton_blendshape._layout
-    triton_blendshape._layout = lambda pred: layout_of(pred, gpu=True, sms=132)
     forward = triton_blendshape.blendshape_forward._opoverload
     backward = triton_blendshape.blendshape_backward._opoverload
     matrix = torch.randn(7, 52, dtype=torch.float64)
@@ -119,9 +119,6 @@ def blendshape_kernels():
 
 def score_kernels():
     triton_score.wrap_triton = Recorder
-    triton_score.program_budget = lambda device, per_sm=4: per_sm * 132
-    all_pairs_tile = triton_score._all_pairs_tile
-    triton_score._all_pairs_tile = lambda device: all_pairs_tile(torch.device("cuda"))  # a GPU launch's tile
     forward = triton_score.score_forward._opoverload
     backward = triton_score.score_backward._opoverload
     settings = score_config.ScoreConfig.build().settings()
@@ -143,10 +140,6 @@ def score_kernels():
 
 def pva_kernels():
     triton_pva.wrap_triton = Recorder
-    # The tensors are on the CPU: use what a GPU launch would (its tiles, an H100's 132 SMs).
-    pva_tile = triton_pva._tile
-    triton_pva._tile = lambda device: pva_tile(torch.device("cuda"))
-    triton_pva.program_budget = lambda device, per_sm=4: per_sm * 132
     forward = triton_pva.pva_forward._opoverload
     backward = triton_pva.pva_backward._opoverload
     shapes = [(1, 1, 1), (2, 80, 265), (3, 2, 7)]

@@ -91,8 +91,9 @@ struct Step {
   int n, tile_cols;
   int64_t K, T, B, C, b0, t0;
   __device__ __forceinline__ Element at(int idx) const { return element(idx, n, tile_cols, K, b0, t0, B); }
-  // el = the next element of a vector run (which is contiguous [B, T, K] memory: after the
-  // row's last column the next time row, after the last time row the next batch row).
+  // el = the next element of a vector run (contiguous [B, T, K] memory: after the row's last
+  // column the next time row, after the last time row the next batch row's first; el.b is left
+  // as it was: a run reads only el.k and el.t).
   __device__ __forceinline__ void advance(Element& el) const {
     if (++el.k == K) {
       el.k = 0;
@@ -107,6 +108,11 @@ template <int V>
 __device__ __forceinline__ int run_start(int tid, int r) {
   return V * tid + r * V * kThreads;
 }
+// Tile element of the thread's element i.
+template <int V>
+__device__ __forceinline__ int thread_element(int tid, int i) {
+  return run_start<V>(tid, i / V) + i % V;
+}
 
 // Offset of element idx0 in a contiguous [B, T, K] tensor.
 __device__ __forceinline__ int64_t run_offset(const Step& st, int idx0) {
@@ -115,11 +121,11 @@ __device__ __forceinline__ int64_t run_offset(const Step& st, int idx0) {
 }
 
 // Whether the block's steps may read their runs as vector pieces: every input read is contiguous
-// [B, T, K] and 16-byte aligned (as is every output written), and a run of V tile elements is V
+// [B, T, K] and 16-byte aligned, and a run of V tile elements is V
 // consecutive elements in memory starting at a multiple of V (the tile is contiguous, or each of
 // its batch rows is whole runs). The step's start b0 C must be a multiple of V too (vec_step).
 template <int V>
-__device__ __forceinline__ bool vec_block(const CudaInputs& in, const Step& st, const void* const* outs, int n_outs) {
+__device__ __forceinline__ bool vec_block(const CudaInputs& in, const Step& st) {
   const void* ins[4] = {in.pred, in.target, in.raw_pred, in.prev_pred};
   bool ok = (st.tile_cols == st.C || (st.tile_cols % V == 0 && st.C % V == 0)) && (st.t0 * st.K) % V == 0;
   for (int x = 0; x < 4; ++x) {
@@ -127,7 +133,6 @@ __device__ __forceinline__ bool vec_block(const CudaInputs& in, const Step& st, 
     const int64_t* s = in.strides[x];
     ok = ok && cuda::aligned16(ins[x]) && s[2] == 1 && (s[1] == st.K || st.T == 1) && s[0] == st.C;
   }
-  for (int x = 0; x < n_outs; ++x) ok = ok && cuda::aligned16(outs[x]);
   return ok;
 }
 template <int V>
@@ -203,7 +208,7 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   const auto* raw_pred = static_cast<const scalar_t*>(in.raw_pred);
   const auto* prev_pred = static_cast<const scalar_t*>(in.prev_pred);
   Step st{n, tile_cols, K, T, B, C, 0, t0};
-  const bool vec_ok = vec_block<V>(in, st, nullptr, 0);
+  const bool vec_ok = vec_block<V>(in, st);
 
   acc_t sums[kNumSums] = {};
   acc_t colT[kPerThread] = {}, colS2[kPerThread] = {};
@@ -302,7 +307,7 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        const int idx = run_start<V>(tid, i / V) + i % V;
+        const int idx = thread_element<V>(tid, i);
         const Element el = st.at(idx);
         if (el.ok) sums[kLandmarkSq] += e_s[idx] * gram_row(in.gram, e_s, idx, el.k, K);
       }
@@ -323,7 +328,7 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        const int idx = run_start<V>(tid, i / V) + i % V;
+        const int idx = thread_element<V>(tid, i);
         if (idx < n) e_s[idx] = pass == 0 ? colT[i] : colS2[i];
       }
       __syncthreads();
