@@ -275,7 +275,7 @@ def cases(names: tuple[str, ...] | None = None) -> list[Case]:
     large("blendshape", "blendshape [16, 256, 52] temporal", 16,
           lambda b: bb.make_case("temporal", (b, 256, 52), {"temporal_weight": 0.2}), 1)
     large("blendshape", "blendshape [65536, 52]", 65536, lambda b: bb.make_case("large", (b, 52), {}), 1,
-          (4096, 8192), (1024, 2048, 4096))
+          (16384, 32768), (1024, 2048, 4096))
     large("score", "score B=4096", 4096, bs.make_case, 2, None, (256, 512, 1024))
     for B in (65536, 1_000_000):
         large("score", f"score B={B}", B, bs.make_case, 2, (8192, 16384), (256, 512, 1024))
