@@ -57,10 +57,10 @@ def _pva(B, L, D, dtype):
     return "pva", make
 
 
-def _blendshape(shape, **kwargs):
+def _blendshape(shape, dtype=torch.float32, **kwargs):
     def make(_, device="cpu"):
         g = torch.Generator().manual_seed(0)
-        pred, target, raw, prev = (torch.rand(shape, generator=g) for _ in range(4))
+        pred, target, raw, prev = (torch.rand(shape, generator=g).to(dtype) for _ in range(4))
         pred.requires_grad_()
         matrix = torch.randn(12, shape[-1], generator=g) / 8 if kwargs.get("landmark_weight") else None
         extra = dict(raw_pred=raw, prev_pred=prev, landmark_matrix=matrix) if kwargs else {}
@@ -186,6 +186,19 @@ def triton_compiled():
 @pytest.mark.parametrize("name", GUARD)
 def test_triton_kernels_within_budget(name, triton_compiled):
     check_budget(name, "triton", measure(name, "triton", None, None))
+
+
+def test_triton_blendshape_wide_rows_do_not_spill():
+    """A row of K = 1000 float64 columns is one tile of 1024 values, more than the 512 a float64
+    tile holds elsewhere: the launch gives it 8 warps, so the forward's 8 accumulators still fit in
+    registers (on 4 warps the all-terms forward spills 56 bytes)."""
+    _triton_here()
+    _, make = _blendshape((2, 2, 1000), dtype=torch.float64, temporal_weight=0.2, landmark_weight=0.1,
+                          smoothing_weight=0.1, consistency_weight=0.1)
+    facts = sm90.triton_facts(model.triton_specs(model.record(make, 1, "cpu")))  # (GPU launches' tiles)
+    assert {f.name for f in facts} == {"blendshape_forward_kernel", "blendshape_backward_kernel"}
+    for f in facts:
+        assert (f.threads, f.spill_stores + f.spill_loads) == (256, 0), f.name
 
 
 # ---- the Triton out-of-bounds check -----------------------------------------------------------

@@ -37,6 +37,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
            torch.int32: "*i32"}
 compiled: dict = {}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")  # keyword arguments of a launch that are not the kernel's
 FACTS: list | None = None  # --facts: one entry per compiled variant
 
 
@@ -52,6 +53,8 @@ class Recorder:
 
 def compile_for_sm90(kernel, args, kwargs):
     names = kernel.arg_names
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}  # the launch's compile options
+    kwargs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
     signature, constexprs, attrs = {}, {}, {}
     # Specialised as Triton's JIT does: an int equal to 1 becomes a constexpr; a tensor whose data is
     # 16-byte aligned and an int divisible by 16 are marked so (tt.divisibility 16: what lets the
@@ -66,11 +69,12 @@ def compile_for_sm90(kernel, args, kwargs):
             constexprs[name] = value
         elif isinstance(key, str) and key:
             attrs[(index,)] = CUDABackend.parse_attr(key)
-    key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+    key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+           tuple(sorted(options.items())))
     if key in compiled:
         return
     binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=TARGET)
+                            target=TARGET, options=options or None)
     compiled[key] = binary
     if FACTS is not None:
         from fusedloss.benchmark import sm90

@@ -333,7 +333,7 @@ def _triton_compile_one(spec: dict) -> dict:
             elif isinstance(key, str) and key:
                 attrs[(index,)] = CUDABackend.parse_attr(key)
     binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32))
+                            target=GPUTarget("cuda", 90, 32), options=spec.get("options") or None)
     return asdict(facts_of_binary(spec["kernel"], binary))
 
 

@@ -256,7 +256,8 @@ def _compile_spec(fn, names, args, kwargs) -> dict:
             if hasattr(value, "primitive_bitwidth"):  # a tl.dtype
                 value = f"tl.{value.name}"
             out.append((name, "constexpr", value))
-    return {"module": fn.__globals__.get("__name__", ""), "kernel": fn.__name__, "args": out}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}  # launch options
+    return {"module": fn.__globals__.get("__name__", ""), "kernel": fn.__name__, "args": out, "options": options}
 
 
 def _buffers(arg_names, args) -> list[Buffer]:

@@ -396,6 +396,15 @@ def _layout_for(shape: tuple[int, int, int], gpu: bool, sms: int, wide: bool = F
     return B, T, K, kp, block_t, max(1, rows // block_t)
 
 
+def _warps(kp: int, block_t: int, block_b: int, wide: bool) -> int:
+    """Warps of a program: 4, more for a tile wider than the row limit of ``_layout_for`` (a single
+    row of K > 1024 columns, 512 for float64), so that a thread still holds at most 8 (4 float64)
+    values of each accumulator; at most 16 warps (beyond K = 4096 columns, 2048 for float64, the
+    forward's accumulators no longer fit in registers)."""
+    per_thread_max = 4 if wide else 8
+    return max(4, min(16, kp * block_t * block_b // (32 * per_thread_max)))
+
+
 def _strides(x: Optional[torch.Tensor]):
     """(b, t, k) strides of x viewed as [B, T, K]; zeros for an absent input (never read)."""
     if x is None:
@@ -465,6 +474,7 @@ def blendshape_forward(
             **_term_indices(term_mask),
             GROUPS=group_coef is not None, COLS=needs_cols, SINGLE_GROUP=single_group, ACC=_tl_acc(pred.dtype),
             BLOCK_B=block_b, BLOCK_T=block_t, KP=kp, BLOCK_PROGS=64, BLOCK_COLS=64, BLOCK_GROUPS=32,
+            num_warps=_warps(kp, block_t, block_b, pred.dtype == torch.float64),
         )
     return out_terms, total, col_stats
 
@@ -506,6 +516,7 @@ def blendshape_backward(
             GROUPS=group_coef is not None, COLS=needs_cols,
             NEED_PRED=need[0], NEED_TARGET=need[1], NEED_RAW=need[2], ACC=_tl_acc(pred.dtype),
             BLOCK_B=block_b, BLOCK_T=block_t, KP=kp,
+            num_warps=_warps(kp, block_t, block_b, pred.dtype == torch.float64),
         )
     return grad_pred, grad_target, grad_raw
 
