@@ -52,6 +52,7 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 OUR_KERNELS = re.compile(r"(pva|blendshape|score)_(forward|backward|keys)_kernel|DeviceRadixSort")
 # Seed systems' training shapes (host-bound) and one large size per family (bandwidth-bound).
 BENCH_BATCHES = "pva:8,pva:512,blendshape:16,blendshape:65536,score:256,score:65536"
+DRY_RUN_BENCH_BATCHES = "pva:8,blendshape:16,score:256"
 
 
 @dataclass
@@ -192,7 +193,9 @@ def main(argv=None) -> int:
         sanitizers += [Step(f"sanitizer {tool}", [sanitizer, "--tool", tool, "--error-exitcode", "99",
                                                   "--print-limit", "30", *kernels], 210,
                             env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}) for tool in SANITIZER_TOOLS]
-    bench = Step("bench", [PY, "bench/run.py", "--device", "cuda" if has_gpu else "cpu", "--batches", BENCH_BATCHES,
+    # (the dry run: the seed-sized batches only; the large ones take a minute on a CPU and check nothing more)
+    bench = Step("bench", [PY, "bench/run.py", "--device", "cuda" if has_gpu else "cpu", "--batches",
+                           DRY_RUN_BENCH_BATCHES if dry else BENCH_BATCHES,
                            "--out", str(out), *(["--modes", "eager", "--phases", "full", "--section", "cases"] if dry else [])],
                  150)
 
