@@ -1,7 +1,7 @@
 """The score CUDA kernels (csrc/score/score_cuda.cu), run on CPU threads under ASan + UBSan
 (tests/simt), against the family's reference: the three terms, the total, the signed pair counts
 (exactly, against the pair matrix), the ranking scale, the status bits and the gradients of
-scores and logits. Both forward paths run: all pairs in shared-memory tiles (B <= 2048) and the
+scores and logits. Both forward paths run: all pairs in shared-memory tiles (B <= 4096) and the
 sorted one (keys kernel, CUB radix sort stood in for on the host, binary searches).
 
 Each case launches the forward twice in two block orders (bitwise equal, arrival counter back to
@@ -193,7 +193,7 @@ CASES = {
     "B=1 real": dict(B=1, dtype=torch.float32, labels="real"),
     "B=1 fake": dict(B=1, dtype=torch.float64, labels="fake"),
     "one real among fakes": dict(B=77, dtype=torch.float32, labels="one real", ties=True),
-    "one fake among reals, sorted": dict(B=2222, dtype=torch.float32, labels="one fake", ties=True),
+    "one fake among reals, sorted": dict(B=4222, dtype=torch.float32, labels="one fake", ties=True),
     "largest all-pairs, fp64 strided": dict(B=ALL_PAIRS_MAX, dtype=torch.float64, ties=True, strided=True,
                                             label_dtype=torch.float64, min_blocks=8),
     "negative margin, grad_terms stride 3": dict(B=150, dtype=torch.float64, margin=-0.25, ties=True, grad_stride=3),
@@ -201,30 +201,30 @@ CASES = {
     "no grad_total (null)": dict(B=150, dtype=torch.float64, null="total"),
     "only d/dscores": dict(B=90, dtype=torch.float32, mask=(True, False)),
     "only d/dlogits, strided": dict(B=90, dtype=torch.bfloat16, mask=(False, True), strided=True),
-    "no ranking, B > 2048": dict(B=2200, dtype=torch.float32, term_mask=ALL_TERMS & ~RANKING_ONLY),
+    "no ranking, a thread per score": dict(B=2200, dtype=torch.float32, term_mask=ALL_TERMS & ~RANKING_ONLY),
     "empty batch": dict(B=0, dtype=torch.float32),
-    "sorted, ties": dict(B=2100, dtype=torch.float32, ties=True),
-    "sorted fp64, all fake": dict(B=2500, dtype=torch.float64, labels="fake"),
-    "sorted fp16, soft labels, smooth-L1, sum": dict(B=2049, dtype=torch.float16, reduction="sum", labels="soft",
+    "sorted, ties": dict(B=4200, dtype=torch.float32, ties=True),
+    "sorted fp64, all fake": dict(B=4500, dtype=torch.float64, labels="fake"),
+    "sorted fp16, soft labels, smooth-L1, sum": dict(B=ALL_PAIRS_MAX + 1, dtype=torch.float16, reduction="sum", labels="soft",
                                                     smooth=True),
     "all pairs fp32, float64 labels next to 0.5": dict(B=300, dtype=torch.float32, labels="near half",
                                                        label_dtype=torch.float64),
-    "sorted bf16, float64 labels next to 0.5": dict(B=2100, dtype=torch.bfloat16, labels="near half",
+    "sorted bf16, float64 labels next to 0.5": dict(B=4200, dtype=torch.bfloat16, labels="near half",
                                                     label_dtype=torch.float64),
-    "sorted bf16, ranking only, float32 labels": dict(B=3000, dtype=torch.bfloat16, term_mask=RANKING_ONLY, ties=True,
+    "sorted bf16, ranking only, float32 labels": dict(B=5000, dtype=torch.bfloat16, term_mask=RANKING_ONLY, ties=True,
                                                       label_dtype=torch.float32),
-    "sorted, all real, margin 0, grad_terms broadcast": dict(B=2300, dtype=torch.float32, labels="real", margin=0.0,
+    "sorted, all real, margin 0, grad_terms broadcast": dict(B=4300, dtype=torch.float32, labels="real", margin=0.0,
                                                              ties=True, grad_stride=0),
-    "sorted fp64, margin 1, sum, strided": dict(B=2100, dtype=torch.float64, margin=1.0, ties=True, reduction="sum",
+    "sorted fp64, margin 1, sum, strided": dict(B=4200, dtype=torch.float64, margin=1.0, ties=True, reduction="sum",
                                                 strided=True),
-    # 1 SM: 4 counting blocks walk 3000 scores (grid-stride), the backward's 8 blocks too.
-    "sorted, grid-stride, 1 SM": dict(B=3000, dtype=torch.float32, sms=1, ties=True, grid_stride=True),
+    # 1 SM: 4 counting blocks walk 5000 scores (grid-stride), the backward's 8 blocks too.
+    "sorted, grid-stride, 1 SM": dict(B=5000, dtype=torch.float32, sms=1, ties=True, grid_stride=True),
     # Contiguous 16-byte aligned inputs (the cases above, but strided) take the kernels' vector path,
     # 16 / element size scores per thread, the tail past the last whole vector element by element.
     # Unaligned views (one element past a 16-byte boundary) take the element-by-element path:
     "offset scores (unaligned)": dict(B=301, dtype=torch.float32, offset="scores"),
     "offset logits (unaligned), smooth-L1": dict(B=301, dtype=torch.float32, offset="logits", smooth=True),
-    "sorted fp16, offset float32 labels (unaligned)": dict(B=2101, dtype=torch.float16, label_dtype=torch.float32,
+    "sorted fp16, offset float32 labels (unaligned)": dict(B=4201, dtype=torch.float16, label_dtype=torch.float32,
                                                           offset="labels", ties=True),
     # 1 SM, fp64 (2 per vector): the keys kernel's 4 blocks and the backward's 8 walk their vectors
     # more than once (grid-stride).
@@ -236,8 +236,8 @@ CASES = {
 STATUS_CASES = {
     "NaN score, all pairs": dict(B=300, dtype=torch.float32, bad="score_nan"),
     "Inf logit, all pairs": dict(B=300, dtype=torch.float32, bad="logit_inf"),
-    "NaN score, sorted": dict(B=2100, dtype=torch.float32, bad="score_nan"),
-    "Inf logit, sorted fp64": dict(B=2100, dtype=torch.float64, bad="logit_inf"),
+    "NaN score, sorted": dict(B=4200, dtype=torch.float32, bad="score_nan"),
+    "Inf logit, sorted fp64": dict(B=4200, dtype=torch.float64, bad="logit_inf"),
     "overflowing total": dict(B=64, dtype=torch.float32, bad="overflow"),
 }
 

@@ -404,7 +404,7 @@ std::tuple<Tensor, Tensor> score_backward_cpu(const OptTensor& grad_terms, const
           // d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
           const bool real = is_real(static_cast<double>(y_ptr[k * ys]));
           const acc_t l0 = static_cast<acc_t>(l_ptr[k * ls0]), l1 = static_cast<acc_t>(l_ptr[k * ls0 + ls1]);
-          const acc_t p_other = sigmoid(real ? l0 - l1 : l1 - l0);
+          const acc_t p_other = sigmoid(logit_gap(l0, l1, real));
           const acc_t g_other = c_cls * p_other;
           gl[2 * k] = static_cast<scalar_t>(real ? g_other : -g_other);
           gl[2 * k + 1] = static_cast<scalar_t>(real ? -g_other : g_other);

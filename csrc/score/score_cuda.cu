@@ -1,7 +1,8 @@
 // Score loss CUDA kernels. The math (terms, pair activity, searches) is score_math.h's.
 //
-// forward, up to kCudaAllPairsMax scores: one launch. A thread owns a score; the block walks over all
-//           scores in shared-memory tiles and counts the active partners of each thread's score.
+// forward, up to kCudaAllPairsMax scores: one launch. A block owns 32 scores and walks over all
+//           scores in shared-memory tiles; its 8 warps split each tile's partners, and the block
+//           adds up each of its scores' active partners over the warps.
 // forward, beyond: a keys kernel writes the two sort rows of B (reals: the score, or +inf for a
 //           fake; fakes: the score, or -inf for a real), two CUB radix sorts order them, and one
 //           launch counts each score's active partners by binary search in the opposite row (the
@@ -31,6 +32,8 @@ using cuda::to_acc;
 using cuda::warp_sum;
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPairScores = 32;  // scores per block of the all-pairs forward: one per lane
 // Per-block partial sums (double): regression, classification, ranking, reals, bad scores, bad logits.
 enum Partial : int { kRegSum, kClsSum, kRankSum, kReals, kBadScores, kBadLogits, kNumPartials };
 
@@ -44,12 +47,16 @@ __device__ __forceinline__ acc_t infinity() {
   return acc_t(INFINITY);
 }
 
-int forward_blocks(const Problem& pb, bool sorted) {
-  const int64_t blocks = (pb.B + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, sorted ? std::min<int64_t>(blocks, 4 * cuda::sm_count()) : blocks));
-}
-
+bool all_pairs(const Problem& pb) { return has(pb.term_mask, kRanking) && pb.B <= kCudaAllPairsMax; }
 bool uses_sort(const Problem& pb) { return has(pb.term_mask, kRanking) && pb.B > kCudaAllPairsMax; }
+
+// All pairs: kPairScores scores per block. Otherwise a thread per score, grid-stride over at most
+// 4 blocks per SM.
+int forward_blocks(const Problem& pb) {
+  const int64_t blocks = all_pairs(pb) ? (pb.B + kPairScores - 1) / kPairScores
+                                       : std::min<int64_t>((pb.B + kThreads - 1) / kThreads, 4 * cuda::sm_count());
+  return static_cast<int>(std::max<int64_t>(1, blocks));
+}
 
 size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
@@ -103,73 +110,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename label_t, bool kSorted>
-__global__ void __launch_bounds__(kThreads)
-    score_forward_kernel(CudaInputs in, CudaOutputs out, const typename AccOf<scalar_t>::type* __restrict__ sorted,
-                         double* __restrict__ partials, unsigned int* __restrict__ counter) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  FL_SHARED(acc_t, tile_score, [kThreads]);
-  FL_SHARED(bool, tile_real, [kThreads]);
+// The terms of score k other than the ranking, added to its thread's partial sums.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_element_terms(const CudaInputs& in, int64_t k, acc_t s, acc_t y, bool real,
+                                                  double (&sums)[kNumPartials]) {
+  sums[kReals] += real;
+  sums[kBadScores] += !isfinite(s);
+  sums[kRegSum] += regression_value(s - y, in.problem.smooth_l1);
+  if (has(in.problem.term_mask, kClassification)) {
+    const int64_t at = k * in.logits_strides[0];
+    const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);
+    sums[kBadLogits] += !(isfinite(l0) && isfinite(l1));
+    sums[kClsSum] += cross_entropy(l0, l1, real);
+  }
+}
+
+// The end of both forward kernels: each block writes its partial sums; the last block to arrive
+// (atomic ticket) reduces the partials of all blocks in a fixed order (deterministic) into the
+// terms, the total, the ranking's gradient scale and the status.
+template <typename acc_t>
+__device__ void finish_forward(const CudaInputs& in, const CudaOutputs& out, const double (&sums)[kNumPartials],
+                               double* __restrict__ partials, unsigned int* __restrict__ counter) {
   FL_SHARED(double, scratch, [kThreads / 32]);
   FL_SHARED(double, final_sums, [kNumPartials]);
   FL_SHARED(bool, is_last);
   const Problem pb = in.problem;
   const int64_t B = pb.B;
   const int tid = threadIdx.x;
-  const bool rank = has(pb.term_mask, kRanking), cls = has(pb.term_mask, kClassification);
-  const acc_t margin = static_cast<acc_t>(in.settings[kMargin]);
-  double sums[kNumPartials] = {};
-  // Every thread of a block runs the same rounds (the all-pairs tiles synchronise the block).
-  for (int64_t base = blockIdx.x * int64_t(kThreads); base < B; base += int64_t(gridDim.x) * kThreads) {
-    const int64_t k = base + tid;
-    const bool ok = k < B;
-    acc_t s = 0, y = 0;
-    bool real = false;
-    if (ok) {
-      s = load<scalar_t>(in.scores, k * in.scores_stride);
-      const auto label = load<label_t>(in.labels, k * in.labels_stride);  // (exact: label_t's own type)
-      real = is_real(label);  // the label as given, before rounding to acc_t
-      y = static_cast<acc_t>(label);
-    }
-    if (rank) {
-      int64_t n = 0;
-      if constexpr (kSorted) {
-        if (ok) n = real ? active_fakes(margin, s, sorted + B, B) : active_reals(margin, s, sorted, B);
-      } else {
-        for (int64_t t0 = 0; t0 < B; t0 += kThreads) {
-          __syncthreads();
-          if (t0 + tid < B) {
-            tile_score[tid] = load<scalar_t>(in.scores, (t0 + tid) * in.scores_stride);
-            tile_real[tid] = is_real(load<label_t>(in.labels, (t0 + tid) * in.labels_stride));
-          }
-          __syncthreads();
-          const int len = static_cast<int>(B - t0 < kThreads ? B - t0 : kThreads);
-          int count = 0;
-#pragma unroll 8
-          for (int i = 0; i < len; ++i) {
-            const acc_t other = tile_score[i];
-            count += tile_real[i] != real && (real ? active(margin, s, other) : active(margin, other, s));
-          }
-          n += count;
-        }
-      }
-      if (ok) {
-        const int64_t signed_count = real ? -n : n;
-        out.counts[k] = static_cast<int32_t>(signed_count);
-        sums[kRankSum] += ranking_share(signed_count, static_cast<double>(margin), static_cast<double>(s));
-      }
-    }
-    if (!ok) continue;
-    sums[kReals] += real;
-    sums[kBadScores] += !isfinite(s);
-    sums[kRegSum] += regression_value(s - y, pb.smooth_l1);
-    if (cls) {
-      const int64_t at = k * in.logits_strides[0];
-      const acc_t l0 = load<scalar_t>(in.logits, at), l1 = load<scalar_t>(in.logits, at + in.logits_strides[1]);
-      sums[kBadLogits] += !(isfinite(l0) && isfinite(l1));
-      sums[kClsSum] += cross_entropy(l0, l1, real);
-    }
-  }
   for (int i = 0; i < kNumPartials; ++i) {
     const double v = block_sum(sums[i], scratch);
     if (tid == 0) partials[blockIdx.x * kNumPartials + i] = v;
@@ -192,6 +159,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   if (tid != 0) return;
+  const bool rank = has(pb.term_mask, kRanking), cls = has(pb.term_mask, kClassification);
   const double reals = final_sums[kReals], pairs = reals * (double(B) - reals);
   const double scale = pb.ranking_sum ? 1.0 : (pairs > 0 ? 1.0 / pairs : 0.0);
   const double inv_B = B > 0 ? 1.0 / double(B) : 0.0;
@@ -208,6 +176,91 @@ __global__ void __launch_bounds__(kThreads)
   *out.rank_scale = scale;
   *out.status = (final_sums[kBadScores] > 0 ? kScoresNotFinite : 0) |
                 (final_sums[kBadLogits] > 0 ? kLogitsNotFinite : 0) | (isfinite(weighted) ? 0 : kTotalNotFinite);
+}
+
+// Forward, B <= kCudaAllPairsMax: a block takes kPairScores scores (lane l of every warp: score
+// blockIdx.x * kPairScores + l) and walks all B partners in shared-memory tiles of kThreads; the
+// kWarps warps split each tile (warp w compares partners w, w + kWarps, ...: one shared-memory
+// broadcast per compare), so a thread makes B / kWarps compares. A score's count is the sum of
+// its kWarps warps' counts, taken in warp order (integers: exact).
+template <typename scalar_t, typename label_t>
+__global__ void __launch_bounds__(kThreads)
+    score_all_pairs_kernel(CudaInputs in, CudaOutputs out, double* __restrict__ partials,
+                           unsigned int* __restrict__ counter) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  FL_SHARED(acc_t, tile_score, [kThreads]);
+  FL_SHARED(bool, tile_real, [kThreads]);
+  FL_SHARED(int, warp_counts, [kWarps][kPairScores]);
+  const Problem pb = in.problem;
+  const int64_t B = pb.B;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const acc_t margin = static_cast<acc_t>(in.settings[kMargin]);
+  const int64_t k = int64_t(blockIdx.x) * kPairScores + lane;
+  const bool ok = k < B;
+  acc_t s = 0, y = 0;
+  bool real = false;
+  if (ok) {
+    s = load<scalar_t>(in.scores, k * in.scores_stride);
+    const auto label = load<label_t>(in.labels, k * in.labels_stride);  // (exact: label_t's own type)
+    real = is_real(label);  // the label as given, before rounding to acc_t
+    y = static_cast<acc_t>(label);
+  }
+  double sums[kNumPartials] = {};
+  if (has(pb.term_mask, kRanking)) {
+    int count = 0;
+    for (int64_t t0 = 0; t0 < B; t0 += kThreads) {
+      __syncthreads();
+      if (t0 + tid < B) {
+        tile_score[tid] = load<scalar_t>(in.scores, (t0 + tid) * in.scores_stride);
+        tile_real[tid] = is_real(load<label_t>(in.labels, (t0 + tid) * in.labels_stride));
+      }
+      __syncthreads();
+      const int len = static_cast<int>(B - t0 < kThreads ? B - t0 : kThreads);
+#pragma unroll 8
+      for (int i = warp; i < len; i += kWarps) {
+        const acc_t other = tile_score[i];
+        count += tile_real[i] != real && (real ? active(margin, s, other) : active(margin, other, s));
+      }
+    }
+    warp_counts[warp][lane] = count;
+    __syncthreads();
+    if (warp == 0 && ok) {
+      int64_t n = 0;
+      for (int w = 0; w < kWarps; ++w) n += warp_counts[w][lane];
+      const int64_t signed_count = real ? -n : n;
+      out.counts[k] = static_cast<int32_t>(signed_count);
+      sums[kRankSum] += ranking_share(signed_count, static_cast<double>(margin), static_cast<double>(s));
+    }
+  }
+  if (warp == 0 && ok) add_element_terms<scalar_t>(in, k, s, y, real, sums);
+  finish_forward<acc_t>(in, out, sums, partials, counter);
+}
+
+// Forward, beyond kCudaAllPairsMax (or without the ranking): a thread takes a score (grid-stride)
+// and counts its active partners by binary search in the opposite sorted row.
+template <typename scalar_t, typename label_t, bool kSorted>
+__global__ void __launch_bounds__(kThreads)
+    score_forward_kernel(CudaInputs in, CudaOutputs out, const typename AccOf<scalar_t>::type* __restrict__ sorted,
+                         double* __restrict__ partials, unsigned int* __restrict__ counter) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Problem pb = in.problem;
+  const int64_t B = pb.B;
+  const acc_t margin = static_cast<acc_t>(in.settings[kMargin]);
+  double sums[kNumPartials] = {};
+  for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < B; k += int64_t(gridDim.x) * kThreads) {
+    const acc_t s = load<scalar_t>(in.scores, k * in.scores_stride);
+    const auto label = load<label_t>(in.labels, k * in.labels_stride);  // (exact: label_t's own type)
+    const bool real = is_real(label);  // the label as given, before rounding to acc_t
+    const acc_t y = static_cast<acc_t>(label);
+    if (kSorted) {
+      const int64_t n = real ? active_fakes(margin, s, sorted + B, B) : active_reals(margin, s, sorted, B);
+      const int64_t signed_count = real ? -n : n;
+      out.counts[k] = static_cast<int32_t>(signed_count);
+      sums[kRankSum] += ranking_share(signed_count, static_cast<double>(margin), static_cast<double>(s));
+    }
+    add_element_terms<scalar_t>(in, k, s, y, real, sums);
+  }
+  finish_forward<acc_t>(in, out, sums, partials, counter);
 }
 
 // The backward's factors: d(loss)/d(term t) = grad_terms[t] + weight_t grad_total, divided by the
@@ -227,7 +280,7 @@ __device__ __forceinline__ acc_t score_grad(const GradScales<acc_t>& c, acc_t s,
 // d loss / d (l0, l1): d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void logits_grad(acc_t c_cls, acc_t l0, acc_t l1, bool real, scalar_t& g0, scalar_t& g1) {
-  const acc_t g_other = c_cls * sigmoid(real ? l0 - l1 : l1 - l0);
+  const acc_t g_other = c_cls * sigmoid(logit_gap(l0, l1, real));
   g0 = from_acc<scalar_t>(real ? g_other : -g_other);
   g1 = from_acc<scalar_t>(real ? -g_other : g_other);
 }
@@ -327,7 +380,7 @@ size_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
 size_t forward_workspace_bytes(const CudaInputs& in) {
   const Problem& pb = in.problem;
   const bool sorted = uses_sort(pb);
-  size_t bytes = aligned(size_t(forward_blocks(pb, sorted)) * kNumPartials * sizeof(double));
+  size_t bytes = aligned(size_t(forward_blocks(pb)) * kNumPartials * sizeof(double));
   if (sorted) {
     const size_t temp = in.dtype == DType::kFloat64 ? sort_temp_bytes<double>(pb.B) : sort_temp_bytes<float>(pb.B);
     // the key rows (each 256-byte aligned), the sorted rows, CUB's scratch
@@ -344,13 +397,16 @@ cudaError_t forward_cuda(const CudaInputs& in, const CudaOutputs& out, void* wor
     using label_t = decltype(label);
     using acc_t = typename AccOf<scalar_t>::type;
     const Problem& pb = in.problem;
-    const bool sorted = uses_sort(pb);
-    const int blocks = forward_blocks(pb, sorted);
+    const int blocks = forward_blocks(pb);
     auto* bytes = static_cast<char*>(workspace);
     auto* partials = reinterpret_cast<double*>(bytes);
     bytes += aligned(size_t(blocks) * kNumPartials * sizeof(double));
     auto* counts = static_cast<unsigned int*>(counter);
-    if (!sorted) {
+    if (all_pairs(pb)) {
+      return cuda::launch(score_all_pairs_kernel<scalar_t, label_t>, dim3(blocks), dim3(kThreads), stream, in, out,
+                          partials, counts);
+    }
+    if (!uses_sort(pb)) {  // no ranking
       return cuda::launch(score_forward_kernel<scalar_t, label_t, false>, dim3(blocks), dim3(kThreads), stream, in,
                           out, static_cast<const acc_t*>(nullptr), partials, counts);
     }

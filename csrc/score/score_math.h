@@ -36,7 +36,7 @@ constexpr int kNumSettings = kNumTerms + 1;
 enum Status : int { kScoresNotFinite = 1, kLogitsNotFinite = 2, kTotalNotFinite = 4 };
 // Largest batch whose ranking the CUDA forward counts by comparing every pair (beyond: it sorts).
 // The reasoning, and Triton's limit: fusedloss/score/layout.py ALL_PAIRS_MAX.
-constexpr int64_t kCudaAllPairsMax = 2048;
+constexpr int64_t kCudaAllPairsMax = 4096;
 
 struct Problem {
   int64_t B;
@@ -117,11 +117,19 @@ FL_HOST_DEVICE acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp(-x));
 }
 
+// l[1-c] - l[c] of class c (real: c = 1), NaN where a logit is +inf: log_softmax's
+// logsumexp(l) - l[c] is then inf - inf (torch's cross-entropy and its gradient are NaN).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t logit_gap(acc_t l0, acc_t l1, bool real) {
+  if (l0 == acc_t(INFINITY) || l1 == acc_t(INFINITY)) return acc_t(NAN);
+  return real ? l0 - l1 : l1 - l0;
+}
+
 // Cross-entropy of two logits against class c: softplus(l[1-c] - l[c]). Its gradient is
 // d/dl[1-c] = sigmoid(l[1-c] - l[c]) = -d/dl[c].
 template <typename acc_t>
 FL_HOST_DEVICE acc_t cross_entropy(acc_t l0, acc_t l1, bool real) {
-  return softplus(real ? l0 - l1 : l1 - l0);
+  return softplus(logit_gap(l0, l1, real));
 }
 
 }  // namespace score

@@ -20,11 +20,14 @@ MARGIN = SETTINGS.index("margin")
 STATUS = {"scores": 1, "logits": 2, "total": 4}
 
 # Largest batch whose ranking the GPU forwards count by comparing every pair directly; above it,
-# they sort the two classes and binary-search (O(B log B), a few more launches: keys, sort).
-# Both limits give the same work per GPU thread: the CUDA kernel gives each thread one score and
-# walks all B partners (2048 compares per thread at B = 2048); the Triton kernel compares a
-# 64-score block with 128 partners per step on 128 threads (B / 2 compares per thread: 2048 at
-# B = 4096). At about 2048 sequential compares (~10 us) a thread costs what the sort path's extra
-# launches cost. Estimates, not yet measured on a GPU (the seed-shapes benchmark times both sides).
-# The CPU always sorts (measured no slower even at B = 64). CUDA's value: score_math.h.
-ALL_PAIRS_MAX = {"cuda": 2048, "triton": 4096}
+# they sort the two classes and binary-search (O(B log B), more launches: keys, two radix sorts of
+# about 6 launches each). At B = 4096:
+#   CUDA    a block of 8 warps takes 32 scores, each warp a strided eighth of the partners:
+#           B / 8 = 512 compares per thread, B / 32 = 128 blocks;
+#   Triton  a program of 4 warps compares a 64-score block with 32 partners per step:
+#           B / 2 = 2048 compares per thread, B / 64 = 64 programs.
+# 4096^2 compares in all take a few us on an H100/H200, and about 2048 sequential compares per
+# thread (~10 us) cost what the sort path's extra launches cost; 4x more pairs (B = 8192) would
+# not clearly pay. Estimates, not yet measured on a GPU (the seed-shapes benchmark times both
+# sides). The CPU always sorts (measured no slower even at B = 64). CUDA's value: score_math.h.
+ALL_PAIRS_MAX = {"cuda": 4096, "triton": 4096}

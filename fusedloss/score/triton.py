@@ -70,6 +70,13 @@ def _finite(x):
 
 
 @triton.jit
+def _logit_gap(l0, l1, real):
+    """l[other] - l[class], NaN where a logit is +inf (torch's log_softmax: inf - inf)."""
+    inf = float("inf")
+    return tl.where((l0 == inf) | (l1 == inf), float("nan"), tl.where(real, l0 - l1, l1 - l0))
+
+
+@triton.jit
 def _softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
@@ -121,7 +128,7 @@ def score_forward_kernel(
             l0 = tl.load(logits_ptr + k * ls0, mask=ok, other=0.0).to(ACC)
             l1 = tl.load(logits_ptr + k * ls0 + ls1, mask=ok, other=0.0).to(ACC)
             bad_l += (ok & ~(_finite(l0) & _finite(l1))).to(tl.int32)
-            ce += tl.where(ok, _softplus(tl.where(real, l0 - l1, l1 - l0)), 0.0)
+            ce += tl.where(ok, _softplus(_logit_gap(l0, l1, real)), 0.0)
         if RANK:
             if SORTED:
                 # Real scores search the fake row (active is false, then true: count = B - first
@@ -236,7 +243,7 @@ def score_backward_kernel(
         l0 = tl.load(logits_ptr + k * ls0, mask=ok, other=0.0).to(ACC)
         l1 = tl.load(logits_ptr + k * ls0 + ls1, mask=ok, other=0.0).to(ACC)
         # d CE / d l[other] = sigmoid(l[other] - l[class]) = -d CE / d l[class].
-        g_other = c_cls / (1.0 + tl.exp(-tl.where(real, l0 - l1, l1 - l0)))
+        g_other = c_cls / (1.0 + tl.exp(-_logit_gap(l0, l1, real)))
         ty = grad_logits_ptr.dtype.element_ty
         tl.store(grad_logits_ptr + 2 * k, tl.where(real, g_other, -g_other).to(ty), mask=ok)
         tl.store(grad_logits_ptr + 2 * k + 1, tl.where(real, -g_other, g_other).to(ty), mask=ok)

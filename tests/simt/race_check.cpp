@@ -198,8 +198,8 @@ int main(int argc, char** argv) {
   } else if (family == "score") {
     on(2, "fp32 B=300, all pairs", [] { score_case<float>(300, 0b111); });
     on(2, "fp64 B=2048, all pairs", [] { score_case<double>(2048, 0b111); });
-    on(2, "fp32 B=2100, sorted", [] { score_case<float>(2100, 0b111); });
-    on(1, "fp16 B=3000, sorted, ranking only, grid-stride", [] { score_case<__half>(3000, 0b100); });
+    on(2, "fp32 B=4200, sorted", [] { score_case<float>(4200, 0b111); });
+    on(1, "fp16 B=5000, sorted, ranking only, grid-stride", [] { score_case<__half>(5000, 0b100); });
     on(4, "fp32 B=4100, sorted, 16 blocks", [] { score_case<float>(4100, 0b111); });
     on(2, "fp32 B=1", [] { score_case<float>(1, 0b111); });
     on(1, "fp64 B=4500, sorted, vector grid-stride", [] { score_case<double>(4500, 0b111); });
