@@ -87,7 +87,7 @@ __device__ __forceinline__ void store_vec(T* p, const T (&v)[N]) {
   W w[kWords];
   memcpy(w, v, sizeof(w));
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) reinterpret_cast<W*>(p)[i] = w[i];
+  for (int i = 0; i < kWords; ++i) __stwb(reinterpret_cast<W*>(p) + i, w[i]);
 }
 
 template <typename acc_t>
