@@ -179,6 +179,21 @@ __device__ __forceinline__ void store_masked(scalar_t* x, int64_t off, unsigned 
     if (mask >> j & 1) x[off + j] = v[j];
 }
 
+// out[j] = x[column of element j of the run from el]: one vector when vec (C is whole runs: the
+// run's columns are V consecutive ones), else column by column.
+template <int V, typename acc_t>
+__device__ __forceinline__ void col_stat(const acc_t* x, const Step& st, Element el, bool vec, acc_t (&out)[V]) {
+  if (vec) {
+    cuda::load_vec<V>(x + el.t * st.K + el.k, out);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    out[j] = x[el.t * st.K + el.k];
+    st.advance(el);
+  }
+}
+
 // (G e)[k] of element idx's row, e of the step in shared memory (row starts at idx - k).
 template <typename acc_t>
 __device__ __forceinline__ acc_t gram_row(const double* gram, const acc_t* e_s, int idx, int64_t k, int64_t K) {
@@ -531,12 +546,11 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
         load_masked<V>(target, off, 0, ok, ok == all, xv);
         unsigned before = 0, after = 0;  // bit j: element j has a time row before / after it
         {
-          acc_t w[V], wsq[V];
+          acc_t w[V], wsq[V];  // the importance weights w and sum_b e^2 of the run's columns
           Element el = st.at(idx0);
-          if (cols && cols_vec) {
-            const int64_t column = el.t * K + el.k;
-            cuda::load_vec<V>(w_col + kColImportance * C + column, w);
-            if (grad_target) cuda::load_vec<V>(w_col + kColSqErr * C + column, wsq);
+          if (cols) {
+            col_stat<V>(w_col + kColImportance * C, st, el, cols_vec, w);
+            if (grad_target) col_stat<V>(w_col + kColSqErr * C, st, el, cols_vec, wsq);
           }
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -547,12 +561,8 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
               ge[j] += acc_t(2) * c_perc * (el.k < in.group_len ? static_cast<acc_t>(in.group_coef[el.k]) : acc_t(0)) *
                        e[j];
             if (cols) {
-              const int64_t column = el.t * K + el.k;
-              const acc_t wj = cols_vec ? w[j] : w_col[kColImportance * C + column];
-              ge[j] += acc_t(2) * c_perc * wj * wj * e[j];
-              if (grad_target)  // (B > 0 here)
-                cq[j] = acc_t(2) * c_perc * wj * (cols_vec ? wsq[j] : w_col[kColSqErr * C + column]) /
-                        static_cast<acc_t>(B);
+              ge[j] += acc_t(2) * c_perc * w[j] * w[j] * e[j];
+              if (grad_target) cq[j] = acc_t(2) * c_perc * w[j] * wsq[j] / static_cast<acc_t>(B);  // (B > 0 here)
             }
             before |= unsigned(in_run && el.t >= 1) << j;
             after |= unsigned(in_run && el.t + 1 < T) << j;
