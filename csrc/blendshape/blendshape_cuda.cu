@@ -17,6 +17,7 @@
 // vector load per input and run (128-bit for fp32/fp64, 64-bit for 16-bit inputs); other steps
 // element by element. The backward reads element by element.
 #include <algorithm>
+#include <type_traits>
 
 #include "blendshape_cuda.h"
 #include "../common/cuda_helpers.cuh"
@@ -484,13 +485,22 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
   const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
   const acc_t g_total = out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);
   const int64_t gs = out.grad_terms_stride;
-  const acc_t c_mse = grad_coefficient<acc_t>(pb, kMse, g, gs, g_total, in.settings);
-  const acc_t c_l1 = grad_coefficient<acc_t>(pb, kL1, g, gs, g_total, in.settings);
-  const acc_t c_perc = grad_coefficient<acc_t>(pb, kPerceptual, g, gs, g_total, in.settings);
-  const acc_t c_temporal = grad_coefficient<acc_t>(pb, kTemporal, g, gs, g_total, in.settings);
-  const acc_t c_landmark = grad_coefficient<acc_t>(pb, kLandmark, g, gs, g_total, in.settings);
-  const acc_t c_smooth = grad_coefficient<acc_t>(pb, kSmoothing, g, gs, g_total, in.settings);
-  const acc_t c_cons = grad_coefficient<acc_t>(pb, kConsistency, g, gs, g_total, in.settings);
+  // The terms' gradient coefficients: a double's through shared memory, read where used (7 doubles
+  // held in registers take 14, and the vector runs spill); a float's in registers.
+  constexpr bool kShared = sizeof(acc_t) == 8;
+  FL_SHARED(acc_t, coef_s, [kNumTerms]);
+  if constexpr (kShared) {
+    if (tid < kNumTerms) coef_s[tid] = grad_coefficient<acc_t>(pb, tid, g, gs, g_total, in.settings);
+    __syncthreads();
+  }
+  using coef_t = std::conditional_t<kShared, const acc_t&, const acc_t>;
+  auto coefficient = [&](int term) -> coef_t {
+    if constexpr (kShared) return coef_s[term];
+    else return grad_coefficient<acc_t>(pb, term, g, gs, g_total, in.settings);
+  };
+  coef_t c_mse = coefficient(kMse), c_l1 = coefficient(kL1), c_perc = coefficient(kPerceptual),
+         c_temporal = coefficient(kTemporal), c_landmark = coefficient(kLandmark), c_smooth = coefficient(kSmoothing),
+         c_cons = coefficient(kConsistency);
   const acc_t* w_col = static_cast<const acc_t*>(out.col_stats);
   scalar_t* grad_pred = static_cast<scalar_t*>(out.grad_pred);
   scalar_t* grad_target = static_cast<scalar_t*>(out.grad_target);
