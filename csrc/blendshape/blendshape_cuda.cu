@@ -467,10 +467,10 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
 }
 
 // Blocks per SM the backward is compiled for: at most 64 registers per thread (50% occupancy).
-constexpr int kBackwardMinBlocks = 4;
+template <typename scalar_t> constexpr int kBackwardMinBlocks = sizeof(scalar_t) == 8 ? 3 : 4;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<scalar_t>)
 blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const Tile tile) {
   using acc_t = typename AccOf<scalar_t>::type;
   const Problem& pb = in.problem;
