@@ -58,7 +58,7 @@ def strides3(x):
 
 def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, layout="contiguous", threshold=0.1,
           grad_stride=1, mask=(True, True, True), ties=False, sms=2, min_blocks=1, min_groups=1, null="",
-          raw_layout="sliced"):
+          raw_layout="sliced", same_as_unaligned=False):
 
 
     k = use_device(sms).blendshape
@@ -78,13 +78,17 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
     matrix = torch.randn(J, K, generator=g, dtype=torch.float64).to(dtype) if "landmark" in names else None
     gram = landmark_gram(matrix).contiguous() if matrix is not None else None
     Tn = 1 if T is None else T
-    # As csrc/blendshape/blendshape.cpp's cuda_inputs fills it.
-    inputs = make(k.CudaInputs, pred=address(pred), target=address(target), raw_pred=address(raw_pred),
-                  prev_pred=address(prev_pred), strides=[strides3(x) for x in (pred, target, raw_pred, prev_pred)],
-                  settings=address(settings), group_coef=address(group_coef),
-                  group_len=0 if group_coef is None else group_coef.numel(), gram=address(gram), dtype=dtype_of(pred),
-                  problem=make(k.Problem, B=B, T=Tn, K=K, J=J if matrix is not None else 0, term_mask=term_mask,
-                               group_form=group_coef is not None))
+
+    def cuda_inputs(pred, target, raw_pred, prev_pred):  # as csrc/blendshape/blendshape.cpp's cuda_inputs
+        return make(k.CudaInputs, pred=address(pred), target=address(target), raw_pred=address(raw_pred),
+                    prev_pred=address(prev_pred), strides=[strides3(x) for x in (pred, target, raw_pred, prev_pred)],
+                    settings=address(settings), group_coef=address(group_coef),
+                    group_len=0 if group_coef is None else group_coef.numel(), gram=address(gram),
+                    dtype=dtype_of(pred),
+                    problem=make(k.Problem, B=B, T=Tn, K=K, J=J if matrix is not None else 0, term_mask=term_mask,
+                                 group_form=group_coef is not None))
+
+    inputs = cuda_inputs(pred, target, raw_pred, prev_pred)
 
     cols = needs_col_stats(term_mask, group_coef)
     out_terms, total = poisoned((len(names),), acc), poisoned((), acc)
@@ -119,13 +123,28 @@ def check(B, T, K, dtype, weights=ALL, groups=None, J=5, raw=True, prev=True, la
     if null == "total":
         grad_total = torch.tensor(0.0, dtype=acc)
     wanted = (mask[0], mask[1], mask[2] and raw and "smoothing" in names)
-    grads = [poisoned(shape, dtype) if want else None for want in wanted]
-    error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=0 if null == "terms" else address(grad_terms),
-                                         grad_terms_stride=grad_terms.stride(0),
-                                         grad_total=0 if null == "total" else address(grad_total),
-                                         col_stats=address(col_stats), grad_pred=address(grads[0]),
-                                         grad_target=address(grads[1]), grad_raw=address(grads[2])))
-    assert error == 0, f"backward launch failed: cudaError {error}"
+
+    def backward(inputs):
+        grads = [poisoned(shape, dtype) if want else None for want in wanted]
+        error = k.backward_cuda(inputs, make(k.CudaGradients, grad_terms=0 if null == "terms" else address(grad_terms),
+                                             grad_terms_stride=grad_terms.stride(0),
+                                             grad_total=0 if null == "total" else address(grad_total),
+                                             col_stats=address(col_stats), grad_pred=address(grads[0]),
+                                             grad_target=address(grads[1]), grad_raw=address(grads[2])))
+        assert error == 0, f"backward launch failed: cudaError {error}"
+        return grads
+
+    grads = backward(inputs)
+    if same_as_unaligned:
+        # The same values one element off 16-byte alignment (element by element): bitwise equal.
+        def offset(x):
+            return None if x is None else torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+
+        shifted = [offset(x) for x in (pred, target, raw_pred, prev_pred)]  # (held while the kernel reads them)
+        for name, got, want in zip(("pred", "target", "raw_pred"), grads, backward(cuda_inputs(*shifted))):
+            if got is not None:
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), \
+                    f"d/d{name}: aligned and unaligned inputs differ"
     leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (pred, target, raw_pred)]
     r = blendshape_loss_reference(leaves[0], leaves[1], leaves[2], prev_pred, config, matrix)
     loss = r["total"] * grad_total
@@ -171,13 +190,23 @@ CASES = {
                                                   weights=(1.0, 0.1, 0.5, 0, 0.2, 0, 0.3), raw=False, J=3,
                                                   min_groups=32),
     "16 blocks race, fp64": dict(B=24, T=16, K=52, dtype=torch.float64, sms=16, min_blocks=16),
-    # Every input contiguous and aligned: the forward reads runs of elements as vector loads (a run
-    # past the batch or a next time row outside the tensor element by element).
-    "vector runs, all terms": dict(B=6, T=5, K=52, dtype=torch.float32, raw_layout="contiguous", sms=1),
-    # A contiguous tile with K = 7 (runs across time and batch rows; next rows not aligned), fp64.
-    "vector runs across rows, fp64": dict(B=10, T=3, K=7, dtype=torch.float64, raw_layout="contiguous", sms=1, J=3),
+    # Every input contiguous and aligned: both passes read (and the backward writes) runs of elements as
+    # vector accesses (a run past the batch, a time row before or after outside the tensor, element by
+    # element); the backward's gradients bitwise equal to those of the same values off alignment.
+    "vector runs, all terms": dict(B=6, T=5, K=52, dtype=torch.float32, raw_layout="contiguous", sms=1,
+                                   same_as_unaligned=True),
+    # A contiguous tile with K = 7 (runs across time and batch rows; neighbouring rows not aligned), fp64.
+    "vector runs across rows, fp64": dict(B=10, T=3, K=7, dtype=torch.float64, raw_layout="contiguous", sms=1, J=3,
+                                          same_as_unaligned=True),
     "vector runs, fp16 (64-bit loads)": dict(B=9, T=4, K=20, dtype=torch.float16, raw_layout="contiguous", sms=1,
-                                             J=2),
+                                             J=2, same_as_unaligned=True),
+    # Backward runs: C = 30 is not whole runs (the column statistics column by column), runs across rows.
+    "vector runs, columns one by one": dict(B=7, T=5, K=6, dtype=torch.float32, raw_layout="contiguous", sms=1, J=2,
+                                            same_as_unaligned=True),
+    # Backward runs: the group form's coefficients, 2-D, bf16, only d/dtarget and d/draw_pred (d/dpred null).
+    "vector runs, bf16 groups, no d/dpred": dict(B=33, T=None, K=52, dtype=torch.bfloat16, groups=DUAL_STREAM_GROUPS,
+                                                 raw_layout="contiguous", sms=1, mask=(False, True, True),
+                                                 same_as_unaligned=True),
     # The same shape one element off 16-byte alignment: element by element.
     "unaligned views (x[1:])": dict(B=6, T=5, K=52, dtype=torch.float32, layout="offset", raw_layout="offset", sms=1),
 }

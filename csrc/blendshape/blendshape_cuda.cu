@@ -15,8 +15,10 @@
 // The forward reads a step of a block whose inputs are contiguous and 16-byte aligned (and whose
 // step starts at a multiple of the run length V) in runs of V consecutive elements per thread, one
 // vector load per input and run (128-bit for fp32/fp64, 64-bit for 16-bit inputs); other steps
-// element by element. The backward reads element by element.
+// element by element. The backward does the same with the same runs, and also needs the gradients
+// (and the column statistics) 16-byte aligned: a run's gradients are one vector store each.
 #include <algorithm>
+#include <type_traits>
 
 #include "blendshape_cuda.h"
 #include "../common/cuda_helpers.cuh"
@@ -163,6 +165,35 @@ __device__ __forceinline__ void load_masked(const scalar_t* x, int64_t off, int6
 #pragma unroll
   for (int j = 0; j < V; ++j)
     out[j] = mask >> j & 1 ? x[off + shift + j] : from_acc<scalar_t>(typename AccOf<scalar_t>::type(0));
+}
+
+// x[off + j] = v[j] for the elements j of a contiguous run whose bit of mask is set: one vector
+// access of V elements when whole (every bit set, aligned to V elements), else element by element.
+template <int V, typename scalar_t>
+__device__ __forceinline__ void store_masked(scalar_t* x, int64_t off, unsigned mask, bool whole,
+                                             const scalar_t (&v)[V]) {
+  if (whole) {
+    cuda::store_vec<V>(x + off, v);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (mask >> j & 1) x[off + j] = v[j];
+}
+
+// out[j] = x[column of element j of the run from el]: one vector when vec (C is whole runs: the
+// run's columns are V consecutive ones), else column by column.
+template <int V, typename acc_t>
+__device__ __forceinline__ void col_stat(const acc_t* x, const Step& st, Element el, bool vec, acc_t (&out)[V]) {
+  if (vec) {
+    cuda::load_vec<V>(x + el.t * st.K + el.k, out);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    out[j] = x[el.t * st.K + el.k];
+    st.advance(el);
+  }
 }
 
 // (G e)[k] of element idx's row, e of the step in shared memory (row starts at idx - k).
@@ -436,16 +467,19 @@ blendshape_forward_kernel(const CudaInputs in, const Tile tile, typename AccOf<s
   }
 }
 
+// Blocks per SM the backward is compiled for: at most 64 registers per thread (50% occupancy); 80
+// for double (37.5%: at 64 its vector runs spill; 768 threads with one run's two 16-byte loads each
+// in flight are 24 KB per SM, about H200's bandwidth x latency per SM, 4.8 TB/s x ~0.7 us / 132).
+template <typename scalar_t> constexpr int kBackwardMinBlocks = sizeof(scalar_t) == 8 ? 3 : 4;
+
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<scalar_t>)
 blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const Tile tile) {
   using acc_t = typename AccOf<scalar_t>::type;
   const Problem& pb = in.problem;
   const int64_t B = pb.B, T = pb.T, K = pb.K, C = T * K;
   const int tid = threadIdx.x;
   const BlockTile bt = block_tile(pb, tile);
-  const int64_t t0 = bt.t0;
-  const int tile_cols = bt.tile_cols, n = bt.n;
   const bool cols = has(pb.term_mask, kPerceptual) && !pb.group_form;
   const bool groups = has(pb.term_mask, kPerceptual) && pb.group_form;
   const bool landmark = has(pb.term_mask, kLandmark);
@@ -454,27 +488,163 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
   const acc_t* g = static_cast<const acc_t*>(out.grad_terms);
   const acc_t g_total = out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);
   const int64_t gs = out.grad_terms_stride;
-  const acc_t c_mse = grad_coefficient<acc_t>(pb, kMse, g, gs, g_total, in.settings);
-  const acc_t c_l1 = grad_coefficient<acc_t>(pb, kL1, g, gs, g_total, in.settings);
-  const acc_t c_perc = grad_coefficient<acc_t>(pb, kPerceptual, g, gs, g_total, in.settings);
-  const acc_t c_temporal = grad_coefficient<acc_t>(pb, kTemporal, g, gs, g_total, in.settings);
-  const acc_t c_landmark = grad_coefficient<acc_t>(pb, kLandmark, g, gs, g_total, in.settings);
-  const acc_t c_smooth = grad_coefficient<acc_t>(pb, kSmoothing, g, gs, g_total, in.settings);
-  const acc_t c_cons = grad_coefficient<acc_t>(pb, kConsistency, g, gs, g_total, in.settings);
+  // The terms' gradient coefficients: a double's through shared memory, read where used (7 doubles
+  // held in registers take 14, and the vector runs spill); a float's in registers.
+  constexpr bool kShared = sizeof(acc_t) == 8;
+  FL_SHARED(acc_t, coef_s, [kNumTerms]);
+  if constexpr (kShared) {
+    if (tid < kNumTerms) coef_s[tid] = grad_coefficient<acc_t>(pb, tid, g, gs, g_total, in.settings);
+    __syncthreads();
+  }
+  using coef_t = std::conditional_t<kShared, const acc_t&, const acc_t>;
+  auto coefficient = [&](int term) -> coef_t {
+    if constexpr (kShared) return coef_s[term];
+    else return grad_coefficient<acc_t>(pb, term, g, gs, g_total, in.settings);
+  };
+  coef_t c_mse = coefficient(kMse), c_l1 = coefficient(kL1), c_perc = coefficient(kPerceptual),
+         c_temporal = coefficient(kTemporal), c_landmark = coefficient(kLandmark), c_smooth = coefficient(kSmoothing),
+         c_cons = coefficient(kConsistency);
   const acc_t* w_col = static_cast<const acc_t*>(out.col_stats);
   scalar_t* grad_pred = static_cast<scalar_t*>(out.grad_pred);
   scalar_t* grad_target = static_cast<scalar_t*>(out.grad_target);
   scalar_t* grad_raw = static_cast<scalar_t*>(out.grad_raw);
 
+  // Runs as the forward's: V elements, one 16-byte access of a 32- or 64-bit input, 8 bytes of a
+  // 16-bit one (8 elements of a 16-bit input do not fit 64 registers either).
+  constexpr int V = cuda::kVecWidth<scalar_t> < 4 ? cuda::kVecWidth<scalar_t> : 4;
+  static_assert(kPerThread % V == 0, "a thread's elements are whole runs");
+  const auto* pred = static_cast<const scalar_t*>(in.pred);
+  const auto* target = static_cast<const scalar_t*>(in.target);
+  const auto* raw_pred = static_cast<const scalar_t*>(in.raw_pred);
+  const auto* prev_pred = static_cast<const scalar_t*>(in.prev_pred);
+  Step st{bt.n, bt.tile_cols, K, T, B, C, 0, bt.t0};
+  // Vector runs need the gradients (contiguous [B, T, K]) 16-byte aligned too; the column
+  // statistics of a run are one vector of V columns when C is whole runs (then no run wraps a row).
+  const bool vec_ok = vec_block<V>(in, st) && cuda::aligned16(grad_pred) && cuda::aligned16(grad_target) &&
+                      cuda::aligned16(grad_raw);
+  const bool cols_vec = C % V == 0 && cuda::aligned16(w_col);
+
   for (int64_t b0 = int64_t(blockIdx.y) * tile.SB; b0 < B; b0 += int64_t(gridDim.y) * tile.SB) {
+    st.b0 = b0;
+    const bool step_vec = vec_step<V>(vec_ok, st);
+    if (step_vec) {
+      // Runs of V consecutive elements in memory (see the forward): whole runs as vector accesses,
+      // the run past the batch or tile, and the neighbouring time rows of a run that is not whole
+      // or not aligned (K % V != 0), element by element.
+      if (landmark) {  // this step's e, for the rows' G e
+#pragma unroll
+        for (int r = 0; r < kPerThread / V; ++r) {
+          const int idx0 = run_start<V>(tid, r);
+          if (idx0 >= st.n) continue;
+          const int64_t off = run_offset(st, idx0);
+          const unsigned ok = run_mask<V>(st, idx0, off), all = (1u << V) - 1;
+          scalar_t pv[V], qv[V];
+          load_masked<V>(pred, off, 0, ok, ok == all, pv);
+          load_masked<V>(target, off, 0, ok, ok == all, qv);
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            if (idx0 + j < st.n) e_s[idx0 + j] = ok >> j & 1 ? to_acc(pv[j]) - to_acc(qv[j]) : acc_t(0);
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int r = 0; r < kPerThread / V; ++r) {
+        const int idx0 = run_start<V>(tid, r);
+        if (idx0 >= st.n) continue;
+        const int64_t off = run_offset(st, idx0);
+        const unsigned ok = run_mask<V>(st, idx0, off), all = (1u << V) - 1;
+        scalar_t pv[V], xv[V], yv[V], gv[V];  // (gv: gradients)
+        acc_t e[V], ge[V], cq[V];  // e, d/de of the loss, the path through w into d/dtarget
+        load_masked<V>(pred, off, 0, ok, ok == all, pv);
+        load_masked<V>(target, off, 0, ok, ok == all, xv);
+        unsigned before = 0, after = 0;  // bit j: element j has a time row before / after it
+        {
+          acc_t w[V], wsq[V];  // the importance weights w and sum_b e^2 of the run's columns
+          Element el = st.at(idx0);
+          if (cols) {
+            col_stat<V>(w_col + kColImportance * C, st, el, cols_vec, w);
+            if (grad_target) col_stat<V>(w_col + kColSqErr * C, st, el, cols_vec, wsq);
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const bool in_run = ok >> j & 1;
+            e[j] = to_acc(pv[j]) - to_acc(xv[j]);
+            ge[j] = acc_t(2) * c_mse * e[j] + c_l1 * sign(e[j]);
+            if (groups)
+              ge[j] += acc_t(2) * c_perc * (el.k < in.group_len ? static_cast<acc_t>(in.group_coef[el.k]) : acc_t(0)) *
+                       e[j];
+            if (cols) {
+              ge[j] += acc_t(2) * c_perc * w[j] * w[j] * e[j];
+              if (grad_target) cq[j] = acc_t(2) * c_perc * w[j] * wsq[j] / static_cast<acc_t>(B);  // (B > 0 here)
+            }
+            before |= unsigned(in_run && el.t >= 1) << j;
+            after |= unsigned(in_run && el.t + 1 < T) << j;
+            st.advance(el);
+          }
+        }
+        if (has(pb.term_mask, kTemporal)) {  // e at (b, t - 1, k) and (b, t + 1, k): K elements away
+          load_masked<V>(pred, off, -K, before, before == all && K % V == 0, xv);
+          load_masked<V>(target, off, -K, before, before == all && K % V == 0, yv);
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            if (before >> j & 1) ge[j] += acc_t(2) * c_temporal * (e[j] - (to_acc(xv[j]) - to_acc(yv[j])));
+          load_masked<V>(pred, off, K, after, after == all && K % V == 0, xv);
+          load_masked<V>(target, off, K, after, after == all && K % V == 0, yv);
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            if (after >> j & 1) ge[j] -= acc_t(2) * c_temporal * ((to_acc(xv[j]) - to_acc(yv[j])) - e[j]);
+        }
+        if (landmark) {
+          Element el = st.at(idx0);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            if (ok >> j & 1) ge[j] += acc_t(2) * c_landmark * gram_row(in.gram, e_s, idx0 + j, el.k, K);
+            st.advance(el);
+          }
+        }
+        if (grad_target) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            acc_t gq = -ge[j];
+            if (cols) gq += cq[j];
+            gv[j] = from_acc<scalar_t>(gq);
+          }
+          store_masked<V>(grad_target, off, ok, ok == all, gv);
+        }
+        if (has(pb.term_mask, kSmoothing)) {
+          load_masked<V>(raw_pred, off, 0, ok, ok == all, xv);
+          scalar_t grv[V];
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const acc_t s = c_smooth * sign(to_acc(pv[j]) - to_acc(xv[j]));
+            ge[j] += s;
+            grv[j] = from_acc<scalar_t>(-s);
+          }
+          if (grad_raw) store_masked<V>(grad_raw, off, ok, ok == all, grv);
+        }
+        if (has(pb.term_mask, kConsistency)) {
+          load_masked<V>(prev_pred, off, 0, ok, ok == all, xv);
+#pragma unroll
+          for (int j = 0; j < V; ++j) ge[j] += acc_t(2) * c_cons * (to_acc(pv[j]) - to_acc(xv[j]));
+        }
+        if (grad_pred) {
+          scalar_t gpv[V];
+#pragma unroll
+          for (int j = 0; j < V; ++j) gpv[j] = from_acc<scalar_t>(ge[j]);
+          store_masked<V>(grad_pred, off, ok, ok == all, gpv);
+        }
+      }
+      if (landmark) __syncthreads();
+      continue;
+    }
+    // Element by element: element i of the thread is tile element tid + i kThreads.
     if (landmark) {  // this step's e, for the rows' G e
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const int idx = tid + i * kThreads;
-        const Element el = element(idx, n, tile_cols, K, b0, t0, B);
-        if (idx < n)
-          e_s[idx] = el.ok ? load<scalar_t>(in.pred, in.strides[0], el.b, el.t, el.k) -
-                                 load<scalar_t>(in.target, in.strides[1], el.b, el.t, el.k)
+        const Element el = st.at(idx);
+        if (idx < st.n)
+          e_s[idx] = el.ok ? load(pred, in.strides[0], el.b, el.t, el.k) - load(target, in.strides[1], el.b, el.t, el.k)
                            : acc_t(0);
       }
       __syncthreads();
@@ -482,10 +652,10 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int idx = tid + i * kThreads;
-      const Element el = element(idx, n, tile_cols, K, b0, t0, B);
+      const Element el = st.at(idx);
       if (!el.ok) continue;
-      const acc_t p = load<scalar_t>(in.pred, in.strides[0], el.b, el.t, el.k);
-      const acc_t e = p - load<scalar_t>(in.target, in.strides[1], el.b, el.t, el.k);
+      const acc_t p = load(pred, in.strides[0], el.b, el.t, el.k);
+      const acc_t e = p - load(target, in.strides[1], el.b, el.t, el.k);
       const int64_t column = el.t * K + el.k;
       acc_t ge = acc_t(2) * c_mse * e + c_l1 * sign(e);
       if (groups) ge += acc_t(2) * c_perc * (el.k < in.group_len ? static_cast<acc_t>(in.group_coef[el.k]) : acc_t(0)) * e;
@@ -495,11 +665,11 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
       }
       if (has(pb.term_mask, kTemporal)) {
         if (el.t >= 1)
-          ge += acc_t(2) * c_temporal * (e - (load<scalar_t>(in.pred, in.strides[0], el.b, el.t - 1, el.k) -
-                                               load<scalar_t>(in.target, in.strides[1], el.b, el.t - 1, el.k)));
+          ge += acc_t(2) * c_temporal * (e - (load(pred, in.strides[0], el.b, el.t - 1, el.k) -
+                                               load(target, in.strides[1], el.b, el.t - 1, el.k)));
         if (el.t + 1 < T)
-          ge -= acc_t(2) * c_temporal * ((load<scalar_t>(in.pred, in.strides[0], el.b, el.t + 1, el.k) -
-                                          load<scalar_t>(in.target, in.strides[1], el.b, el.t + 1, el.k)) - e);
+          ge -= acc_t(2) * c_temporal * ((load(pred, in.strides[0], el.b, el.t + 1, el.k) -
+                                          load(target, in.strides[1], el.b, el.t + 1, el.k)) - e);
       }
       if (landmark) ge += acc_t(2) * c_landmark * gram_row(in.gram, e_s, idx, el.k, K);
       const int64_t at = (el.b * T + el.t) * K + el.k;
@@ -511,12 +681,12 @@ blendshape_backward_kernel(const CudaInputs in, const CudaGradients out, const T
       }
       acc_t gp = ge;
       if (has(pb.term_mask, kSmoothing)) {
-        const acc_t s = c_smooth * sign(p - load<scalar_t>(in.raw_pred, in.strides[2], el.b, el.t, el.k));
+        const acc_t s = c_smooth * sign(p - load(raw_pred, in.strides[2], el.b, el.t, el.k));
         gp += s;
         if (grad_raw) grad_raw[at] = from_acc<scalar_t>(-s);
       }
       if (has(pb.term_mask, kConsistency))
-        gp += acc_t(2) * c_cons * (p - load<scalar_t>(in.prev_pred, in.strides[3], el.b, el.t, el.k));
+        gp += acc_t(2) * c_cons * (p - load(prev_pred, in.strides[3], el.b, el.t, el.k));
       if (grad_pred) grad_pred[at] = from_acc<scalar_t>(gp);
     }
     if (landmark) __syncthreads();

@@ -78,6 +78,24 @@ __device__ __forceinline__ void load_vec(const T* p, T (&out)[N]) {
   memcpy(out, w, sizeof(w));
 }
 
+// *p = w, one store instruction (p: global memory). On the GPU the 8- and 16-byte words are stored by
+// PTX: the compiler splits a plain store of such a word, assembled from values of a run that is
+// stored element by element on another branch, back into one store per element (seen on sm_90).
+template <typename W>
+__device__ __forceinline__ void store_word(W* p, const W& w) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(W) == 16) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+                 : "memory");
+    return;
+  } else if constexpr (sizeof(W) == 8) {
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y) : "memory");
+    return;
+  }
+#endif
+  *p = w;
+}
+
 // p[0, N) = v, written in accesses of min(16, N sizeof(T)) bytes; p must be aligned to that size.
 template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, const T (&v)[N]) {
@@ -87,7 +105,7 @@ __device__ __forceinline__ void store_vec(T* p, const T (&v)[N]) {
   W w[kWords];
   memcpy(w, v, sizeof(w));
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) reinterpret_cast<W*>(p)[i] = w[i];
+  for (int i = 0; i < kWords; ++i) store_word(reinterpret_cast<W*>(p) + i, w[i]);
 }
 
 template <typename acc_t>

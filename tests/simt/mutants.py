@@ -93,9 +93,20 @@ MUTANTS = [
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(0);",
            "out.grad_total != nullptr ? *static_cast<const acc_t*>(out.grad_total) : acc_t(1);"),
     Mutant("B8", "blendshape/blendshape_cuda.cu", "vector runs: the smoothing term reads prev_pred instead of raw_pred",
-           "load_masked<V>(raw_pred, off, 0, ok, ok == all, xv);", "load_masked<V>(prev_pred, off, 0, ok, ok == all, xv);"),
+           "load_masked<V>(raw_pred, off, 0, ok, ok == all, xv);\n#pragma unroll\n          for (int j = 0; j < V; ++j)\n"
+           "            if (ok >> j & 1) sums[kSmoothAbs]",
+           "load_masked<V>(prev_pred, off, 0, ok, ok == all, xv);\n#pragma unroll\n          for (int j = 0; j < V; ++j)\n"
+           "            if (ok >> j & 1) sums[kSmoothAbs]"),
     Mutant("B9", "blendshape/blendshape_cuda.cu", "vector runs: the next time row read one element early",
            "load_masked<V>(pred, off, K, next, whole, xv);", "load_masked<V>(pred, off, K - 1, next, whole, xv);"),
+    Mutant("B10", "blendshape/blendshape_cuda.cu", "backward vector runs: the next time row read one element early",
+           "load_masked<V>(pred, off, K, after, after == all && K % V == 0, xv);",
+           "load_masked<V>(pred, off, K - 1, after, after == all && K % V == 0, xv);"),
+    Mutant("B11", "blendshape/blendshape_cuda.cu", "backward: vector runs taken without the inputs' layout and alignment test",
+           "const bool vec_ok = vec_block<V>(in, st) && cuda::aligned16(grad_pred)",
+           "const bool vec_ok = cuda::aligned16(grad_pred)"),
+    Mutant("B12", "blendshape/blendshape_cuda.cu", "backward vector runs: a run's column statistics column by column all read at its first column",
+           "    out[j] = x[el.t * st.K + el.k];\n    st.advance(el);", "    out[j] = x[el.t * st.K + el.k];"),
     # ---- score_cuda.cu ----
     Mutant("S1", "score/score_cuda.cu", "sorted path: real scores searched in their own row",
            "active_fakes(margin, s, sorted + B, B)", "active_fakes(margin, s, sorted, B)"),
